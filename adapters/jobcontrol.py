@@ -1,0 +1,146 @@
+"""Plain data types shared by the job-control adapters (OPC UA, later Modbus) and the workflows.
+
+They mirror OPC 10031-4 (ISA-95 Job Control) structures closely enough to map 1:1, but are
+plain dataclasses so Temporal can serialise them and ``mes`` can use them without asyncua.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class JobState(enum.IntEnum):
+    """OPC 10031-4 job order states (the top-level state numbers of the state machine)."""
+
+    NOT_ALLOWED_TO_START = 1
+    ALLOWED_TO_START = 2
+    RUNNING = 3
+    INTERRUPTED = 4
+    ENDED = 5
+    ABORTED = 6
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobState.ENDED, JobState.ABORTED)
+
+
+class ReturnStatus(enum.IntFlag):
+    """OPC 10031-4 ReturnStatus bits returned by every job-control method."""
+
+    NO_ERROR = 1
+    UNKNOWN_JOB_ORDER_ID = 2
+    INVALID_JOB_ORDER_STATUS = 8
+    UNABLE_TO_ACCEPT_JOB_ORDER = 16
+    INVALID_REQUEST = 32
+
+
+@dataclass(frozen=True)
+class RecipeParameter:
+    """One job order parameter (ISA95ParameterDataType): the recipe value sent to the machine."""
+
+    name: str
+    value: float
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class MaterialRequirement:
+    """One material the job uses or makes (ISA95MaterialDataType).
+
+    ``use`` is the B2MML MaterialUse: "Consumed" or "Produced". For consumed material the
+    ``lot_id`` names the lot to take; for produced material it names the lot to make (or is
+    empty and the machine chooses).
+    """
+
+    material_definition_id: str
+    use: str
+    quantity: float
+    unit: str
+    lot_id: str = ""
+
+
+@dataclass(frozen=True)
+class JobOrder:
+    """What one work unit is told to do (ISA95JobOrderDataType)."""
+
+    job_order_id: str
+    work_master_id: str
+    description: str = ""
+    priority: int = 0
+    parameters: list[RecipeParameter] = field(default_factory=list)
+    material_requirements: list[MaterialRequirement] = field(default_factory=list)
+    equipment_id: str = ""
+
+
+@dataclass(frozen=True)
+class MaterialActualData:
+    """One material actual of a job response (ISA95MaterialDataType with use and lot)."""
+
+    material_definition_id: str
+    use: str
+    quantity: float
+    unit: str
+    lot_id: str
+
+
+@dataclass(frozen=True)
+class MeasuredValue:
+    """One measured value of a job response (JobResponseData, ISA95ParameterDataType)."""
+
+    name: str
+    value: float
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class JobResponse:
+    """What the machine reports for a job (ISA95JobResponseDataType plus PackML counters)."""
+
+    job_order_id: str
+    state: JobState
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    material_actuals: list[MaterialActualData] = field(default_factory=list)
+    data: list[MeasuredValue] = field(default_factory=list)
+    processed_count: int = 0
+    defective_count: int = 0
+    packml_state: int = 0
+
+
+class JobControlError(Exception):
+    """A job-control method answered with an error ReturnStatus (or could not be called).
+
+    ``retryable`` tells the caller (a Temporal activity) whether trying again may succeed.
+    """
+
+    retryable: bool = False
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UnknownJobOrderError(JobControlError):
+    """The machine does not know this JobOrderID."""
+
+
+class InvalidJobOrderStatusError(JobControlError):
+    """The job is in a state that does not allow the method."""
+
+
+class UnableToAcceptJobOrderError(JobControlError):
+    """The machine cannot take the job now (busy, full list); may succeed later."""
+
+    retryable = True
+
+
+class InvalidRequestError(JobControlError):
+    """The request itself is malformed (bad parameters, unknown work master)."""
+
+
+class MachineUnreachableError(JobControlError):
+    """The controller could not be reached or the session broke; retry later."""
+
+    retryable = True

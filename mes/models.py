@@ -1,0 +1,572 @@
+"""The ISA-95 (IEC 62264) object model, v1, as SQLAlchemy 2 typed ORM classes.
+
+Names follow ISA-95 / B2MML V0701. Every ISA-95 object keeps its ISA-95 ``ID`` in a unique
+``external_id`` column beside a surrogate integer key, so business keys make every write
+idempotent: a retried activity hits a unique constraint instead of adding a second row.
+
+Families:
+- equipment: ``equipment`` (the role-based hierarchy) and ``controller_endpoint`` (how to
+  reach a work unit's PLC: the one non-ISA-95 table);
+- material: ``material_class``, ``material_definition``, ``material_lot``,
+  ``material_sublot``, ``material_lot_assembly`` (genealogy edges);
+- definitions: ``process_segment``, ``operations_definition`` (a product's routing) with
+  ordered ``operations_segment`` rows and their ``operations_material_spec``;
+  ``work_master`` (the recipe) with ``work_master_parameter`` and ``work_master_equipment``
+  (which work units run it, with their ideal cycle time);
+- schedule: ``operations_request`` (one ERP production order), ``segment_requirement``
+  (one per routing step), ``job_order`` (what one work unit is told; its ``external_id`` is
+  the OPC UA JobOrderID);
+- performance: ``job_response``, ``material_actual``, ``segment_data``;
+- quality: ``test_specification``, ``test_result``;
+- ``audit_event``.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given; the MES stores aware UTC times only")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[Any]: JSON}
+
+
+# --- vocabularies (stored as strings; the values are ISA-95 / B2MML names) -----------------
+
+
+class EquipmentLevel(enum.StrEnum):
+    ENTERPRISE = "Enterprise"
+    SITE = "Site"
+    AREA = "Area"
+    PRODUCTION_LINE = "ProductionLine"
+    WORK_CENTER = "WorkCenter"
+    WORK_CELL = "WorkCell"
+    PROCESS_CELL = "ProcessCell"
+    PRODUCTION_UNIT = "ProductionUnit"
+    UNIT = "Unit"
+    WORK_UNIT = "WorkUnit"
+    STORAGE_ZONE = "StorageZone"
+    STORAGE_UNIT = "StorageUnit"
+
+
+class MaterialUse(enum.StrEnum):
+    CONSUMED = "Consumed"
+    PRODUCED = "Produced"
+    CONSUMABLE = "Consumable"
+    BY_PRODUCT_PRODUCED = "By-product Produced"
+    CO_PRODUCT_PRODUCED = "Co-product Produced"
+
+
+class RequestState(enum.StrEnum):
+    """ISA-95 request states, used for operations requests, segment requirements, job orders."""
+
+    FORECAST = "Forecast"
+    RELEASED = "Released"
+    WAITING = "Waiting"
+    READY = "Ready"
+    RUNNING = "Running"
+    COMPLETED = "Completed"
+    ABORTED = "Aborted"
+    HELD = "Held"
+    SUSPENDED = "Suspended"
+    CANCELLED = "Cancelled"
+    CLOSED = "Closed"
+
+
+FINAL_STATES = frozenset(
+    {RequestState.COMPLETED, RequestState.ABORTED, RequestState.CANCELLED, RequestState.CLOSED}
+)
+
+
+class LotDisposition(enum.StrEnum):
+    RELEASED = "Released"
+    RESTRICTED = "Restricted"
+    REJECTED = "Rejected"
+
+
+# --- equipment ------------------------------------------------------------------------------
+
+
+class Equipment(Base):
+    """A node of the role-based equipment hierarchy (site, line, work unit, …)."""
+
+    __tablename__ = "equipment"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    equipment_level: Mapped[str] = mapped_column(String(40))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("equipment.id"), index=True)
+
+    parent: Mapped[Equipment | None] = relationship(remote_side=[id], back_populates="children")
+    children: Mapped[list[Equipment]] = relationship(
+        back_populates="parent", order_by="Equipment.external_id"
+    )
+    endpoint: Mapped[ControllerEndpoint | None] = relationship(
+        back_populates="equipment", uselist=False
+    )
+
+
+class ControllerEndpoint(Base):
+    """How to reach the controller (PLC) of a work unit: protocol, URL and machine node."""
+
+    __tablename__ = "controller_endpoint"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"), unique=True)
+    protocol: Mapped[str] = mapped_column(String(20))
+    url: Mapped[str] = mapped_column(String(500))
+    #: The machine object under the server's Objects folder (OPC UA) or unit id (Modbus).
+    machine: Mapped[str] = mapped_column(String(200))
+    security: Mapped[str] = mapped_column(String(50), default="None")
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    equipment: Mapped[Equipment] = relationship(back_populates="endpoint")
+
+
+# --- material -------------------------------------------------------------------------------
+
+
+class MaterialClass(Base):
+    __tablename__ = "material_class"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+
+
+class MaterialDefinition(Base):
+    """A kind of material: a product, an intermediate or a raw material."""
+
+    __tablename__ = "material_definition"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    material_class_id: Mapped[int | None] = mapped_column(
+        ForeignKey("material_class.id"), index=True
+    )
+    unit: Mapped[str] = mapped_column(String(20))
+
+    material_class: Mapped[MaterialClass | None] = relationship()
+
+
+class MaterialLot(Base):
+    """An identified amount of one material: the node of the genealogy graph."""
+
+    __tablename__ = "material_lot"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    material_definition_id: Mapped[int] = mapped_column(
+        ForeignKey("material_definition.id"), index=True
+    )
+    quantity: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))
+    status: Mapped[str] = mapped_column(String(30), default="Available")
+    disposition: Mapped[str] = mapped_column(String(30), default=LotDisposition.RELEASED)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    material_definition: Mapped[MaterialDefinition] = relationship()
+
+
+class MaterialSublot(Base):
+    """A part of a lot (a container, a serial)."""
+
+    __tablename__ = "material_sublot"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
+    quantity: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))
+
+
+class MaterialLotAssembly(Base):
+    """A genealogy edge: ``component`` lot went into ``lot`` within one job response."""
+
+    __tablename__ = "material_lot_assembly"
+    __table_args__ = (UniqueConstraint("material_lot_id", "component_lot_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"))
+    component_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
+    job_response_id: Mapped[int] = mapped_column(ForeignKey("job_response.id"), index=True)
+
+
+# --- definitions: routings and recipes ------------------------------------------------------
+
+
+class ProcessSegment(Base):
+    __tablename__ = "process_segment"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+
+
+class WorkMaster(Base):
+    """The recipe one kind of work unit runs for a segment, with its parameters."""
+
+    __tablename__ = "work_master"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    process_segment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("process_segment.id"), index=True
+    )
+
+    parameters: Mapped[list[WorkMasterParameter]] = relationship(
+        order_by="WorkMasterParameter.name", cascade="all, delete-orphan"
+    )
+    equipment: Mapped[list[WorkMasterEquipment]] = relationship(
+        order_by="WorkMasterEquipment.id", cascade="all, delete-orphan"
+    )
+
+
+class WorkMasterParameter(Base):
+    """A recipe parameter: the value sent to the machine and its allowed range."""
+
+    __tablename__ = "work_master_parameter"
+    __table_args__ = (UniqueConstraint("work_master_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    default: Mapped[float] = mapped_column(Float)
+    minimum: Mapped[float | None] = mapped_column(Float)
+    maximum: Mapped[float | None] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20), default="")
+
+
+class WorkMasterEquipment(Base):
+    """A work unit able to run a work master, with its ideal cycle time (OEE needs it)."""
+
+    __tablename__ = "work_master_equipment"
+    __table_args__ = (UniqueConstraint("work_master_id", "equipment_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"))
+    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"), index=True)
+    ideal_cycle_time_s: Mapped[float] = mapped_column(Float)
+
+    equipment: Mapped[Equipment] = relationship()
+
+
+class OperationsDefinition(Base):
+    """How to make one product: its routing (ordered operations segments)."""
+
+    __tablename__ = "operations_definition"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    material_definition_id: Mapped[int] = mapped_column(
+        ForeignKey("material_definition.id"), index=True
+    )
+
+    product: Mapped[MaterialDefinition] = relationship()
+    segments: Mapped[list[OperationsSegment]] = relationship(
+        order_by="OperationsSegment.sequence", cascade="all, delete-orphan"
+    )
+
+
+class OperationsSegment(Base):
+    """One step of a routing: which work master runs it and what material it uses/makes."""
+
+    __tablename__ = "operations_segment"
+    __table_args__ = (
+        UniqueConstraint("operations_definition_id", "sequence"),
+        UniqueConstraint("operations_definition_id", "external_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operations_definition_id: Mapped[int] = mapped_column(ForeignKey("operations_definition.id"))
+    external_id: Mapped[str] = mapped_column(String(100))
+    sequence: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    process_segment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("process_segment.id"), index=True
+    )
+    work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
+
+    work_master: Mapped[WorkMaster] = relationship()
+    materials: Mapped[list[OperationsMaterialSpec]] = relationship(
+        order_by="OperationsMaterialSpec.id", cascade="all, delete-orphan"
+    )
+
+
+class OperationsMaterialSpec(Base):
+    """Material a segment uses or makes, per one unit of the order's product."""
+
+    __tablename__ = "operations_material_spec"
+    __table_args__ = (UniqueConstraint("operations_segment_id", "material_definition_id", "use"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operations_segment_id: Mapped[int] = mapped_column(ForeignKey("operations_segment.id"))
+    material_definition_id: Mapped[int] = mapped_column(
+        ForeignKey("material_definition.id"), index=True
+    )
+    use: Mapped[str] = mapped_column(String(30))
+    quantity: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))
+
+    material_definition: Mapped[MaterialDefinition] = relationship()
+
+
+# --- schedule: what is asked ----------------------------------------------------------------
+
+
+class OperationsRequest(Base):
+    """One production order from the ERP (B2MML OperationsRequest, OperationsType Production)."""
+
+    __tablename__ = "operations_request"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: The ERP order number (B2MML OperationsRequest ID).
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    operations_definition_id: Mapped[int] = mapped_column(
+        ForeignKey("operations_definition.id"), index=True
+    )
+    material_definition_id: Mapped[int] = mapped_column(
+        ForeignKey("material_definition.id"), index=True
+    )
+    quantity: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    due: Mapped[datetime] = mapped_column()
+    customer_order: Mapped[str | None] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    late: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Hash of the request as the ERP sent it: the same number with another body is a conflict.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    workflow_id: Mapped[str] = mapped_column(String(120), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    completed_at: Mapped[datetime | None] = mapped_column()
+
+    product: Mapped[MaterialDefinition] = relationship()
+    operations_definition: Mapped[OperationsDefinition] = relationship()
+    segment_requirements: Mapped[list[SegmentRequirement]] = relationship(
+        order_by="SegmentRequirement.sequence", back_populates="operations_request"
+    )
+
+
+class SegmentRequirement(Base):
+    """One routing step of one order."""
+
+    __tablename__ = "segment_requirement"
+    __table_args__ = (UniqueConstraint("operations_request_id", "sequence"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operations_request_id: Mapped[int] = mapped_column(ForeignKey("operations_request.id"))
+    operations_segment_id: Mapped[int] = mapped_column(
+        ForeignKey("operations_segment.id"), index=True
+    )
+    sequence: Mapped[int] = mapped_column(Integer)
+    quantity: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(20))
+
+    operations_request: Mapped[OperationsRequest] = relationship(
+        back_populates="segment_requirements"
+    )
+    operations_segment: Mapped[OperationsSegment] = relationship()
+    job_order: Mapped[JobOrder | None] = relationship(
+        back_populates="segment_requirement", uselist=False
+    )
+
+
+class JobOrder(Base):
+    """What one work unit is told to do; ``external_id`` is the OPC UA JobOrderID."""
+
+    __tablename__ = "job_order"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(120), unique=True)
+    segment_requirement_id: Mapped[int] = mapped_column(
+        ForeignKey("segment_requirement.id"), unique=True
+    )
+    work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
+    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"), index=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    #: The recipe and material requirements as sent to the PLC, fixed at the first dispatch.
+    parameters: Mapped[list[Any]] = mapped_column(default=list)
+    material_requirements: Mapped[list[Any] | None] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column()
+    started_at: Mapped[datetime | None] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+    segment_requirement: Mapped[SegmentRequirement] = relationship(back_populates="job_order")
+    work_master: Mapped[WorkMaster] = relationship()
+    equipment: Mapped[Equipment] = relationship()
+    job_response: Mapped[JobResponse | None] = relationship(
+        back_populates="job_order", uselist=False
+    )
+
+
+# --- performance: what happened -------------------------------------------------------------
+
+
+class JobResponse(Base):
+    """What the machine reported for one job order."""
+
+    __tablename__ = "job_response"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(120), unique=True)
+    job_order_id: Mapped[int] = mapped_column(ForeignKey("job_order.id"), unique=True)
+    state: Mapped[str] = mapped_column(String(20))
+    start_time: Mapped[datetime | None] = mapped_column()
+    end_time: Mapped[datetime | None] = mapped_column()
+    processed_count: Mapped[int] = mapped_column(Integer, default=0)
+    defective_count: Mapped[int] = mapped_column(Integer, default=0)
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job_order: Mapped[JobOrder] = relationship(back_populates="job_response")
+    material_actuals: Mapped[list[MaterialActual]] = relationship(order_by="MaterialActual.id")
+    data: Mapped[list[SegmentData]] = relationship(order_by="SegmentData.name")
+
+
+class MaterialActual(Base):
+    """A lot (and quantity) a job consumed or produced: genealogy hangs on these."""
+
+    __tablename__ = "material_actual"
+    __table_args__ = (UniqueConstraint("job_response_id", "material_lot_id", "use"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_response_id: Mapped[int] = mapped_column(ForeignKey("job_response.id"))
+    material_definition_id: Mapped[int] = mapped_column(
+        ForeignKey("material_definition.id"), index=True
+    )
+    material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
+    use: Mapped[str] = mapped_column(String(30))
+    quantity: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20))
+
+    material_lot: Mapped[MaterialLot] = relationship()
+    material_definition: Mapped[MaterialDefinition] = relationship()
+
+
+class SegmentData(Base):
+    """A value measured during a job (JobResponseData)."""
+
+    __tablename__ = "segment_data"
+    __table_args__ = (UniqueConstraint("job_response_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_response_id: Mapped[int] = mapped_column(ForeignKey("job_response.id"))
+    name: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20), default="")
+
+
+# --- quality --------------------------------------------------------------------------------
+
+
+class TestSpecification(Base):
+    """What to test on the output of a work master, with its limits."""
+
+    __tablename__ = "test_specification"
+    __test__ = False  # not a pytest class, despite the name
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
+    #: The name of the measured value (JobResponseData) the test reads.
+    property_name: Mapped[str] = mapped_column(String(100))
+    low: Mapped[float | None] = mapped_column(Float)
+    high: Mapped[float | None] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20), default="")
+
+
+class TestResult(Base):
+    """The outcome of one test specification for one job response and its produced lot."""
+
+    __tablename__ = "test_result"
+    __table_args__ = (UniqueConstraint("test_specification_id", "job_response_id"),)
+    __test__ = False
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    test_specification_id: Mapped[int] = mapped_column(ForeignKey("test_specification.id"))
+    job_response_id: Mapped[int] = mapped_column(ForeignKey("job_response.id"), index=True)
+    material_lot_id: Mapped[int | None] = mapped_column(ForeignKey("material_lot.id"), index=True)
+    value: Mapped[float] = mapped_column(Float)
+    unit: Mapped[str] = mapped_column(String(20), default="")
+    passed: Mapped[bool] = mapped_column(Boolean)
+    tested_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    test_specification: Mapped[TestSpecification] = relationship()
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+class AuditEvent(Base):
+    """Who or what changed which object, from what to what, and why."""
+
+    __tablename__ = "audit_event"
+    __table_args__ = (Index("ix_audit_event_object", "object_type", "object_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(50))
+    object_type: Mapped[str] = mapped_column(String(50))
+    object_id: Mapped[str] = mapped_column(String(120))
+    before: Mapped[dict[str, Any] | None] = mapped_column()
+    after: Mapped[dict[str, Any] | None] = mapped_column()
+    reason: Mapped[str | None] = mapped_column(Text)
