@@ -27,13 +27,17 @@ class JobState(enum.IntEnum):
 
 
 class ReturnStatus(enum.IntFlag):
-    """OPC 10031-4 ReturnStatus bits returned by every job-control method."""
+    """OPC 10031-4 ReturnStatus bits returned by every job-control method.
+
+    Annex B.2 (Table 95) numbers bit positions, not values: InvalidRequest is bit 32, so its
+    value is 2**32; bits 5-31 are reserved and 33-63 implementation-specific.
+    """
 
     NO_ERROR = 1
     UNKNOWN_JOB_ORDER_ID = 2
     INVALID_JOB_ORDER_STATUS = 8
     UNABLE_TO_ACCEPT_JOB_ORDER = 16
-    INVALID_REQUEST = 32
+    INVALID_REQUEST = 1 << 32
 
 
 @dataclass(frozen=True)

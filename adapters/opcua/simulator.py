@@ -1,0 +1,681 @@
+"""A PLC simulator that speaks OPC 10031-4 (ISA-95 Job Control v2) over OPC UA.
+
+One asyncua server hosts several work units. Each unit is an object ``Objects/<unit>`` with
+
+- ``JobManagement/JobOrderControl``: an ``ISA95JobOrderReceiverObjectType`` whose methods
+  (Store, StoreAndStart, Update, Start, RevokeStart, Pause, Resume, Stop, Abort, Cancel,
+  Clear) are implemented and whose ``JobOrderList`` shows every job with its state;
+- ``JobManagement/JobOrderResults``: an ``ISA95JobResponseProviderObjectType`` answering
+  ``RequestJobResponseByJobOrderID`` / ``…ByJobOrderState`` and keeping
+  ``JobOrderResponseList`` current;
+- ``PackML/Status/StateCurrent``, ``PackML/Status/UnitModeCurrent``,
+  ``PackML/Admin/ProdProcessedCount`` and ``PackML/Admin/ProdDefectiveCount``.
+
+A unit runs one job at a time: the AllowedToStart job with the highest priority (then the
+earliest) starts when the unit is free, runs for ``cycle_time_s`` of Running time and ends
+Completed with a job response. Browse names below ``Objects`` are in the simulator's own
+namespace (:data:`SIM_NAMESPACE_URI`); everything the nodeset defines keeps its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import math
+import random
+import socket
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any, Self
+
+from asyncua import ua
+from asyncua.common.instantiate_util import instantiate
+from asyncua.common.node import Node
+from asyncua.server.server import Server
+from asyncua.ua.object_ids import ObjectIds
+
+from adapters.jobcontrol import JobState, ReturnStatus
+from adapters.opcua.model import (
+    DEFECTIVE_COUNT,
+    JOB_MANAGEMENT,
+    JOB_ORDER_CONTROL,
+    JOB_ORDER_LIST,
+    JOB_ORDER_RESPONSE_LIST,
+    JOB_ORDER_RESULTS,
+    JOBCONTROL_NS_URI,
+    PACKML_EXECUTE,
+    PACKML_HELD,
+    PACKML_IDLE,
+    PACKML_PRODUCE_MODE,
+    PROCESSED_COUNT,
+    RECEIVER_TYPE_ID,
+    RESPONSE_PROVIDER_TYPE_ID,
+    STATE_NAMES,
+    SUBSTATE_MACHINES,
+    SUBSTATE_NUMBERS,
+    decimal_string,
+    eu_information,
+    localized,
+    nodeset_path,
+    numeric_node_id,
+    parse_decimal,
+    string_node_id,
+    ua_type,
+)
+
+SIM_NAMESPACE_URI = "urn:mes:plc-simulator"
+
+DEFAULT_MEASURED: dict[str, tuple[float, str]] = {
+    "Temperature": (65.0, "°C"),
+    "Pressure": (2.5, "bar"),
+}
+
+_OK = ReturnStatus.NO_ERROR
+_UNKNOWN = ReturnStatus.UNKNOWN_JOB_ORDER_ID
+_BAD_STATE = ReturnStatus.INVALID_JOB_ORDER_STATUS
+_REFUSED = ReturnStatus.UNABLE_TO_ACCEPT_JOB_ORDER
+_INVALID = ReturnStatus.INVALID_REQUEST
+
+_NOT_STARTED = (JobState.NOT_ALLOWED_TO_START, JobState.ALLOWED_TO_START)
+_ACTIVE = (JobState.RUNNING, JobState.INTERRUPTED)
+
+
+@dataclass
+class SimUnit:
+    """One simulated work unit.
+
+    ``measured`` maps a JobResponseData name to its (nominal value, unit); every job reports
+    each one with up to ±2 % noise that depends only on the unit and the JobOrderID, so a
+    rerun gives the same numbers. ``defect_rate`` is the share of processed items counted as
+    defective; ``max_job_orders`` caps the JobOrderList (Store answers
+    UnableToAcceptJobOrder beyond it).
+    """
+
+    name: str
+    cycle_time_s: float = 2.0
+    measured: dict[str, tuple[float, str]] = field(default_factory=lambda: dict(DEFAULT_MEASURED))
+    defect_rate: float = 0.0
+    max_job_orders: int = 100
+
+
+@dataclass
+class _Job:
+    order: Any  # ISA95JobOrderDataType, as the client sent it
+    arrival: int
+    state: JobState
+    substate: str = ""
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    run_s: float = 0.0
+    run_since: float | None = None  # loop time the current Running stretch began
+    material_actuals: list[Any] = field(default_factory=list)
+    data: list[Any] = field(default_factory=list)
+
+    @property
+    def job_order_id(self) -> str:
+        return str(self.order.JobOrderID)
+
+    @property
+    def priority(self) -> int:
+        return int(self.order.Priority or 0)
+
+    def elapsed(self, now: float) -> float:
+        return self.run_s + (now - self.run_since if self.run_since is not None else 0.0)
+
+
+@dataclass
+class _UnitNodes:
+    job_order_list: Node
+    response_list: Node
+    state_current: Node
+    unit_mode: Node
+    processed: Node
+    defective: Node
+
+
+Handler = Callable[..., Awaitable[list[ua.Variant]]]
+
+
+class _UnitRuntime:
+    """The job list, the machine loop and the method implementations of one unit."""
+
+    def __init__(self, spec: SimUnit, nodes: _UnitNodes, jc_ns: int) -> None:
+        self.spec = spec
+        self.nodes = nodes
+        self.jc_ns = jc_ns
+        self.jobs: dict[str, _Job] = {}
+        self.processed_total = 0
+        self.defective_total = 0
+        self._arrivals = itertools.count()
+        self._changed = asyncio.Event()
+
+    # -- machine behaviour -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start AllowedToStart jobs one at a time, forever (until cancelled)."""
+        while True:
+            self._changed.clear()
+            job = self._next_job()
+            if job is None:
+                await self._changed.wait()
+                continue
+            await self._execute(job)
+
+    def _next_job(self) -> _Job | None:
+        waiting = [j for j in self.jobs.values() if j.state is JobState.ALLOWED_TO_START]
+        if not waiting or any(j.state in _ACTIVE for j in self.jobs.values()):
+            return None
+        return min(waiting, key=lambda j: (-j.priority, j.arrival))
+
+    async def _execute(self, job: _Job) -> None:
+        loop = asyncio.get_running_loop()
+        job.state = JobState.RUNNING
+        job.start_time = datetime.now(UTC)
+        job.run_since = loop.time()
+        await self.publish()
+        # Pause, Resume, Stop and Abort change the job from method calls; they set the event
+        # so this loop re-reads the state instead of sleeping through the change.
+        while job.state in _ACTIVE and self.jobs.get(job.job_order_id) is job:
+            self._changed.clear()
+            if job.state is JobState.INTERRUPTED:
+                await self._changed.wait()
+                continue
+            remaining = self.spec.cycle_time_s - job.elapsed(loop.time())
+            if remaining <= 0:
+                self._finish(job, JobState.ENDED)
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._changed.wait()
+        await self.publish()
+
+    def _finish(self, job: _Job, state: JobState) -> None:
+        """End or abort a job and record its actuals, pro rata for the time it ran."""
+        now = asyncio.get_running_loop().time()
+        job.run_s = job.elapsed(now)
+        job.run_since = None
+        job.state = state
+        job.substate = "Completed" if state is JobState.ENDED else ""
+        job.end_time = datetime.now(UTC)
+        cycle = self.spec.cycle_time_s
+        progress = 1.0 if cycle <= 0 else min(1.0, job.run_s / cycle)
+        if job.start_time is not None:
+            self._record_actuals(job, progress)
+
+    def _record_actuals(self, job: _Job, progress: float) -> None:
+        material = ua_type("ISA95MaterialDataType")
+        parameter = ua_type("ISA95ParameterDataType")
+        requirements = list(job.order.MaterialRequirements or [])
+        actuals = [
+            material(
+                MaterialDefinitionID=req.MaterialDefinitionID,
+                MaterialLotID=req.MaterialLotID,
+                MaterialUse=req.MaterialUse,
+                Quantity=decimal_string(_pro_rata(parse_decimal(req.Quantity), progress)),
+                EngineeringUnits=req.EngineeringUnits,
+            )
+            for req in requirements
+            if str(req.MaterialUse or "").lower() == "consumed"
+        ]
+        produced_req = next(
+            (r for r in requirements if str(r.MaterialUse or "").lower() == "produced"), None
+        )
+        planned = parse_decimal(produced_req.Quantity) if produced_req is not None else 1.0
+        made = _pro_rata(planned or 1.0, progress)
+        processed = round(made)
+        if job.state is JobState.ENDED:
+            actuals.append(
+                material(
+                    MaterialDefinitionID=produced_req.MaterialDefinitionID
+                    if produced_req
+                    else None,
+                    MaterialLotID=(produced_req.MaterialLotID if produced_req else None)
+                    or f"{job.job_order_id}-OUT",
+                    MaterialUse="Produced",
+                    Quantity=decimal_string(made),
+                    EngineeringUnits=produced_req.EngineeringUnits if produced_req else None,
+                )
+            )
+            defective = round(processed * self.spec.defect_rate)
+        else:
+            # An aborted job's work in progress is scrap.
+            defective = processed
+        self.processed_total += processed
+        self.defective_total += defective
+        rng = random.Random(zlib.crc32(f"{self.spec.name}|{job.job_order_id}".encode()))
+        data = [
+            parameter(
+                ID=name,
+                Value=ua.Variant(round(nominal * (1 + rng.uniform(-0.02, 0.02)), 3)),
+                EngineeringUnits=eu_information(unit),
+            )
+            for name, (nominal, unit) in self.spec.measured.items()
+        ]
+        data.append(
+            parameter(ID=PROCESSED_COUNT, Value=ua.Variant(processed, ua.VariantType.Int32))
+        )
+        data.append(
+            parameter(ID=DEFECTIVE_COUNT, Value=ua.Variant(defective, ua.VariantType.Int32))
+        )
+        job.material_actuals = actuals
+        job.data = data
+
+    # -- address space -----------------------------------------------------------------
+
+    @property
+    def packml_state(self) -> int:
+        """PackML StateCurrent: Execute while a job runs, Held while paused, else Idle."""
+        states = {j.state for j in self.jobs.values()}
+        if JobState.RUNNING in states:
+            return PACKML_EXECUTE
+        if JobState.INTERRUPTED in states:
+            return PACKML_HELD
+        return PACKML_IDLE
+
+    async def publish(self) -> None:
+        """Write the job list, the responses and the PackML tags to the address space."""
+        jobs = sorted(self.jobs.values(), key=lambda j: j.arrival)
+        order_and_state = ua_type("ISA95JobOrderAndStateDataType")
+        await self.nodes.job_order_list.write_value(
+            ua.Variant(
+                [order_and_state(JobOrder=j.order, State=self._states(j)) for j in jobs],
+                ua.VariantType.ExtensionObject,
+            )
+        )
+        await self.nodes.response_list.write_value(
+            ua.Variant([self._response(j) for j in jobs], ua.VariantType.ExtensionObject)
+        )
+        await self.nodes.state_current.write_value(
+            ua.Variant(self.packml_state, ua.VariantType.Int32)
+        )
+        await self.nodes.processed.write_value(
+            ua.Variant(self.processed_total, ua.VariantType.Int32)
+        )
+        await self.nodes.defective.write_value(
+            ua.Variant(self.defective_total, ua.VariantType.Int32)
+        )
+
+    def _states(self, job: _Job) -> list[Any]:
+        state_type = ua_type("ISA95StateDataType")
+        # The first entry is the top-level state with a null BrowsePath (OPC 10031-4 7.3.3).
+        states = [
+            state_type(
+                BrowsePath=ua.RelativePath(),
+                StateText=localized(STATE_NAMES[job.state]),
+                StateNumber=ua.UInt32(job.state.value),
+            )
+        ]
+        machine = SUBSTATE_MACHINES.get(job.state)
+        if job.substate and machine:
+            # A dict, because asyncua annotates the flags with its Boolean marker class.
+            element: dict[str, Any] = {
+                "ReferenceTypeId": numeric_node_id(0, ObjectIds.HasComponent),
+                "IsInverse": False,
+                "IncludeSubtypes": True,
+                "TargetName": ua.QualifiedName(machine, self.jc_ns),
+            }
+            path = ua.RelativePath(Elements=[ua.RelativePathElement(**element)])
+            states.append(
+                state_type(
+                    BrowsePath=path,
+                    StateText=localized(job.substate),
+                    StateNumber=ua.UInt32(SUBSTATE_NUMBERS[job.substate]),
+                )
+            )
+        return states
+
+    def _response(self, job: _Job) -> Any:
+        equipment = ua_type("ISA95EquipmentDataType")
+        return ua_type("ISA95JobResponseDataType")(
+            JobResponseID=f"{job.job_order_id}-R",
+            JobOrderID=job.job_order_id,
+            StartTime=job.start_time,
+            EndTime=job.end_time,
+            JobState=self._states(job),
+            JobResponseData=job.data,
+            EquipmentActuals=[equipment(ID=self.spec.name, EquipmentUse="Used")]
+            if job.start_time is not None
+            else [],
+            MaterialActuals=job.material_actuals,
+        )
+
+    # -- methods -----------------------------------------------------------------------
+
+    def handlers(self) -> dict[str, Handler]:
+        """Method implementations by browse name, ready for ``Server.link_method``."""
+        by_order: dict[str, Callable[[Any], ReturnStatus]] = {
+            "Store": lambda o: self._store(o, start=False),
+            "StoreAndStart": lambda o: self._store(o, start=True),
+            "Update": self._update,
+        }
+        by_id: dict[str, Callable[[_Job], ReturnStatus]] = {
+            "Start": self._start,
+            "RevokeStart": self._revoke_start,
+            "Pause": self._pause,
+            "Resume": self._resume,
+            "Stop": self._stop,
+            "Abort": self._abort,
+            "Cancel": self._cancel,
+            "Clear": self._clear,
+        }
+        handlers: dict[str, Handler] = {n: self._command(f) for n, f in by_order.items()}
+        handlers.update({n: self._command(self._with_job(f)) for n, f in by_id.items()})
+        return handlers
+
+    def _command(self, apply: Callable[[Any], ReturnStatus]) -> Handler:
+        async def call(_parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
+            # link_method hands over raw Variants; a missing argument is the caller's error.
+            status = apply(args[0].Value) if args else _INVALID
+            self._changed.set()
+            await self.publish()
+            return [ua.Variant(int(status), ua.VariantType.UInt64)]
+
+        return call
+
+    def _with_job(self, apply: Callable[[_Job], ReturnStatus]) -> Callable[[Any], ReturnStatus]:
+        def by_id(job_order_id: Any) -> ReturnStatus:
+            if not isinstance(job_order_id, str) or not job_order_id:
+                return _INVALID
+            job = self.jobs.get(job_order_id)
+            return _UNKNOWN if job is None else apply(job)
+
+        return by_id
+
+    def _store(self, order: Any, *, start: bool) -> ReturnStatus:
+        job_order_id = getattr(order, "JobOrderID", None)
+        if not isinstance(job_order_id, str) or not job_order_id:
+            return _INVALID
+        # A JobOrderID names one job for its whole life; a second Store of it (a retry, or
+        # a clash) must not create a twin, and the spec's bit for "cannot be accepted" is
+        # the one that says so.
+        if job_order_id in self.jobs or len(self.jobs) >= self.spec.max_job_orders:
+            return _REFUSED
+        state = JobState.ALLOWED_TO_START if start else JobState.NOT_ALLOWED_TO_START
+        self.jobs[job_order_id] = _Job(order=order, arrival=next(self._arrivals), state=state)
+        return _OK
+
+    def _update(self, order: Any) -> ReturnStatus:
+        job_order_id = getattr(order, "JobOrderID", None)
+        if not isinstance(job_order_id, str) or not job_order_id:
+            return _INVALID
+        job = self.jobs.get(job_order_id)
+        if job is None:
+            return _UNKNOWN
+        if job.state not in _NOT_STARTED:
+            return _BAD_STATE
+        job.order = order
+        return _OK
+
+    @staticmethod
+    def _start(job: _Job) -> ReturnStatus:
+        if job.state is not JobState.NOT_ALLOWED_TO_START:
+            return _BAD_STATE
+        job.state = JobState.ALLOWED_TO_START
+        return _OK
+
+    @staticmethod
+    def _revoke_start(job: _Job) -> ReturnStatus:
+        if job.state is not JobState.ALLOWED_TO_START:
+            return _BAD_STATE
+        job.state = JobState.NOT_ALLOWED_TO_START
+        return _OK
+
+    def _pause(self, job: _Job) -> ReturnStatus:
+        if job.state is not JobState.RUNNING:
+            return _BAD_STATE
+        job.run_s = job.elapsed(asyncio.get_running_loop().time())
+        job.run_since = None
+        job.state = JobState.INTERRUPTED
+        # Held matches the PackML Held state the unit shows while paused.
+        job.substate = "Held"
+        return _OK
+
+    def _resume(self, job: _Job) -> ReturnStatus:
+        if job.state is not JobState.INTERRUPTED:
+            return _BAD_STATE
+        job.run_since = asyncio.get_running_loop().time()
+        job.state = JobState.RUNNING
+        job.substate = ""
+        return _OK
+
+    def _stop(self, job: _Job) -> ReturnStatus:
+        if job.state not in _ACTIVE:
+            return _BAD_STATE
+        self._finish(job, JobState.ENDED)
+        return _OK
+
+    def _abort(self, job: _Job) -> ReturnStatus:
+        if job.state.is_final:
+            return _BAD_STATE
+        self._finish(job, JobState.ABORTED)
+        return _OK
+
+    def _cancel(self, job: _Job) -> ReturnStatus:
+        if job.state not in _NOT_STARTED:
+            return _BAD_STATE
+        del self.jobs[job.job_order_id]
+        return _OK
+
+    def _clear(self, job: _Job) -> ReturnStatus:
+        if not job.state.is_final:
+            return _BAD_STATE
+        del self.jobs[job.job_order_id]
+        return _OK
+
+    async def request_by_id(self, _parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
+        """RequestJobResponseByJobOrderID: the job's response so far, and a ReturnStatus."""
+        job_order_id = args[0].Value if args else None
+        job = self.jobs.get(job_order_id) if isinstance(job_order_id, str) else None
+        if job is None:
+            status = _INVALID if not isinstance(job_order_id, str) else _UNKNOWN
+            return [
+                ua.Variant(None, ua.VariantType.ExtensionObject),
+                ua.Variant(int(status), ua.VariantType.UInt64),
+            ]
+        return [
+            ua.Variant(self._response(job), ua.VariantType.ExtensionObject),
+            ua.Variant(int(_OK), ua.VariantType.UInt64),
+        ]
+
+    async def request_by_state(self, _parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
+        """RequestJobResponseByJobOrderState: responses of jobs in the given top-level state."""
+        wanted = args[0].Value if args else None
+        if not wanted:
+            return [
+                ua.Variant([], ua.VariantType.ExtensionObject),
+                ua.Variant(int(_INVALID), ua.VariantType.UInt64),
+            ]
+        number = int(wanted[0].StateNumber)
+        responses = [self._response(j) for j in self.jobs.values() if j.state.value == number]
+        return [
+            ua.Variant(responses, ua.VariantType.ExtensionObject),
+            ua.Variant(int(_OK), ua.VariantType.UInt64),
+        ]
+
+
+def _pro_rata(quantity: float, progress: float) -> float:
+    """The share of ``quantity`` done after ``progress``; whole items stay whole."""
+    if progress >= 1.0:
+        return quantity
+    if float(quantity).is_integer():
+        return float(math.floor(quantity * progress))
+    return round(quantity * progress, 3)
+
+
+def _free_port(host: str) -> int:
+    # The server needs its real port before it starts, to advertise it in its endpoints.
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class PlcSimulator:
+    """An OPC UA server simulating work units that take ISA-95 job orders.
+
+    Use ``async with PlcSimulator([SimUnit("Filler1")]) as sim:`` and connect to ``sim.url``;
+    each unit's job control is at ``Objects/<unit>/JobManagement/JobOrderControl``.
+    """
+
+    def __init__(self, units: Sequence[SimUnit], host: str = "127.0.0.1", port: int = 0) -> None:
+        names = [u.name for u in units]
+        if not names:
+            raise ValueError("a simulator needs at least one unit")
+        if len(set(names)) != len(names):
+            raise ValueError(f"unit names must be unique: {names}")
+        self._specs = list(units)
+        self._host = host
+        self._port = port
+        self._server: Server | None = None
+        self._units: list[_UnitRuntime] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def url(self) -> str:
+        """The endpoint URL, e.g. ``opc.tcp://127.0.0.1:4840/`` (known once started)."""
+        if self._server is None:
+            raise RuntimeError("the simulator is not started")
+        return f"opc.tcp://{self._host}:{self._port}/"
+
+    @property
+    def unit_names(self) -> list[str]:
+        """The names of the simulated units, as browse names under ``Objects``."""
+        return [u.name for u in self._specs]
+
+    async def start(self) -> None:
+        """Build the address space and listen; each unit's machine loop starts running."""
+        if self._server is not None:
+            return
+        server = Server()
+        await server.init()
+        if self._port == 0:
+            self._port = _free_port(self._host)
+        server.set_endpoint(f"opc.tcp://{self._host}:{self._port}/")
+        server.set_server_name("MES PLC simulator (OPC 10031-4)")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        with nodeset_path() as path:
+            await server.import_xml(str(path), auto_load_definitions=False)
+        await server.load_data_type_definitions()
+        jc_ns = await server.get_namespace_index(JOBCONTROL_NS_URI)
+        own_ns = await server.register_namespace(SIM_NAMESPACE_URI)
+        self._units = [await _build_unit(server, spec, own_ns, jc_ns) for spec in self._specs]
+        await server.start()
+        self._server = server
+        self._tasks = [
+            asyncio.create_task(unit.run(), name=f"plc-sim:{unit.spec.name}")
+            for unit in self._units
+        ]
+
+    async def stop(self) -> None:
+        """Stop the machine loops and the server."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self._server is not None:
+            server, self._server = self._server, None
+            await server.stop()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def _build_unit(server: Server, spec: SimUnit, ns: int, jc_ns: int) -> _UnitRuntime:
+    """Create ``Objects/<unit>`` with its job management and PackML nodes, linked to code."""
+
+    async def child_object(parent: Node, path: list[str]) -> Node:
+        # String NodeIds spelled like the browse path keep the address space readable.
+        node_id = string_node_id(ns, ".".join([spec.name, *path]))
+        return await parent.add_object(node_id, ua.QualifiedName(path[-1], ns))
+
+    async def instance(parent: Node, type_id: int, name: str) -> Node:
+        # instantiate() gives the children of a string-id instance "<id>.<child>" ids.
+        created = await instantiate(
+            parent,
+            server.get_node(numeric_node_id(jc_ns, type_id)),
+            nodeid=string_node_id(ns, f"{spec.name}.{JOB_MANAGEMENT}.{name}"),
+            bname=ua.QualifiedName(name, ns),
+        )
+        node: Node = created[0]
+        return node
+
+    async def int32(parent: Node, path: list[str], value: int) -> Node:
+        node_id = string_node_id(ns, ".".join([spec.name, "PackML", *path]))
+        return await parent.add_variable(
+            node_id, ua.QualifiedName(path[-1], ns), ua.Variant(value, ua.VariantType.Int32)
+        )
+
+    def in_jc(name: str) -> ua.QualifiedName:
+        return ua.QualifiedName(name, jc_ns)
+
+    unit = await server.nodes.objects.add_object(
+        string_node_id(ns, spec.name), ua.QualifiedName(spec.name, ns)
+    )
+    job_management = await child_object(unit, [JOB_MANAGEMENT])
+    control = await instance(job_management, RECEIVER_TYPE_ID, JOB_ORDER_CONTROL)
+    results = await instance(job_management, RESPONSE_PROVIDER_TYPE_ID, JOB_ORDER_RESULTS)
+    packml = await child_object(unit, ["PackML"])
+    status = await child_object(packml, ["PackML", "Status"])
+    admin = await child_object(packml, ["PackML", "Admin"])
+    nodes = _UnitNodes(
+        job_order_list=await control.get_child(in_jc(JOB_ORDER_LIST)),
+        response_list=await results.get_child(in_jc(JOB_ORDER_RESPONSE_LIST)),
+        state_current=await int32(status, ["Status", "StateCurrent"], PACKML_IDLE),
+        unit_mode=await int32(status, ["Status", "UnitModeCurrent"], PACKML_PRODUCE_MODE),
+        processed=await int32(admin, ["Admin", "ProdProcessedCount"], 0),
+        defective=await int32(admin, ["Admin", "ProdDefectiveCount"], 0),
+    )
+    max_orders = await control.get_child(in_jc("MaxDownloadableJobOrders"))
+    await max_orders.write_value(ua.Variant(spec.max_job_orders, ua.VariantType.UInt16))
+
+    runtime = _UnitRuntime(spec, nodes, jc_ns)
+    for name, handler in runtime.handlers().items():
+        server.link_method(await control.get_child(in_jc(name)), handler)
+    by_id = await results.get_child(in_jc("RequestJobResponseByJobOrderID"))
+    server.link_method(by_id, runtime.request_by_id)
+    by_state = await results.get_child(in_jc("RequestJobResponseByJobOrderState"))
+    server.link_method(by_state, runtime.request_by_state)
+    await runtime.publish()
+    return runtime
+
+
+def _unit_specs(units: int, cycle_time_s: float, names: list[str] | None) -> list[SimUnit]:
+    given = list(names or [])
+    count = max(units, len(given))
+    all_names = given + [f"Unit{i}" for i in range(len(given) + 1, count + 1)]
+    return [SimUnit(name=n, cycle_time_s=cycle_time_s) for n in all_names]
+
+
+async def run_simulator(
+    units: int,
+    port: int,
+    cycle_time_s: float,
+    names: list[str] | None = None,
+    host: str = "127.0.0.1",
+) -> None:
+    """Run a simulator until cancelled, printing its URL and units (``mes sim opcua``).
+
+    ``names`` name the units in order; when fewer than ``units`` are given the rest are
+    called ``Unit<n>``. ``port`` 0 picks a free port.
+    """
+    async with PlcSimulator(_unit_specs(units, cycle_time_s, names), host=host, port=port) as sim:
+        print(f"OPC UA PLC simulator (OPC 10031-4 job control) at {sim.url}", flush=True)
+        for name in sim.unit_names:
+            print(f"  {name}: Objects/{name}/{JOB_MANAGEMENT}/{JOB_ORDER_CONTROL}", flush=True)
+        await asyncio.Event().wait()
+
+
+__all__ = ["DEFAULT_MEASURED", "SIM_NAMESPACE_URI", "PlcSimulator", "SimUnit", "run_simulator"]

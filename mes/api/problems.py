@@ -1,0 +1,71 @@
+"""Every error the API answers is RFC 9457 ``application/problem+json``.
+
+Validation errors list each offending field and the reason; domain errors carry their own
+status; anything unexpected is logged and answered as a bare 500 problem without details.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import MediaType, Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from mes.errors import DomainError, FieldError
+
+PROBLEM_JSON = "application/problem+json"
+log = logging.getLogger(__name__)
+
+
+def problem(
+    status: int, title: str, detail: str, errors: list[FieldError] | None = None
+) -> Response[dict[str, Any]]:
+    """A problem+json response."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors:
+        body["errors"] = [{"field": e.field, "reason": e.reason} for e in errors]
+    return Response(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _validation_errors(exc: ValidationException) -> list[FieldError]:
+    out: list[FieldError] = []
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, dict):
+            key = str(item.get("key") or item.get("source") or "body")
+            out.append(FieldError(key, str(item.get("message", "invalid"))))
+    return out
+
+
+def on_http_exception(_request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    if isinstance(exc, ValidationException):
+        errors = _validation_errors(exc)
+        detail = "; ".join(f"{e.field}: {e.reason}" for e in errors) or exc.detail
+        return problem(exc.status_code, "Invalid request", detail, errors)
+    title = exc.detail if exc.detail else "Error"
+    return problem(exc.status_code, title, exc.detail)
+
+
+def on_domain_error(_request: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:
+    return problem(exc.status, exc.title, exc.detail, exc.errors)
+
+
+def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error", "the request failed; see logs")
+
+
+EXCEPTION_HANDLERS: Any = {
+    HTTPException: on_http_exception,
+    DomainError: on_domain_error,
+    Exception: on_unexpected,
+}
+
+__all__ = ["EXCEPTION_HANDLERS", "PROBLEM_JSON", "MediaType", "problem"]

@@ -1,0 +1,148 @@
+"""The ``mes`` command: run the demo, the services, migrations, loads and simulators."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from mes.settings import Settings
+
+OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mes`` console script."""
+    parser = argparse.ArgumentParser(
+        prog="mes", description="ISA-95 Manufacturing Execution System"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("demo", help="run the whole product once on embedded defaults, then stop")
+    dev = sub.add_parser("dev", help="run the embedded services until Ctrl-C")
+    dev.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    serve = sub.add_parser("serve", help="run the API (uses MES_* settings)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    sub.add_parser("worker", help="run a Temporal worker (uses MES_* settings)")
+    db = sub.add_parser("db", help="database schema")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply all migrations (alembic upgrade head)")
+    load = sub.add_parser("load", help="load master data from a plant file (YAML or JSON)")
+    load.add_argument("file", type=Path)
+    load.add_argument("--opcua-url", help="point every OPC UA endpoint at this server URL")
+    sim = sub.add_parser("sim", help="simulators")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    opcua = sim_sub.add_parser("opcua", help="an OPC UA PLC simulator (OPC 10031-4 job control)")
+    opcua.add_argument("--units", type=int, default=3)
+    opcua.add_argument("--port", type=int, default=4840)
+    opcua.add_argument("--cycle", type=float, default=2.0, help="seconds a job runs")
+    opcua.add_argument("--names", help="comma-separated unit names (default Unit1..N)")
+    api = sub.add_parser("openapi", help="write the OpenAPI document to openapi/")
+    api.add_argument("--check", action="store_true", help="fail if openapi/ differs from the app")
+    api.add_argument("--output", type=Path, default=OPENAPI_FILE)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+
+    if args.command == "demo":
+        from mes.demo import run_demo
+
+        return asyncio.run(run_demo())
+    if args.command == "dev":
+        from mes.demo import run_dev
+
+        return asyncio.run(run_dev(settings, args.port))
+    if args.command == "serve":
+        import uvicorn
+
+        from mes.api.app import create_app
+
+        uvicorn.run(
+            create_app(settings),
+            host=args.host or settings.api_host,
+            port=args.port or settings.api_port,
+        )
+        return 0
+    if args.command == "worker":
+        return asyncio.run(_worker(settings))
+    if args.command == "db":
+        from mes.migrate import upgrade
+
+        upgrade(settings.database_url)
+        print(f"database at head: {settings.database_url}")
+        return 0
+    if args.command == "load":
+        return _load(settings, args.file, args.opcua_url)
+    if args.command == "sim":
+        from adapters.opcua.simulator import run_simulator
+
+        names = args.names.split(",") if args.names else None
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_simulator(args.units, args.port, args.cycle, names))
+        return 0
+    if args.command == "openapi":
+        return _openapi(args.output, args.check)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+async def _worker(settings: Settings) -> int:
+    from temporalio.client import Client
+
+    from mes.db import make_engine, make_sessionmaker
+    from workflows.worker import build_worker
+
+    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    worker = build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds)
+    print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}")
+    await worker.run()
+    return 0
+
+
+def _load(settings: Settings, file: Path, opcua_url: str | None) -> int:
+    from mes.db import make_engine, make_sessionmaker
+    from mes.masterdata import MasterDataError, load_plant_file
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    try:
+        report = load_plant_file(sessions, file, opcua_url)
+    except (MasterDataError, OSError) as e:
+        print(f"error: {file}: {e}", file=sys.stderr)
+        print("nothing was written", file=sys.stderr)
+        return 1
+    print(f"{file}: {report}")
+    return 0
+
+
+def openapi_document() -> str:
+    """The app's OpenAPI document as stable, pretty JSON."""
+    from mes.api.app import create_app
+
+    schema = create_app(Settings(database_url="sqlite://")).openapi_schema.to_schema()
+    return json.dumps(schema, indent=2, sort_keys=True) + "\n"
+
+
+def _openapi(output: Path, check: bool) -> int:
+    doc = openapi_document()
+    if check:
+        current = output.read_text() if output.exists() else ""
+        if current != doc:
+            print(f"{output} is out of date: run `mes openapi`", file=sys.stderr)
+            return 1
+        print(f"{output} matches the app")
+        return 0
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(doc)
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``mes demo`` and ``mes dev``: the whole product on embedded defaults.
+
+The demo acts as the ERP: it posts orders over HTTP, follows them through the API until they
+end, then prints each order's outcome and the genealogy trace of one produced lot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from mes.embedded import embedded_stack
+from mes.settings import Settings
+
+FINAL = {"Completed", "Aborted", "Cancelled", "Closed"}
+
+
+def demo_orders(now: datetime) -> list[dict[str, Any]]:
+    """What the pretend ERP sends: two products, one order already past its due date."""
+    stamp = now.strftime("%H%M%S")
+    return [
+        {
+            "order_number": f"PO-{stamp}-1",
+            "product": "BREAD-WHITE",
+            "quantity": 120,
+            "unit": "ea",
+            "due": (now + timedelta(hours=8)).isoformat(),
+            "priority": 500,
+            "customer_order": "SO-1001",
+        },
+        {
+            "order_number": f"PO-{stamp}-2",
+            "product": "ROLL-6PK",
+            "quantity": 40,
+            "unit": "ea",
+            "due": (now + timedelta(hours=4)).isoformat(),
+            "priority": 700,
+        },
+        {
+            "order_number": f"PO-{stamp}-3",
+            "product": "BREAD-WHITE",
+            "quantity": 60,
+            "unit": "ea",
+            "due": (now - timedelta(hours=1)).isoformat(),
+            "priority": 900,
+            "customer_order": "SO-1002 (rush, already late)",
+        },
+    ]
+
+
+async def run_demo(timeout_s: float = 100) -> int:
+    """Run the demo; returns the process exit code (0 when every order completed)."""
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="mes-demo-"))
+    settings = Settings(database_url=f"sqlite:///{workdir / 'mes.db'}", plc_poll_seconds=0.2)
+    print(
+        "Starting the embedded MES: SQLite, Temporal dev server, OPC UA PLC simulator, "
+        "worker, API ..."
+    )
+    async with embedded_stack(settings, cycle_time_s=1.0, temporal_ui=False) as stack:
+        print(f"  API            {stack.api_url}  (docs: {stack.api_url}/schema)")
+        print(f"  Temporal       {stack.temporal_address}")
+        print(f"  PLC simulator  {stack.plc_url}  units: {', '.join(stack.units)}")
+        print(f"  database       {settings.database_url}")
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+            products = (await http.get("/api/v1/products")).json()
+            print(f"Products: {', '.join(p['id'] for p in products)}")
+            ids: dict[str, int] = {}
+            for body in demo_orders(datetime.now(UTC)):
+                r = await http.post("/api/v1/production-orders", json=body)
+                r.raise_for_status()
+                order = r.json()
+                ids[body["order_number"]] = order["id"]
+                print(
+                    f"ERP posted {body['order_number']}: {body['quantity']} {body['unit']} "
+                    f"{body['product']} -> {r.status_code} {order['state']}"
+                    f"{' (late)' if order['late'] else ''}"
+                )
+            results = await _follow(http, ids, started + timeout_s)
+            print()
+            print(f"{'order':<18}{'product':<13}{'state':<11}{'on time':<9}lots produced")
+            for o in results.values():
+                lots = ", ".join(lot["lot"] for lot in o["produced_lots"]) or "-"
+                print(
+                    f"{o['order_number']:<18}{o['product']:<13}{o['state']:<11}"
+                    f"{'late' if o['late'] else 'yes':<9}{lots}"
+                )
+            done = [o for o in results.values() if o["produced_lots"]]
+            if done:
+                lot = done[0]["produced_lots"][0]["lot"]
+                trace = (await http.get(f"/api/v1/genealogy/lots/{lot}/backward")).json()
+                print()
+                print(f"Genealogy, backward from {lot}:")
+                _print_tree(trace, lot, "  ")
+    ok = bool(results) and all(o["state"] == "Completed" for o in results.values())
+    print(
+        f"\nDemo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s; "
+        "all services stopped."
+    )
+    return 0 if ok else 1
+
+
+async def _follow(
+    http: httpx.AsyncClient, ids: dict[str, int], deadline: float
+) -> dict[str, dict[str, Any]]:
+    """Poll the orders, printing each change of order or work-order state, until all end."""
+    seen: dict[str, str] = {}
+    latest: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        for number, oid in ids.items():
+            o = (await http.get(f"/api/v1/production-orders/{oid}")).json()
+            latest[number] = o
+            line = (
+                o["state"]
+                + " | "
+                + " ".join(
+                    f"{j['step']}:{j['segment']}@{j['equipment']}={j['state']}"
+                    for j in o["job_orders"]
+                )
+            )
+            if seen.get(number) != line:
+                seen[number] = line
+                print(f"  {number:<18}{line}")
+        if all(o["state"] in FINAL for o in latest.values()):
+            break
+        await asyncio.sleep(0.5)
+    return latest
+
+
+def _print_tree(trace: dict[str, Any], lot: str, indent: str) -> None:
+    lots = {node["lot"]: node for node in trace["lots"]}
+
+    def show(lot_id: str, depth: int) -> None:
+        node = lots[lot_id]
+        print(f"{indent}{'   ' * depth}{lot_id} ({node['material']})")
+        for edge in trace["edges"]:
+            if edge["lot"] == lot_id:
+                show(edge["component"], depth + 1)
+
+    show(lot, 0)
+
+
+async def run_dev(settings: Settings, port: int) -> int:
+    """Run the embedded services until Ctrl-C or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with embedded_stack(settings, api_port=port) as stack:
+        print(f"API        {stack.api_url}/api/v1")
+        print(f"API docs   {stack.api_url}/schema")
+        print(f"Temporal   {stack.temporal_address}  UI: {stack.temporal_ui}")
+        print(f"PLCs       {stack.plc_url}  units: {', '.join(stack.units)}")
+        print(f"Database   {settings.database_url}")
+        print("ready", flush=True)
+        await stop.wait()
+        print("stopping ...", flush=True)
+    print("stopped", flush=True)
+    sys.stdout.flush()
+    return 0

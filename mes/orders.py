@@ -1,0 +1,321 @@
+"""Production orders (ISA-95 operations requests): accept from the ERP, read back.
+
+The ERP's order number is the business key: the same number with the same body is the same
+order (a retried post), with another body a conflict. Accepting an order stores the request
+and one segment requirement per routing step in one transaction; the API then starts the
+order's workflow, whose id is derived from the same number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload
+
+from mes import audit
+from mes.errors import Conflict, NotFound, invalid
+from mes.models import (
+    JobOrder,
+    JobResponse,
+    MaterialActual,
+    MaterialDefinition,
+    MaterialUse,
+    OperationsDefinition,
+    OperationsRequest,
+    RequestState,
+    SegmentRequirement,
+    utcnow,
+)
+
+ORDER_NUMBER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$"
+
+
+def workflow_id_for(order_number: str) -> str:
+    """The Temporal workflow id of an order: its business key, so a repeat cannot start two."""
+    return f"order-{order_number}"
+
+
+class ProductionOrderIn(BaseModel):
+    """A production order as the ERP posts it (B2MML OperationsRequest, type Production)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    order_number: Annotated[
+        str,
+        Field(
+            pattern=ORDER_NUMBER_PATTERN,
+            description="The ERP's order number (OperationsRequest ID); letters, digits, . _ -",
+        ),
+    ]
+    product: Annotated[
+        str,
+        Field(min_length=1, max_length=100, description="Material definition ID of the product"),
+    ]
+    quantity: Annotated[
+        float, Field(gt=0, le=1e9, strict=True, allow_inf_nan=False, description="How many to make")
+    ]
+    unit: Annotated[str, Field(min_length=1, max_length=20, description="Unit of the quantity")]
+    due: Annotated[
+        AwareDatetime, Field(description="When it must be done (OperationsRequest EndTime)")
+    ]
+    priority: Annotated[
+        int, Field(ge=0, le=1_000_000, strict=True, description="Higher runs first")
+    ]
+    customer_order: Annotated[str | None, Field(max_length=100)] = None
+
+    @field_validator("due")
+    @classmethod
+    def _due_in_range(cls, v: datetime) -> datetime:
+        if not 2000 <= v.year <= 2999:
+            raise ValueError("due must be between the years 2000 and 2999")
+        return v
+
+    def fingerprint(self) -> str:
+        """A hash of the order's content, insensitive to key order and time-zone notation."""
+        body = self.model_dump(mode="json")
+        body["due"] = self.due.timestamp()
+        body["quantity"] = float(self.quantity)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class JobOrderOut(BaseModel):
+    """A work order (ISA-95 job order) of a production order."""
+
+    id: str = Field(description="JobOrderID, as the PLC knows it")
+    step: int
+    segment: str
+    work_master: str
+    equipment: str
+    state: str
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+
+
+class LotOut(BaseModel):
+    lot: str
+    material: str
+    quantity: float
+    unit: str
+
+
+class ProductionOrderOut(BaseModel):
+    """A production order (ISA-95 operations request) and where it stands."""
+
+    id: int
+    order_number: str
+    product: str
+    quantity: float
+    unit: str
+    priority: int
+    due: datetime
+    customer_order: str | None
+    state: str
+    late: bool
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    workflow_id: str
+    links: dict[str, str]
+    job_orders: list[JobOrderOut]
+    produced_lots: list[LotOut]
+
+
+def create_order(session: Session, body: ProductionOrderIn) -> tuple[OperationsRequest, bool]:
+    """Store a new order, or find the same one posted before.
+
+    Returns the order and whether it was created now. Raises ``Conflict`` when the number is
+    taken by a different order, and a 422 ``DomainError`` naming the field when the product,
+    its routing or the unit do not fit.
+    """
+    fingerprint = body.fingerprint()
+    existing = _by_number(session, body.order_number)
+    if existing is not None:
+        return _same_or_conflict(existing, fingerprint), False
+
+    product = session.scalar(
+        select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
+    )
+    if product is None:
+        raise invalid("product", f"unknown product {body.product!r}")
+    routing = session.scalar(
+        select(OperationsDefinition)
+        .where(OperationsDefinition.material_definition_id == product.id)
+        .options(selectinload(OperationsDefinition.segments))
+        .order_by(OperationsDefinition.id)
+    )
+    if routing is None or not routing.segments:
+        raise invalid("product", f"product {body.product!r} has no routing")
+    if body.unit != product.unit:
+        raise invalid("unit", f"product {body.product!r} is made in {product.unit!r}")
+
+    now = utcnow()
+    order = OperationsRequest(
+        external_id=body.order_number,
+        operations_definition_id=routing.id,
+        material_definition_id=product.id,
+        quantity=body.quantity,
+        unit=body.unit,
+        priority=body.priority,
+        due=body.due,
+        customer_order=body.customer_order,
+        state=RequestState.RELEASED,
+        # A due date already past is accepted (the ERP knows best) but flagged from the start.
+        late=body.due < now,
+        request_hash=fingerprint,
+        workflow_id=workflow_id_for(body.order_number),
+        created_at=now,
+    )
+    for segment in routing.segments:
+        produced = [m for m in segment.materials if m.use == MaterialUse.PRODUCED]
+        per_unit = produced[0].quantity if produced else 1.0
+        order.segment_requirements.append(
+            SegmentRequirement(
+                operations_segment_id=segment.id,
+                sequence=segment.sequence,
+                quantity=per_unit * body.quantity,
+                unit=produced[0].unit if produced else body.unit,
+                state=RequestState.WAITING,
+            )
+        )
+    session.add(order)
+    audit.record(
+        session,
+        action="order.created",
+        object_type="operations_request",
+        object_id=body.order_number,
+        after=body.model_dump(mode="json") | {"state": order.state, "late": order.late},
+    )
+    try:
+        session.commit()
+    except IntegrityError:
+        # Another request stored the same number between our read and our write.
+        session.rollback()
+        existing = _by_number(session, body.order_number)
+        if existing is None:
+            raise
+        return _same_or_conflict(existing, fingerprint), False
+    return order, True
+
+
+def _by_number(session: Session, number: str) -> OperationsRequest | None:
+    return session.scalar(select(OperationsRequest).where(OperationsRequest.external_id == number))
+
+
+def _same_or_conflict(existing: OperationsRequest, fingerprint: str) -> OperationsRequest:
+    if existing.request_hash != fingerprint:
+        raise Conflict(
+            f"order {existing.external_id!r} exists with different content; "
+            "an order number can be used once"
+        )
+    return existing
+
+
+def get_order(session: Session, order_id: int) -> OperationsRequest:
+    """The order with its steps, job orders and product loaded, or ``NotFound``."""
+    order = session.scalar(
+        select(OperationsRequest)
+        .where(OperationsRequest.id == order_id)
+        .options(
+            selectinload(OperationsRequest.product),
+            selectinload(OperationsRequest.segment_requirements)
+            .selectinload(SegmentRequirement.job_order)
+            .options(
+                selectinload(JobOrder.work_master),
+                selectinload(JobOrder.equipment),
+            ),
+            selectinload(OperationsRequest.segment_requirements).selectinload(
+                SegmentRequirement.operations_segment
+            ),
+        )
+    )
+    if order is None:
+        raise NotFound("production order", str(order_id))
+    return order
+
+
+def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
+    """The API view of an order: state, due, job orders and produced lots."""
+    jobs: list[JobOrderOut] = []
+    for req in order.segment_requirements:
+        job = req.job_order
+        if job is None:
+            continue
+        jobs.append(
+            JobOrderOut(
+                id=job.external_id,
+                step=req.sequence,
+                segment=req.operations_segment.external_id,
+                work_master=job.work_master.external_id,
+                equipment=job.equipment.external_id,
+                state=job.state,
+                dispatched_at=job.dispatched_at,
+                started_at=job.started_at,
+                ended_at=job.ended_at,
+            )
+        )
+    return ProductionOrderOut(
+        id=order.id,
+        order_number=order.external_id,
+        product=order.product.external_id,
+        quantity=order.quantity,
+        unit=order.unit,
+        priority=order.priority,
+        due=order.due,
+        customer_order=order.customer_order,
+        state=order.state,
+        late=order.late,
+        created_at=order.created_at,
+        started_at=order.started_at,
+        completed_at=order.completed_at,
+        workflow_id=order.workflow_id,
+        links={"self": f"/api/v1/production-orders/{order.id}"},
+        job_orders=jobs,
+        produced_lots=produced_lots(session, order),
+    )
+
+
+def produced_lots(session: Session, order: OperationsRequest) -> list[LotOut]:
+    """Lots of the order's product made by its job orders."""
+    actuals = session.scalars(
+        select(MaterialActual)
+        .join(JobResponse, MaterialActual.job_response_id == JobResponse.id)
+        .join(JobOrder, JobResponse.job_order_id == JobOrder.id)
+        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+        .where(
+            SegmentRequirement.operations_request_id == order.id,
+            MaterialActual.use == MaterialUse.PRODUCED,
+            MaterialActual.material_definition_id == order.material_definition_id,
+        )
+        .options(
+            selectinload(MaterialActual.material_lot),
+            selectinload(MaterialActual.material_definition),
+        )
+        .order_by(MaterialActual.id)
+    ).all()
+    return [
+        LotOut(
+            lot=a.material_lot.external_id,
+            material=a.material_definition.external_id,
+            quantity=a.quantity,
+            unit=a.unit,
+        )
+        for a in actuals
+    ]
+
+
+def list_orders(
+    session: Session, state: str | None = None, limit: int = 100, offset: int = 0
+) -> list[OperationsRequest]:
+    """Orders, newest first, optionally only those in one state."""
+    q = select(OperationsRequest).options(selectinload(OperationsRequest.product))
+    if state is not None:
+        q = q.where(OperationsRequest.state == state)
+    q = q.order_by(OperationsRequest.id.desc()).limit(limit).offset(offset)
+    return list(session.scalars(q))

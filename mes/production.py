@@ -1,0 +1,452 @@
+"""Execution of one production order, as its workflow's activities call it.
+
+Each function is one database transaction and is idempotent by business key: the workflow's
+activities may run twice (a retry after a crash or a lost reply) and the second run finds
+the first run's rows and changes nothing. Unique constraints back this up when two runs race.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, selectinload
+
+from adapters.jobcontrol import (
+    JobOrder as PlcJobOrder,
+)
+from adapters.jobcontrol import (
+    JobResponse as PlcJobResponse,
+)
+from adapters.jobcontrol import (
+    JobState,
+    MaterialRequirement,
+    RecipeParameter,
+)
+from mes import audit
+from mes.models import (
+    FINAL_STATES,
+    Equipment,
+    JobOrder,
+    JobResponse,
+    LotDisposition,
+    MaterialActual,
+    MaterialDefinition,
+    MaterialLot,
+    MaterialLotAssembly,
+    MaterialUse,
+    OperationsRequest,
+    OperationsSegment,
+    RequestState,
+    SegmentData,
+    SegmentRequirement,
+    TestResult,
+    TestSpecification,
+    WorkMaster,
+    utcnow,
+)
+
+
+class ProductionError(Exception):
+    """Master data or stock cannot support the order (retrying will not help)."""
+
+
+@dataclass
+class Target:
+    """Where a job order goes: the work unit's controller endpoint."""
+
+    protocol: str
+    url: str
+    machine: str
+
+
+def job_order_id_for(order_number: str, sequence: int) -> str:
+    """The JobOrderID of a routing step: readable and unique, so a PLC list names the order."""
+    return f"{order_number}-{sequence:02d}"
+
+
+def plan_order(session: Session, order_id: int) -> list[str]:
+    """Create one job order per routing step (state Waiting), each on a capable work unit.
+
+    The work unit is the one of the work master's equipment with the fewest open job orders
+    (ties: the first listed). Returns the JobOrderIDs in routing order.
+    """
+    order = session.get_one(
+        OperationsRequest,
+        order_id,
+        options=[
+            selectinload(OperationsRequest.segment_requirements).options(
+                selectinload(SegmentRequirement.job_order),
+                selectinload(SegmentRequirement.operations_segment)
+                .selectinload(OperationsSegment.work_master)
+                .selectinload(WorkMaster.equipment),
+            )
+        ],
+    )
+    ids: list[str] = []
+    for req in order.segment_requirements:
+        if req.job_order is None:
+            work_master = req.operations_segment.work_master
+            job = JobOrder(
+                external_id=job_order_id_for(order.external_id, req.sequence),
+                segment_requirement=req,
+                work_master_id=work_master.id,
+                equipment_id=_least_loaded(session, work_master),
+                priority=order.priority,
+                state=RequestState.WAITING,
+                parameters=[
+                    {"name": p.name, "value": p.default, "unit": p.unit}
+                    for p in work_master.parameters
+                ],
+            )
+            session.add(job)
+            audit.record(
+                session,
+                action="job_order.planned",
+                object_type="job_order",
+                object_id=job.external_id,
+                after={"state": job.state, "order": order.external_id},
+            )
+            session.flush()
+        assert req.job_order is not None
+        ids.append(req.job_order.external_id)
+    session.commit()
+    return ids
+
+
+def _least_loaded(session: Session, work_master: WorkMaster) -> int:
+    if not work_master.equipment:
+        raise ProductionError(f"work master {work_master.external_id} has no work unit")
+    candidates = [link.equipment_id for link in work_master.equipment]
+    open_jobs = dict(
+        session.execute(
+            select(JobOrder.equipment_id, func.count())
+            .where(JobOrder.equipment_id.in_(candidates), JobOrder.state.not_in(FINAL_STATES))
+            .group_by(JobOrder.equipment_id)
+        ).all()
+    )
+    return min(candidates, key=lambda eq: open_jobs.get(eq, 0))
+
+
+def prepare_job(session: Session, job_order_id: str) -> tuple[Target, PlcJobOrder]:
+    """Fix the job's material requirements (once) and return what to send where.
+
+    Consumed material that an earlier step of the same order produced comes from that step's
+    produced lots; other consumed material is taken from stock, oldest released lot first.
+    The produced lot id is chosen here so the genealogy is known before the machine runs.
+    """
+    job = _job(session, job_order_id)
+    req = job.segment_requirement
+    order = req.operations_request
+    if job.material_requirements is None:
+        job.material_requirements = _resolve_materials(session, job, req, order)
+        session.commit()
+    endpoint = job.equipment.endpoint
+    if endpoint is None:
+        raise ProductionError(f"work unit {job.equipment.external_id} has no controller endpoint")
+    plc_order = PlcJobOrder(
+        job_order_id=job.external_id,
+        work_master_id=job.work_master.external_id,
+        description=f"{order.external_id} step {req.sequence} "
+        f"({req.operations_segment.external_id})",
+        priority=job.priority,
+        parameters=[
+            RecipeParameter(p["name"], float(p["value"]), p["unit"]) for p in job.parameters
+        ],
+        material_requirements=[MaterialRequirement(**m) for m in job.material_requirements],
+        equipment_id=job.equipment.external_id,
+    )
+    return Target(endpoint.protocol, endpoint.url, endpoint.machine), plc_order
+
+
+def _resolve_materials(
+    session: Session, job: JobOrder, req: SegmentRequirement, order: OperationsRequest
+) -> list[dict[str, object]]:
+    earlier = {
+        a.material_definition_id: a
+        for a in session.scalars(
+            select(MaterialActual)
+            .join(JobResponse, MaterialActual.job_response_id == JobResponse.id)
+            .join(JobOrder, JobResponse.job_order_id == JobOrder.id)
+            .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+            .where(
+                SegmentRequirement.operations_request_id == order.id,
+                SegmentRequirement.sequence < req.sequence,
+                MaterialActual.use == MaterialUse.PRODUCED,
+            )
+            .options(selectinload(MaterialActual.material_lot))
+        )
+    }
+    result: list[dict[str, object]] = []
+    for spec in req.operations_segment.materials:
+        need = spec.quantity * order.quantity
+        material = spec.material_definition.external_id
+        if spec.use == MaterialUse.PRODUCED:
+            result.append(
+                _requirement(material, spec.use, need, spec.unit, f"LOT-{job.external_id}")
+            )
+        elif spec.material_definition_id in earlier:
+            actual = earlier[spec.material_definition_id]
+            lot_id = actual.material_lot.external_id
+            result.append(_requirement(material, spec.use, actual.quantity, spec.unit, lot_id))
+        else:
+            for lot, qty in _pick_lots(session, spec.material_definition, need):
+                result.append(_requirement(material, spec.use, qty, spec.unit, lot.external_id))
+    return result
+
+
+def _requirement(material: str, use: str, qty: float, unit: str, lot: str) -> dict[str, object]:
+    return {
+        "material_definition_id": material,
+        "use": str(use),
+        "quantity": round(qty, 6),
+        "unit": unit,
+        "lot_id": lot,
+    }
+
+
+def _pick_lots(
+    session: Session, material: MaterialDefinition, need: float
+) -> list[tuple[MaterialLot, float]]:
+    """Oldest released lots first until the need is covered (lots are not reserved in v1)."""
+    lots = session.scalars(
+        select(MaterialLot)
+        .where(
+            MaterialLot.material_definition_id == material.id,
+            MaterialLot.disposition == LotDisposition.RELEASED,
+            MaterialLot.quantity > 0,
+        )
+        .order_by(MaterialLot.created_at, MaterialLot.id)
+    ).all()
+    picked: list[tuple[MaterialLot, float]] = []
+    left = need
+    for lot in lots:
+        if left <= 1e-9:
+            break
+        take = min(lot.quantity, left)
+        picked.append((lot, take))
+        left -= take
+    if left > 1e-9:
+        raise ProductionError(
+            f"not enough released stock of {material.external_id}: {need:g} needed, "
+            f"{need - left:g} available"
+        )
+    return picked
+
+
+def _job(session: Session, job_order_id: str) -> JobOrder:
+    job = session.scalar(
+        select(JobOrder)
+        .where(JobOrder.external_id == job_order_id)
+        .options(
+            selectinload(JobOrder.equipment).selectinload(Equipment.endpoint),
+            selectinload(JobOrder.work_master),
+            selectinload(JobOrder.segment_requirement).options(
+                selectinload(SegmentRequirement.operations_request),
+                selectinload(SegmentRequirement.operations_segment).selectinload(
+                    OperationsSegment.materials
+                ),
+            ),
+        )
+    )
+    if job is None:
+        raise ProductionError(f"unknown job order {job_order_id}")
+    return job
+
+
+def _set_state(session: Session, obj: JobOrder | OperationsRequest, state: str, kind: str) -> None:
+    """Move a job order or order to ``state``, with an audit event; no-op if already there."""
+    if obj.state == state:
+        return
+    before = obj.state
+    obj.state = state
+    audit.record(
+        session,
+        action=f"{kind}.state",
+        object_type=kind,
+        object_id=obj.external_id,
+        before={"state": before},
+        after={"state": state},
+    )
+
+
+def mark_dispatched(session: Session, job_order_id: str) -> None:
+    """The PLC accepted the job (AllowedToStart): job Ready; the order is now Running."""
+    job = _job(session, job_order_id)
+    now = utcnow()
+    if job.state == RequestState.WAITING:
+        _set_state(session, job, RequestState.READY, "job_order")
+        job.dispatched_at = now
+        job.segment_requirement.state = RequestState.READY
+    order = job.segment_requirement.operations_request
+    if order.state == RequestState.RELEASED:
+        _set_state(session, order, RequestState.RUNNING, "operations_request")
+        order.started_at = now
+    session.commit()
+
+
+def mark_running(session: Session, job_order_id: str, at: datetime | None = None) -> None:
+    """The machine started the job."""
+    job = _job(session, job_order_id)
+    if job.state in (RequestState.WAITING, RequestState.READY):
+        _set_state(session, job, RequestState.RUNNING, "job_order")
+        job.started_at = at or utcnow()
+        job.segment_requirement.state = RequestState.RUNNING
+        session.commit()
+
+
+def record_job_response(session: Session, response: PlcJobResponse) -> tuple[str, list[str]]:
+    """Store what the machine reported: material actuals and genealogy, measured values and
+    test results; end the job order. Returns the job's final ISA-95 state and produced lots.
+
+    Idempotent: a job order has one job response (unique); a second call returns the first.
+    """
+    job = _job(session, response.job_order_id)
+    if job.job_response is not None:
+        return job.state, _produced_lot_ids(job.job_response)
+    state = RequestState.COMPLETED if response.state == JobState.ENDED else RequestState.ABORTED
+    jr = JobResponse(
+        external_id=f"{job.external_id}-R",
+        job_order=job,
+        state=state,
+        start_time=response.start_time,
+        end_time=response.end_time,
+        processed_count=response.processed_count,
+        defective_count=response.defective_count,
+    )
+    session.add(jr)
+    materials = {
+        m.external_id: m
+        for m in session.scalars(
+            select(MaterialDefinition).where(
+                MaterialDefinition.external_id.in_(
+                    {a.material_definition_id for a in response.material_actuals}
+                )
+            )
+        )
+    }
+    produced: list[MaterialLot] = []
+    consumed: list[MaterialLot] = []
+    for actual in response.material_actuals:
+        material = materials.get(actual.material_definition_id)
+        if material is None:
+            raise ProductionError(
+                f"machine reported unknown material {actual.material_definition_id}"
+            )
+        lot = session.scalar(select(MaterialLot).where(MaterialLot.external_id == actual.lot_id))
+        if actual.use == MaterialUse.CONSUMED:
+            if lot is None:
+                raise ProductionError(f"machine reported consuming unknown lot {actual.lot_id}")
+            lot.quantity = max(0.0, lot.quantity - actual.quantity)
+            if lot.quantity == 0:
+                lot.status = "Consumed"
+            consumed.append(lot)
+        else:
+            if lot is None:
+                lot = MaterialLot(
+                    external_id=actual.lot_id,
+                    material_definition_id=material.id,
+                    quantity=actual.quantity,
+                    unit=actual.unit,
+                )
+                session.add(lot)
+                audit.record(
+                    session,
+                    action="lot.created",
+                    object_type="material_lot",
+                    object_id=actual.lot_id,
+                    after={"material": material.external_id, "quantity": actual.quantity},
+                )
+            produced.append(lot)
+        session.flush()
+        jr.material_actuals.append(
+            MaterialActual(
+                material_definition_id=material.id,
+                material_lot_id=lot.id,
+                use=actual.use,
+                quantity=actual.quantity,
+                unit=actual.unit,
+            )
+        )
+    # ISA-95 genealogy: within one job response every consumed lot is a parent of every
+    # produced lot.
+    session.flush()
+    for p in produced:
+        for c in consumed:
+            session.add(
+                MaterialLotAssembly(
+                    material_lot_id=p.id, component_lot_id=c.id, job_response_id=jr.id
+                )
+            )
+    values = {v.name: v for v in response.data}
+    for v in response.data:
+        jr.data.append(SegmentData(name=v.name, value=v.value, unit=v.unit))
+    specs = session.scalars(
+        select(TestSpecification).where(TestSpecification.work_master_id == job.work_master_id)
+    ).all()
+    for spec in specs:
+        measured = values.get(spec.property_name)
+        if measured is None:
+            continue
+        passed = (spec.low is None or measured.value >= spec.low) and (
+            spec.high is None or measured.value <= spec.high
+        )
+        session.add(
+            TestResult(
+                test_specification_id=spec.id,
+                job_response_id=jr.id,
+                material_lot_id=produced[0].id if produced else None,
+                value=measured.value,
+                unit=measured.unit,
+                passed=passed,
+            )
+        )
+    _set_state(session, job, state, "job_order")
+    job.segment_requirement.state = state
+    job.started_at = job.started_at or response.start_time
+    job.ended_at = response.end_time or utcnow()
+    session.commit()
+    return state, [lot.external_id for lot in produced]
+
+
+def _produced_lot_ids(jr: JobResponse) -> list[str]:
+    return [
+        a.material_lot.external_id for a in jr.material_actuals if a.use == MaterialUse.PRODUCED
+    ]
+
+
+def abort_job(session: Session, job_order_id: str, reason: str) -> None:
+    """The job could not be run (dispatch refused, master data missing): job Aborted."""
+    job = _job(session, job_order_id)
+    if job.state in FINAL_STATES:
+        return
+    before = job.state
+    job.state = RequestState.ABORTED
+    job.segment_requirement.state = RequestState.ABORTED
+    job.ended_at = utcnow()
+    audit.record(
+        session,
+        action="job_order.state",
+        object_type="job_order",
+        object_id=job.external_id,
+        before={"state": before},
+        after={"state": job.state},
+        reason=reason,
+    )
+    session.commit()
+
+
+def complete_order(session: Session, order_id: int, state: str) -> tuple[str, bool]:
+    """End the order (Completed or Aborted); it is late if it ends after its due time.
+
+    Returns the final state and the late flag.
+    """
+    order = session.get_one(OperationsRequest, order_id)
+    if order.state not in FINAL_STATES:
+        now = utcnow()
+        order.completed_at = now
+        order.late = order.late or now > order.due
+        _set_state(session, order, state, "operations_request")
+        session.commit()
+    return order.state, order.late

@@ -1,0 +1,41 @@
+"""The Temporal worker: runs the order workflows and their activities on one task queue."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from workflows.activities import MesActivities
+from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
+
+WORKFLOWS = [ProductionOrderWorkflow, JobOrderWorkflow]
+
+
+def build_worker(
+    client: Client,
+    task_queue: str,
+    session_factory: sessionmaker[Session],
+    poll_seconds: float = 0.5,
+    max_threads: int = 16,
+) -> Worker:
+    """A worker for the order workflows; database activities run in a thread pool."""
+    acts = MesActivities(session_factory, poll_seconds)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=[
+            acts.plan_order,
+            acts.prepare_job,
+            acts.dispatch_job,
+            acts.await_job,
+            acts.record_job_response,
+            acts.abort_job,
+            acts.complete_order,
+        ],
+        activity_executor=ThreadPoolExecutor(max_workers=max_threads),
+        max_concurrent_activities=max_threads * 4,
+    )
