@@ -172,9 +172,13 @@ async def embedded_stack(
     plant_file: Path = SAMPLE_PLANT,
     cycle_time_s: float | None = None,
     temporal_ui: bool = True,
+    temporal_client: Client | None = None,
 ) -> AsyncIterator[Stack]:
     """Migrate the database, load the plant, start the PLC simulator, Temporal, the worker
-    and the API; stop them all on exit (also on error or cancellation)."""
+    and the API; stop them all on exit (also on error or cancellation).
+
+    With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
+    """
     from workflows.worker import build_worker  # the worker needs workflow code; the API not
 
     upgrade(settings.database_url)
@@ -191,11 +195,16 @@ async def embedded_stack(
         await sim.start()
         stack.push_async_callback(sim.stop)
 
-        tmp = Path(tempfile.mkdtemp(prefix="mes-temporal-"))
-        stack.callback(shutil.rmtree, tmp, True)
-        server = TemporalDevServer(tmp / "temporal.db", ui=temporal_ui)
-        stack.push_async_callback(server.stop)
-        client = await server.start()
+        if temporal_client is None:
+            tmp = Path(tempfile.mkdtemp(prefix="mes-temporal-"))
+            stack.callback(shutil.rmtree, tmp, True)
+            server = TemporalDevServer(tmp / "temporal.db", ui=temporal_ui)
+            stack.push_async_callback(server.stop)
+            client = await server.start()
+            address, ui = server.address, server.ui_url
+        else:
+            client = temporal_client
+            address, ui = client.service_client.config.target_host, None
 
         worker = build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds)
         await stack.enter_async_context(worker)
@@ -221,8 +230,8 @@ async def embedded_stack(
         yield Stack(
             settings=settings,
             api_url=f"http://127.0.0.1:{port}",
-            temporal_address=server.address,
-            temporal_ui=server.ui_url,
+            temporal_address=address,
+            temporal_ui=ui,
             plc_url=plc_url,
             units=[u.name for u in units],
             sessions=sessions,

@@ -66,7 +66,7 @@ PACKML_PRODUCE_MODE = 1
 @contextlib.contextmanager
 def nodeset_path() -> Iterator[Path]:
     """Yield a file-system path to the shipped OPC 10031-4 nodeset (package data)."""
-    resource = resources.files(__package__).joinpath("nodeset", NODESET_FILE)
+    resource = resources.files(__package__) / "nodeset" / NODESET_FILE
     with resources.as_file(resource) as path:
         yield path
 

@@ -137,7 +137,7 @@ class _UnitNodes:
     defective: Node
 
 
-Handler = Callable[..., Awaitable[list[ua.Variant]]]
+_Handler = Callable[..., Awaitable[list[ua.Variant]]]
 
 
 class _UnitRuntime:
@@ -221,23 +221,21 @@ class _UnitRuntime:
             for req in requirements
             if str(req.MaterialUse or "").lower() == "consumed"
         ]
+        # Without a Produced requirement the unit makes one item of nothing in particular.
         produced_req = next(
-            (r for r in requirements if str(r.MaterialUse or "").lower() == "produced"), None
+            (r for r in requirements if str(r.MaterialUse or "").lower() == "produced"),
+            material(),
         )
-        planned = parse_decimal(produced_req.Quantity) if produced_req is not None else 1.0
-        made = _pro_rata(planned or 1.0, progress)
+        made = _pro_rata(parse_decimal(produced_req.Quantity) or 1.0, progress)
         processed = round(made)
         if job.state is JobState.ENDED:
             actuals.append(
                 material(
-                    MaterialDefinitionID=produced_req.MaterialDefinitionID
-                    if produced_req
-                    else None,
-                    MaterialLotID=(produced_req.MaterialLotID if produced_req else None)
-                    or f"{job.job_order_id}-OUT",
+                    MaterialDefinitionID=produced_req.MaterialDefinitionID,
+                    MaterialLotID=produced_req.MaterialLotID or f"{job.job_order_id}-OUT",
                     MaterialUse="Produced",
                     Quantity=decimal_string(made),
-                    EngineeringUnits=produced_req.EngineeringUnits if produced_req else None,
+                    EngineeringUnits=produced_req.EngineeringUnits,
                 )
             )
             defective = round(processed * self.spec.defect_rate)
@@ -250,7 +248,9 @@ class _UnitRuntime:
         data = [
             parameter(
                 ID=name,
-                Value=ua.Variant(round(nominal * (1 + rng.uniform(-0.02, 0.02)), 3)),
+                Value=ua.Variant(
+                    round(nominal * (1 + rng.uniform(-0.02, 0.02)), 3), ua.VariantType.Double
+                ),
                 EngineeringUnits=eu_information(unit),
             )
             for name, (nominal, unit) in self.spec.measured.items()
@@ -345,7 +345,7 @@ class _UnitRuntime:
 
     # -- methods -----------------------------------------------------------------------
 
-    def handlers(self) -> dict[str, Handler]:
+    def handlers(self) -> dict[str, _Handler]:
         """Method implementations by browse name, ready for ``Server.link_method``."""
         by_order: dict[str, Callable[[Any], ReturnStatus]] = {
             "Store": lambda o: self._store(o, start=False),
@@ -362,11 +362,11 @@ class _UnitRuntime:
             "Cancel": self._cancel,
             "Clear": self._clear,
         }
-        handlers: dict[str, Handler] = {n: self._command(f) for n, f in by_order.items()}
+        handlers: dict[str, _Handler] = {n: self._command(f) for n, f in by_order.items()}
         handlers.update({n: self._command(self._with_job(f)) for n, f in by_id.items()})
         return handlers
 
-    def _command(self, apply: Callable[[Any], ReturnStatus]) -> Handler:
+    def _command(self, apply: Callable[[Any], ReturnStatus]) -> _Handler:
         async def call(_parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
             # link_method hands over raw Variants; a missing argument is the caller's error.
             status = apply(args[0].Value) if args else _INVALID
@@ -484,12 +484,13 @@ class _UnitRuntime:
     async def request_by_state(self, _parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
         """RequestJobResponseByJobOrderState: responses of jobs in the given top-level state."""
         wanted = args[0].Value if args else None
-        if not wanted:
+        first = wanted[0] if isinstance(wanted, list) and wanted else None
+        number = getattr(first, "StateNumber", None)
+        if number is None:
             return [
                 ua.Variant([], ua.VariantType.ExtensionObject),
                 ua.Variant(int(_INVALID), ua.VariantType.UInt64),
             ]
-        number = int(wanted[0].StateNumber)
         responses = [self._response(j) for j in self.jobs.values() if j.state.value == number]
         return [
             ua.Variant(responses, ua.VariantType.ExtensionObject),

