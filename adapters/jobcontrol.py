@@ -4,7 +4,6 @@ They mirror OPC 10031-4 (ISA-95 Job Control) structures closely enough to map 1:
 plain dataclasses so Temporal can serialise them and ``mes`` can use them without asyncua.
 """
 
-
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime

@@ -92,23 +92,24 @@ async def test_order_runs_to_completion_with_genealogy(stack: Stack) -> None:
             consumed_raw = {
                 a.material_lot.external_id
                 for a in actuals
-                if a.use == "Consumed" and a.material_lot.external_id.startswith("LOT-")
+                if a.use == "Consumed"
+                and a.material_lot.external_id.startswith("LOT-")
                 and not a.material_lot.external_id.startswith(f"LOT-{body['order_number']}")
             }
             assert consumed_raw, "raw material lots were consumed"
             assert s.scalar(
-                select(func.count()).select_from(SegmentData).where(
-                    SegmentData.job_response_id.in_(resp_ids)
-                )
+                select(func.count())
+                .select_from(SegmentData)
+                .where(SegmentData.job_response_id.in_(resp_ids))
             )
             results = s.scalars(
                 select(TestResult).where(TestResult.job_response_id.in_(resp_ids))
             ).all()
             assert results and all(t.passed for t in results)
             edges = s.scalar(
-                select(func.count()).select_from(MaterialLotAssembly).where(
-                    MaterialLotAssembly.job_response_id.in_(resp_ids)
-                )
+                select(func.count())
+                .select_from(MaterialLotAssembly)
+                .where(MaterialLotAssembly.job_response_id.in_(resp_ids))
             )
             assert edges and edges >= len(consumed_raw)
             audit_actions = set(

@@ -47,7 +47,9 @@ def test_bad_field_is_named(change: dict[str, object], field: str) -> None:
     assert field in {str(e["loc"][0]) for e in err.value.errors()}
 
 
-@pytest.mark.parametrize("missing", ["order_number", "product", "quantity", "unit", "due", "priority"])
+@pytest.mark.parametrize(
+    "missing", ["order_number", "product", "quantity", "unit", "due", "priority"]
+)
 def test_required_fields(missing: str) -> None:
     body = {k: v for k, v in GOOD.items() if k != missing}
     with pytest.raises(ValidationError) as err:

@@ -83,7 +83,9 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
 
     lot_id = consumed[0].lot_id
     with plant_pg() as s:
-        stock_before = s.scalar(select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id))
+        stock_before = s.scalar(
+            select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id)
+        )
 
     response = _machine_response(plc_order, temp=30.0)  # above the 22–28 °C limit
     for _ in range(2):
@@ -102,7 +104,9 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
         )
         result = s.scalars(select(TestResult).where(TestResult.job_response_id == jr.id)).one()
         assert result.passed is False  # out of spec is recorded as a failed test
-        stock_after = s.scalar(select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id))
+        stock_after = s.scalar(
+            select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id)
+        )
         assert stock_before is not None and stock_after is not None
         assert stock_after == pytest.approx(stock_before - consumed[0].quantity)
 

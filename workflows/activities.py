@@ -9,15 +9,16 @@ the workflow sees them at once instead of after the retry policy runs out.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
-from adapters.opcua.client import JobControlClient
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from adapters.jobcontrol import JobControlError, JobState
+from adapters.opcua.client import JobControlClient
 from mes import production
 from mes.production import ProductionError
 from workflows.types import Dispatch, JobOutcome
@@ -53,8 +54,8 @@ class MesActivities:
     @activity.defn
     async def dispatch_job(self, dispatch: Dispatch) -> None:
         """Send the job to its PLC (StoreAndStart; a retry finds it stored) and record it."""
-        async with _client(dispatch) as plc:
-            await _plc_call(plc.store_and_start(dispatch.order))
+        async with _plc(dispatch) as plc:
+            await plc.store_and_start(dispatch.order)
         await asyncio.to_thread(
             self._db, lambda s: production.mark_dispatched(s, dispatch.order.job_order_id)
         )
@@ -68,9 +69,9 @@ class MesActivities:
         """
         job_id = dispatch.order.job_order_id
         seen_running = False
-        async with _client(dispatch) as plc:
+        async with _plc(dispatch) as plc:
             while True:
-                state = await _plc_call(plc.job_state(job_id))
+                state = await plc.job_state(job_id)
                 activity.heartbeat(int(state))
                 started = state in (JobState.RUNNING, JobState.INTERRUPTED, JobState.ENDED)
                 if started and not seen_running:
@@ -83,8 +84,8 @@ class MesActivities:
     @activity.defn
     async def record_job_response(self, dispatch: Dispatch) -> JobOutcome:
         """Read the job response from the PLC and record it (genealogy, data, quality)."""
-        async with _client(dispatch) as plc:
-            response = await _plc_call(plc.job_response(dispatch.order.job_order_id))
+        async with _plc(dispatch) as plc:
+            response = await plc.job_response(dispatch.order.job_order_id)
         state, lots = await asyncio.to_thread(
             self._db, lambda s: production.record_job_response(s, response)
         )
@@ -101,17 +102,18 @@ class MesActivities:
         return self._db(lambda s: production.complete_order(s, order_id, state))
 
 
-def _client(dispatch: Dispatch) -> JobControlClient:
+@contextlib.asynccontextmanager
+async def _plc(dispatch: Dispatch) -> AsyncIterator[JobControlClient]:
+    """A job-control session with the work unit's PLC.
+
+    Its typed errors (connecting included) become retryable or final activity failures.
+    """
     if dispatch.protocol != "opcua":
         raise ApplicationError(
             f"protocol {dispatch.protocol!r} is not supported yet", non_retryable=True
         )
-    return JobControlClient(dispatch.url, dispatch.machine)
-
-
-async def _plc_call(call: Awaitable[T]) -> T:
-    """Await a job-control call, turning its typed errors into retryable or final failures."""
     try:
-        return await call
+        async with JobControlClient(dispatch.url, dispatch.machine) as client:
+            yield client
     except JobControlError as e:
         raise ApplicationError(str(e), type=type(e).__name__, non_retryable=not e.retryable) from e

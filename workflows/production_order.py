@@ -20,16 +20,10 @@ with workflow.unsafe.imports_passed_through():
 COMPLETED = "Completed"
 ABORTED = "Aborted"
 
-#: Database steps: short, retried with backoff (a database restart is survived).
-DB_STEP = {
-    "start_to_close_timeout": timedelta(seconds=60),
-    "retry_policy": RetryPolicy(maximum_interval=timedelta(seconds=30)),
-}
-#: PLC calls: a machine may be unreachable for a while; keep trying, back off to a minute.
-PLC_STEP = {
-    "start_to_close_timeout": timedelta(seconds=60),
-    "retry_policy": RetryPolicy(maximum_interval=timedelta(minutes=1)),
-}
+#: Every step is short; a database or PLC that is away for a while is waited for with
+#: backoff (up to a minute between tries), never given up on by timeout alone.
+STEP_TIMEOUT = timedelta(seconds=60)
+RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
 
 
 @workflow.defn
@@ -40,13 +34,24 @@ class JobOrderWorkflow:
     async def run(self, job: JobInput) -> JobOutcome:
         try:
             dispatch: Dispatch = await workflow.execute_activity_method(
-                MesActivities.prepare_job, job.job_order_id, **DB_STEP
+                MesActivities.prepare_job,
+                job.job_order_id,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
             )
-            await workflow.execute_activity_method(MesActivities.dispatch_job, dispatch, **PLC_STEP)
+            await workflow.execute_activity_method(
+                MesActivities.dispatch_job,
+                dispatch,
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
+            )
         except ActivityError as e:
             reason = _reason(e)
             await workflow.execute_activity_method(
-                MesActivities.abort_job, args=[job.job_order_id, reason], **DB_STEP
+                MesActivities.abort_job,
+                args=[job.job_order_id, reason],
+                start_to_close_timeout=STEP_TIMEOUT,
+                retry_policy=RETRY,
             )
             return JobOutcome(job.job_order_id, ABORTED, [], reason)
 
@@ -56,10 +61,13 @@ class JobOrderWorkflow:
             # A job may run for days; the heartbeat, not the timeout, detects a lost worker.
             start_to_close_timeout=timedelta(days=7),
             heartbeat_timeout=timedelta(seconds=30),
-            retry_policy=RetryPolicy(maximum_interval=timedelta(minutes=1)),
+            retry_policy=RETRY,
         )
         return await workflow.execute_activity_method(
-            MesActivities.record_job_response, dispatch, **PLC_STEP
+            MesActivities.record_job_response,
+            dispatch,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
         )
 
 
@@ -70,7 +78,10 @@ class ProductionOrderWorkflow:
     @workflow.run
     async def run(self, order: OrderInput) -> OrderOutcome:
         job_ids: list[str] = await workflow.execute_activity_method(
-            MesActivities.plan_order, order.order_id, **DB_STEP
+            MesActivities.plan_order,
+            order.order_id,
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
         )
         state = COMPLETED
         lots: list[str] = []
@@ -85,7 +96,10 @@ class ProductionOrderWorkflow:
                 break
             lots = outcome.produced_lots
         final_state, late = await workflow.execute_activity_method(
-            MesActivities.complete_order, args=[order.order_id, state], **DB_STEP
+            MesActivities.complete_order,
+            args=[order.order_id, state],
+            start_to_close_timeout=STEP_TIMEOUT,
+            retry_policy=RETRY,
         )
         return OrderOutcome(
             order.order_number, final_state, late, lots if state == COMPLETED else []

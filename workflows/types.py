@@ -4,7 +4,6 @@ One dataclass per argument, so fields can be added later without breaking runnin
 workflows (Temporal serialises them as JSON).
 """
 
-
 from dataclasses import dataclass, field
 
 from adapters.jobcontrol import JobOrder

@@ -15,9 +15,10 @@ from typing import Annotated, Any, TypeVar
 
 from litestar import Controller, Litestar, Response, get, post
 from litestar.datastructures import State
+from litestar.logging.config import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Tag
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -135,7 +136,7 @@ class ProductionOrderController(Controller):
         responses={},
     )
     async def create(
-        self, data: orders.ProductionOrderIn, state: State
+        self, data: JSONBody[orders.ProductionOrderIn], state: State
     ) -> Response[orders.ProductionOrderOut]:
         svc = services(state)
 
@@ -164,10 +165,11 @@ class ProductionOrderController(Controller):
         self,
         state: State,
         order_state: Annotated[
-            RequestState | None, Parameter(query="state", description="Only orders in this state")
+            RequestState | None,
+            QueryParameter(name="state", description="Only orders in this state"),
         ] = None,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, Parameter(ge=0)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> list[ProductionOrderSummary]:
         found = await services(state).db(
             lambda s: orders.list_orders(s, order_state, limit, offset)
@@ -175,7 +177,7 @@ class ProductionOrderController(Controller):
         return [_summary(o) for o in found]
 
     @get("/{order_id:int}", summary="One production order with its work orders and lots")
-    async def detail(self, order_id: int, state: State) -> orders.ProductionOrderOut:
+    async def detail(self, order_id: FromPath[int], state: State) -> orders.ProductionOrderOut:
         return await services(state).db(
             lambda s: orders.order_out(s, orders.get_order(s, order_id))
         )
@@ -187,13 +189,19 @@ class GenealogyController(Controller):
 
     @get("/{lot:str}/backward", summary="Where a lot came from (its components, recursively)")
     async def backward(
-        self, lot: str, state: State, depth: Annotated[int, Parameter(ge=1, le=100)] = 10
+        self,
+        lot: FromPath[str],
+        state: State,
+        depth: Annotated[int, QueryParameter(ge=1, le=100)] = 10,
     ) -> genealogy.Trace:
         return await services(state).db(lambda s: genealogy.trace(s, lot, "backward", depth))
 
     @get("/{lot:str}/forward", summary="Where a lot went (what was made from it, recursively)")
     async def forward(
-        self, lot: str, state: State, depth: Annotated[int, Parameter(ge=1, le=100)] = 10
+        self,
+        lot: FromPath[str],
+        state: State,
+        depth: Annotated[int, QueryParameter(ge=1, le=100)] = 10,
     ) -> genealogy.Trace:
         return await services(state).db(lambda s: genealogy.trace(s, lot, "forward", depth))
 
@@ -252,5 +260,7 @@ def create_app(
             ],
             path="/schema",
         ),
+        # The process that runs the app (uvicorn, mes dev) configures logging, not the app.
+        logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="never"),
         debug=False,
     )

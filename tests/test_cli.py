@@ -1,0 +1,68 @@
+"""The `mes` command as an operator uses it: migrate, load master data, and refuse bad files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from sqlalchemy import func, select
+
+from mes.db import make_engine, make_sessionmaker
+from mes.embedded import SAMPLE_PLANT
+from mes.models import Base
+
+MES = str(Path(sys.executable).parent / "mes")
+
+
+def run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"MES_DATABASE_URL": f"sqlite:///{tmp / 'cli.db'}"}
+    return subprocess.run([MES, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def row_counts(tmp: Path) -> dict[str, int]:
+    engine = make_engine(f"sqlite:///{tmp / 'cli.db'}")
+    with make_sessionmaker(engine)() as s:
+        counts = {
+            name: s.scalar(select(func.count()).select_from(table)) or 0
+            for name, table in Base.metadata.tables.items()
+        }
+    engine.dispose()
+    return counts
+
+
+def test_upgrade_load_twice_and_a_bad_file(tmp_path: Path) -> None:
+    assert run(tmp_path, "db", "upgrade").returncode == 0
+
+    first = run(tmp_path, "load", str(SAMPLE_PLANT))
+    assert first.returncode == 0, first.stderr
+    assert "created" in first.stdout
+    counts = row_counts(tmp_path)
+    assert counts["equipment"] >= 5
+    assert counts["operations_definition"] >= 2
+
+    again = run(tmp_path, "load", str(SAMPLE_PLANT))
+    assert again.returncode == 0
+    assert "created 0, updated 0" in again.stdout
+    assert row_counts(tmp_path) == counts
+
+    plant = yaml.safe_load(SAMPLE_PLANT.read_text())
+    plant["materials"].append({"id": "NEW-THING", "unit": "kg", "material_class": "Raw"})
+    plant["work_masters"][0]["parameters"][0]["default"] = 10_000
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(plant))
+    refused = run(tmp_path, "load", str(bad))
+    assert refused.returncode == 1
+    assert plant["work_masters"][0]["id"] in refused.stderr
+    assert "outside" in refused.stderr
+    assert "nothing was written" in refused.stderr
+    assert row_counts(tmp_path) == counts
+
+
+def test_openapi_check_and_help(tmp_path: Path) -> None:
+    assert run(tmp_path, "openapi", "--check").returncode == 0
+    helped = run(tmp_path, "--help")
+    for command in ("demo", "dev", "serve", "worker", "db", "load", "sim", "openapi"):
+        assert command in helped.stdout
