@@ -23,6 +23,19 @@ What loading does and does not do:
   so instead (give the routing a new id to change it).
 - Lots are created when missing, but an existing lot's quantity is never overwritten:
   production consumes lots, so the file's quantity is only the opening stock.
+
+A plant file is complete: everything it refers to is defined in it. A **partial** load
+(``partial=True``; B2MML ``Sync…`` messages carry one noun at a time) may also refer to
+what the database already holds, and three things differ so that a message about one
+noun cannot undo another:
+
+- A top-level equipment entry may name its stored ``parent``; without one it keeps the
+  parent it has (a new one becomes a root).
+- An equipment entry without an ``endpoint`` key keeps its stored endpoint, and a work
+  master without a ``test_specifications`` key keeps its stored test specifications (B2MML
+  has no place for either). Given, even empty, they replace what is stored, as in a file.
+- Every check still runs before the first write, against the file and the database
+  together, and names the entry; ``read_master_data_file`` reads B2MML ``.xml`` files.
 """
 
 from __future__ import annotations
@@ -68,6 +81,7 @@ __all__ = [
     "load_plant",
     "load_plant_file",
     "parse_plant",
+    "read_master_data_file",
     "read_plant_file",
 ]
 
@@ -113,6 +127,8 @@ class EquipmentEntry(_Entry):
     description: Description = ""
     endpoint: EndpointEntry | None = None
     children: list[EquipmentEntry] = []
+    #: Partial loads only, top-level entries only: the stored equipment this one hangs under.
+    parent: Id | None = None
 
 
 class MaterialClassEntry(_Entry):
@@ -263,15 +279,46 @@ def read_plant_file(path: str | Path) -> Plant:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise MasterDataError(f"{p.name}: not valid JSON: {exc}") from exc
+    elif suffix == ".xml":
+        raise MasterDataError(
+            f"{p.name}: a B2MML file holds part of a plant; read it with read_master_data_file"
+        )
     else:
         raise MasterDataError(f"{p.name}: unknown plant file type; use .yaml, .yml or .json")
     return parse_plant(data)
 
 
-def parse_plant(data: dict[str, Any]) -> Plant:
+def read_master_data_file(path: str | Path) -> tuple[Plant, bool]:
+    """Read a plant file or a B2MML master data message; return it and whether it is partial.
+
+    ``.yaml``/``.yml``/``.json`` are plant files (complete, see ``read_plant_file``);
+    ``.xml`` holds one B2MML ``Sync…`` message (MaterialClass, MaterialDefinition,
+    Equipment, ProcessSegment, OperationsDefinition, WorkMaster), which is partial. Raises
+    ``MasterDataError`` for anything wrong with the file, its XML or its content.
+    """
+    p = Path(path)
+    if p.suffix.lower() != ".xml":
+        return read_plant_file(p), False
+    # Imported here: mes.b2mml is a layer above this module and imports it for its types.
+    from mes.b2mml import B2MMLError, SyncMasterData, decode
+
+    try:
+        message = decode(p.read_bytes())
+    except B2MMLError as exc:
+        raise MasterDataError([f"{p.name}: {reason}" for reason in exc.reasons]) from exc
+    if not isinstance(message, SyncMasterData):
+        raise MasterDataError(
+            f"{p.name}: holds a {type(message).__name__}, not a B2MML Sync master data message"
+        )
+    return parse_plant(message.plant, partial=True), True
+
+
+def parse_plant(data: dict[str, Any], partial: bool = False) -> Plant:
     """Validate plant data (as read from YAML/JSON) and check its cross-references.
 
-    Raises ``MasterDataError`` listing every problem, each prefixed by the entry's path.
+    With ``partial`` a reference to something the data does not define is left for
+    ``load_plant(..., partial=True)`` to resolve against the database. Raises
+    ``MasterDataError`` listing every problem, each prefixed by the entry's path.
     """
     if not isinstance(data, dict):
         raise MasterDataError(
@@ -281,7 +328,7 @@ def parse_plant(data: dict[str, Any]) -> Plant:
         plant = Plant.model_validate(data)
     except ValidationError as exc:
         raise MasterDataError(_schema_problems(data, exc)) from exc
-    problems = _check_plant(plant)
+    problems = _check_plant(plant, _Stored(deferred=True) if partial else None)
     if problems:
         raise MasterDataError(problems)
     return plant

@@ -556,12 +556,21 @@ class TestResult(Base):
 
 
 class AuditEvent(Base):
-    """Who or what changed which object, from what to what, and why."""
+    """Who or what changed which object, from what to what, and why.
+
+    Append-only and hash-chained: ``hash`` covers the event and ``prev_hash`` (the hash of
+    event ``seq - 1``), so changing or removing any event breaks every later link. On
+    PostgreSQL and SQLite a trigger refuses UPDATE and DELETE.
+    """
 
     __tablename__ = "audit_event"
-    __table_args__ = (Index("ix_audit_event_object", "object_type", "object_id"),)
+    __table_args__ = (
+        Index("ix_audit_event_object", "object_type", "object_id"),
+        Index("ix_audit_event_actor", "actor"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, unique=True)
     occurred_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     actor: Mapped[str] = mapped_column(String(100))
     action: Mapped[str] = mapped_column(String(50))
@@ -570,3 +579,40 @@ class AuditEvent(Base):
     before: Mapped[dict[str, Any] | None] = mapped_column()
     after: Mapped[dict[str, Any] | None] = mapped_column()
     reason: Mapped[str | None] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditChainHead(Base):
+    """The one row that holds the chain's last position; locking it orders the appends."""
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, default=0)
+    last_hash: Mapped[str] = mapped_column(String(64))
+
+
+# --- access ---------------------------------------------------------------------------------
+
+
+class Role(enum.StrEnum):
+    """API roles; a token has exactly one."""
+
+    ERP = "erp"
+    SUPERVISOR = "supervisor"
+    AUDITOR = "auditor"
+    ADMIN = "admin"
+
+
+class ApiToken(Base):
+    """A bearer token of the API: stored as its SHA-256 only, shown once at creation."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    role: Mapped[str] = mapped_column(String(20))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column()

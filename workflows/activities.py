@@ -19,9 +19,10 @@ from temporalio.exceptions import ApplicationError
 
 from adapters.jobcontrol import JobControlError, JobState
 from adapters.opcua.client import JobControlClient
-from mes import production
+from mes import production, workorders
+from mes.errors import DomainError
 from mes.production import ProductionError
-from workflows.types import Dispatch, JobOutcome
+from workflows.types import Dispatch, JobChange, JobOutcome, JobStateChange, PlcCommand, WaitArgs
 
 T = TypeVar("T")
 
@@ -39,6 +40,15 @@ class MesActivities:
                 return fn(session)
             except ProductionError as e:
                 raise ApplicationError(str(e), type="ProductionError", non_retryable=True) from e
+            except DomainError as e:
+                # A refused change (e.g. a work unit that cannot run the job): final, and the
+                # API turns it back into the same 4xx answer.
+                raise ApplicationError(
+                    e.detail,
+                    {"status": e.status, "title": e.title},
+                    type="DomainError",
+                    non_retryable=True,
+                ) from e
 
     @activity.defn
     def plan_order(self, order_id: int) -> list[str]:
@@ -61,25 +71,67 @@ class MesActivities:
         )
 
     @activity.defn
-    async def await_job(self, dispatch: Dispatch) -> int:
-        """Wait, polling the PLC and heartbeating, until the job ends or aborts.
+    async def await_job(self, wait: WaitArgs) -> int:
+        """Wait until the PLC reports the job in a state other than ``wait.known``.
 
-        Returns the final OPC 10031-4 job state. A worker crash resumes the wait on another
-        worker after the heartbeat timeout; the PLC keeps running meanwhile.
+        Polls the PLC and heartbeats; returns the new OPC 10031-4 job state, so the workflow
+        sees each change (started, interrupted, ended) with a handful of activities per job.
+        A worker crash resumes the wait on another worker after the heartbeat timeout.
         """
-        job_id = dispatch.order.job_order_id
-        seen_running = False
-        async with _plc(dispatch) as plc:
+        job_id = wait.dispatch.order.job_order_id
+        async with _plc(wait.dispatch) as plc:
             while True:
                 state = await plc.job_state(job_id)
                 activity.heartbeat(int(state))
-                started = state in (JobState.RUNNING, JobState.INTERRUPTED, JobState.ENDED)
-                if started and not seen_running:
-                    seen_running = True
-                    await asyncio.to_thread(self._db, lambda s: production.mark_running(s, job_id))
-                if state.is_final:
+                if state != wait.known:
+                    if state in (JobState.RUNNING, JobState.ENDED):
+                        await asyncio.to_thread(
+                            self._db, lambda s: production.mark_running(s, job_id)
+                        )
                     return int(state)
                 await asyncio.sleep(self._poll_seconds)
+
+    @activity.defn
+    async def plc_command(self, cmd: PlcCommand) -> None:
+        """Call one job-control method (pause, resume, start, revoke_start, cancel, abort,
+        update) for the job on its PLC."""
+        order = cmd.dispatch.order
+        async with _plc(cmd.dispatch) as plc:
+            if cmd.command == "update":
+                await plc.update(order)
+                return
+            method = {
+                "pause": plc.pause,
+                "resume": plc.resume,
+                "start": plc.start,
+                "revoke_start": plc.revoke_start,
+                "cancel": plc.cancel,
+                "abort": plc.abort,
+            }[cmd.command]
+            await method(order.job_order_id)
+
+    @activity.defn
+    def set_job_state(self, change: JobStateChange) -> None:
+        """Record a supervisor-driven state change of a job order."""
+        self._db(
+            lambda s: workorders.set_state(
+                s, change.job_order_id, change.state, change.actor, change.reason
+            )
+        )
+
+    @activity.defn
+    def change_job(self, change: JobChange) -> None:
+        """Record a new priority or work unit (refused if the unit cannot run the job)."""
+        self._db(
+            lambda s: workorders.change(
+                s,
+                change.job_order_id,
+                change.actor,
+                change.reason,
+                change.priority,
+                change.equipment,
+            )
+        )
 
     @activity.defn
     async def record_job_response(self, dispatch: Dispatch) -> JobOutcome:

@@ -53,3 +53,62 @@ class OrderOutcome:
     state: str
     late: bool
     produced_lots: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WaitArgs:
+    """Wait until the PLC reports the job in a state other than ``known`` (a JobState)."""
+
+    dispatch: Dispatch
+    known: int
+
+
+@dataclass
+class WorkOrderCommand:
+    """A supervisor action on a work order (the argument of every job workflow update)."""
+
+    actor: str
+    reason: str | None = None
+    priority: int | None = None
+    equipment: str | None = None
+
+
+@dataclass
+class WorkOrderStatus:
+    """A job workflow's live view: its state and what a supervisor may do now."""
+
+    job_order_id: str
+    state: str
+    priority: int
+    equipment: str
+    dispatched: bool
+    allowed_actions: list[str]
+
+
+@dataclass
+class PlcCommand:
+    """A job-control method to call on the job's PLC ("pause", "resume", "cancel", …)."""
+
+    dispatch: Dispatch
+    command: str
+
+
+@dataclass
+class JobStateChange:
+    """Record a supervisor-driven state change of a job order."""
+
+    job_order_id: str
+    state: str
+    actor: str
+    reason: str | None = None
+
+
+@dataclass
+class JobChange:
+    """Record a new priority and/or work unit for a job order."""
+
+    job_order_id: str
+    actor: str
+    reason: str | None = None
+    priority: int | None = None
+    equipment: str | None = None

@@ -1,0 +1,308 @@
+"""Work orders (ISA-95 job orders) as supervisors see and steer them.
+
+What a supervisor may do to a work order depends on its state (``allowed_actions``); the
+job's workflow enforces the same table in its update validators, so the API and the
+workflow cannot disagree. The database changes here are the recorded half of each action:
+the workflow calls them (through activities) after the PLC has done its half.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from sqlalchemy import Select, func, select
+from sqlalchemy.orm import Session, selectinload
+
+from mes import audit
+from mes.errors import NotFound, invalid
+from mes.models import (
+    AuditEvent,
+    Equipment,
+    EquipmentLevel,
+    JobOrder,
+    OperationsRequest,
+    RequestState,
+    SegmentRequirement,
+    WorkMasterEquipment,
+    utcnow,
+)
+
+WAITING, READY, RUNNING, HELD = (
+    RequestState.WAITING,
+    RequestState.READY,
+    RequestState.RUNNING,
+    RequestState.HELD,
+)
+COMPLETED, ABORTED, CANCELLED = RequestState.COMPLETED, RequestState.ABORTED, RequestState.CANCELLED
+Action = Literal["hold", "resume", "cancel", "priority", "equipment"]
+
+
+def allowed_actions(state: str, dispatched: bool) -> list[str]:
+    """The supervisor actions a work order in ``state`` accepts.
+
+    ``dispatched`` tells whether the job was already sent to a PLC: its equipment is fixed
+    from then on.
+    """
+    if state == WAITING:
+        return ["hold", "cancel", "priority", "equipment"]
+    if state == READY:
+        return ["hold", "cancel", "priority"]
+    if state == RUNNING:
+        return ["hold", "cancel"]
+    if state == HELD:
+        return ["resume", "cancel", "priority"] + ([] if dispatched else ["equipment"])
+    return []
+
+
+class HistoryEntry(BaseModel):
+    at: datetime
+    actor: str
+    action: str
+    before: dict[str, object] | None
+    after: dict[str, object] | None
+    reason: str | None
+
+
+class WorkOrderOut(BaseModel):
+    """A work order: an ISA-95 job order, what one work unit is told to do."""
+
+    id: str = Field(description="JobOrderID, as the PLC knows it")
+    production_order: str = Field(description="The ERP order number")
+    production_order_id: int
+    step: int
+    segment: str
+    work_master: str
+    equipment: str
+    work_center: str | None = Field(description="The line or work center of the equipment")
+    priority: int
+    state: str
+    due: datetime
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    ended_at: datetime | None
+    allowed_actions: list[str]
+    links: dict[str, str]
+
+
+class WorkOrderDetail(WorkOrderOut):
+    """A work order with its recorded history and, while it runs, its workflow's live state."""
+
+    history: list[HistoryEntry]
+    live: dict[str, object] | None = Field(
+        default=None, description="The job workflow's own view (a Temporal query) while it runs"
+    )
+
+
+def _load() -> Select[JobOrder]:
+    return select(JobOrder).options(
+        selectinload(JobOrder.equipment).selectinload(Equipment.parent),
+        selectinload(JobOrder.work_master),
+        selectinload(JobOrder.segment_requirement).options(
+            selectinload(SegmentRequirement.operations_request),
+            selectinload(SegmentRequirement.operations_segment),
+        ),
+    )
+
+
+def work_order_out(job: JobOrder) -> WorkOrderOut:
+    req = job.segment_requirement
+    order = req.operations_request
+    parent = job.equipment.parent
+    return WorkOrderOut(
+        id=job.external_id,
+        production_order=order.external_id,
+        production_order_id=order.id,
+        step=req.sequence,
+        segment=req.operations_segment.external_id,
+        work_master=job.work_master.external_id,
+        equipment=job.equipment.external_id,
+        work_center=parent.external_id if parent else None,
+        priority=job.priority,
+        state=job.state,
+        due=order.due,
+        dispatched_at=job.dispatched_at,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+        allowed_actions=allowed_actions(job.state, job.dispatched_at is not None),
+        links={"self": f"/api/v1/work-orders/{job.external_id}"},
+    )
+
+
+def get_job(session: Session, job_order_id: str) -> JobOrder:
+    job = session.scalar(_load().where(JobOrder.external_id == job_order_id))
+    if job is None:
+        raise NotFound("work order", job_order_id)
+    return job
+
+
+def work_order_detail(session: Session, job_order_id: str) -> WorkOrderDetail:
+    """The work order with its audit history, oldest first."""
+    job = get_job(session, job_order_id)
+    events = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.object_type == "job_order", AuditEvent.object_id == job_order_id)
+        .order_by(AuditEvent.seq)
+    )
+    history = [
+        HistoryEntry(
+            at=e.occurred_at,
+            actor=e.actor,
+            action=e.action,
+            before=e.before,
+            after=e.after,
+            reason=e.reason,
+        )
+        for e in events
+    ]
+    return WorkOrderDetail(**work_order_out(job).model_dump(), history=history)
+
+
+def _equipment_below(session: Session, equipment_id: str) -> list[int]:
+    """Ids of the equipment ``equipment_id`` and everything under it."""
+    root = session.scalar(select(Equipment).where(Equipment.external_id == equipment_id))
+    if root is None:
+        raise NotFound("equipment", equipment_id)
+    tree = select(Equipment.id).where(Equipment.id == root.id).cte("tree", recursive=True)
+    tree = tree.union_all(select(Equipment.id).where(Equipment.parent_id == tree.c.id))
+    return list(session.scalars(select(tree.c.id)))
+
+
+def list_work_orders(
+    session: Session,
+    *,
+    state: str | None = None,
+    production_order: str | None = None,
+    work_center: str | None = None,
+    equipment: str | None = None,
+    due_before: datetime | None = None,
+    due_after: datetime | None = None,
+    sort: str = "priority",
+    limit: int = 100,
+    offset: int = 0,
+) -> tuple[list[WorkOrderOut], int]:
+    """Work orders matching the filters, and how many match in all."""
+    q = (
+        _load()
+        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
+    )
+    if state is not None:
+        q = q.where(JobOrder.state == state)
+    if production_order is not None:
+        q = q.where(OperationsRequest.external_id == production_order)
+    if work_center is not None:
+        q = q.where(JobOrder.equipment_id.in_(_equipment_below(session, work_center)))
+    if equipment is not None:
+        q = q.where(JobOrder.equipment_id.in_(_equipment_below(session, equipment)))
+    if due_before is not None:
+        q = q.where(OperationsRequest.due < due_before)
+    if due_after is not None:
+        q = q.where(OperationsRequest.due >= due_after)
+    total = session.scalar(select(func.count()).select_from(q.order_by(None).subquery())) or 0
+    order_by = {
+        "priority": (JobOrder.priority.desc(), OperationsRequest.due, JobOrder.id),
+        "due": (OperationsRequest.due, JobOrder.priority.desc(), JobOrder.id),
+    }[sort]
+    jobs = session.scalars(q.order_by(*order_by).limit(limit).offset(offset)).all()
+    return [work_order_out(j) for j in jobs], total
+
+
+def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
+    """Queued and running work at a work center, in the order it will run.
+
+    Running first; then jobs sent to their PLC (which starts the highest priority, then the
+    earliest sent); then jobs waiting for their previous step, by priority; held work last.
+    """
+    ids = _equipment_below(session, work_center)
+    jobs = session.scalars(
+        _load()
+        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
+        .where(
+            JobOrder.equipment_id.in_(ids),
+            JobOrder.state.in_([WAITING, READY, RUNNING, HELD]),
+        )
+    ).all()
+    rank = {RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}
+
+    def key(j: JobOrder) -> tuple[int, int, float, int]:
+        sent = j.dispatched_at.timestamp() if j.dispatched_at else 0.0
+        return (rank[RequestState(j.state)], -j.priority, sent, j.id)
+
+    return [work_order_out(j) for j in sorted(jobs, key=key)]
+
+
+def set_state(
+    session: Session, job_order_id: str, state: str, actor: str, reason: str | None
+) -> None:
+    """Record a supervisor-driven state change of a work order (hold, resume, cancel)."""
+    job = get_job(session, job_order_id)
+    if job.state == state:
+        return
+    before = job.state
+    job.state = state
+    job.segment_requirement.state = state
+    if state == CANCELLED:
+        job.ended_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="job_order.state",
+        object_type="job_order",
+        object_id=job_order_id,
+        before={"state": before},
+        after={"state": state},
+        reason=reason,
+    )
+    session.commit()
+
+
+def change(
+    session: Session,
+    job_order_id: str,
+    actor: str,
+    reason: str | None,
+    priority: int | None = None,
+    equipment: str | None = None,
+) -> WorkOrderOut:
+    """Change a work order's priority and/or target work unit (validated), with audit."""
+    job = get_job(session, job_order_id)
+    before: dict[str, object] = {}
+    after: dict[str, object] = {}
+    if priority is not None and priority != job.priority:
+        before["priority"], after["priority"] = job.priority, priority
+        job.priority = priority
+    if equipment is not None and equipment != job.equipment.external_id:
+        target = session.scalar(select(Equipment).where(Equipment.external_id == equipment))
+        if target is None:
+            raise invalid("equipment", f"unknown equipment {equipment!r}")
+        if target.equipment_level != EquipmentLevel.WORK_UNIT:
+            raise invalid("equipment", f"{equipment} is a {target.equipment_level}, not a WorkUnit")
+        capable = session.scalar(
+            select(WorkMasterEquipment).where(
+                WorkMasterEquipment.work_master_id == job.work_master_id,
+                WorkMasterEquipment.equipment_id == target.id,
+            )
+        )
+        if capable is None:
+            raise invalid(
+                "equipment", f"{equipment} cannot run work master {job.work_master.external_id}"
+            )
+        before["equipment"], after["equipment"] = job.equipment.external_id, equipment
+        job.equipment_id = target.id
+        job.equipment = target
+    if after:
+        audit.record(
+            session,
+            actor=actor,
+            action="job_order.changed",
+            object_type="job_order",
+            object_id=job_order_id,
+            before=before,
+            after=after,
+            reason=reason,
+        )
+        session.commit()
+    return work_order_out(get_job(session, job_order_id))
