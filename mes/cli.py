@@ -42,6 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     opcua.add_argument("--port", type=int, default=4840)
     opcua.add_argument("--cycle", type=float, default=2.0, help="seconds a job runs")
     opcua.add_argument("--names", help="comma-separated unit names (default Unit1..N)")
+    token = sub.add_parser("token", help="API tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    tc = token_sub.add_parser("create", help="create a token; prints it alone, once")
+    tc.add_argument("--role", required=True, choices=["erp", "supervisor", "auditor", "admin"])
+    tc.add_argument("--name", required=True)
+    token_sub.add_parser("list", help="list tokens (names, roles, revoked)")
+    tr = token_sub.add_parser("revoke", help="revoke a token by name")
+    tr.add_argument("name")
     api = sub.add_parser("openapi", help="write the OpenAPI document to openapi/")
     api.add_argument("--check", action="store_true", help="fail if openapi/ differs from the app")
     api.add_argument("--output", type=Path, default=OPENAPI_FILE)
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_simulator(args.units, args.port, args.cycle, names))
         return 0
+    if args.command == "token":
+        return _token(settings, args)
     if args.command == "openapi":
         return _openapi(args.output, args.check)
     parser.error(f"unknown command {args.command}")
@@ -118,6 +128,29 @@ def _load(settings: Settings, file: Path, opcua_url: str | None) -> int:
         print("nothing was written", file=sys.stderr)
         return 1
     print(f"{file}: {report}")
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from mes import auth
+    from mes.db import make_engine, make_sessionmaker
+    from mes.errors import DomainError
+
+    sessions = make_sessionmaker(make_engine(settings.database_url))
+    with sessions() as s:
+        try:
+            if args.token_command == "create":
+                print(auth.create_token(s, args.name, args.role, actor="cli"))
+            elif args.token_command == "list":
+                for t in auth.list_tokens(s):
+                    revoked = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
+                    print(f"{t.name:<30}{t.role:<12}{t.created_at:%Y-%m-%d %H:%M}  {revoked}")
+            else:
+                auth.revoke_token(s, args.name, actor="cli")
+                print(f"revoked {args.name}")
+        except DomainError as e:
+            print(f"error: {e.detail}", file=sys.stderr)
+            return 1
     return 0
 
 

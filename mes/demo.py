@@ -65,12 +65,17 @@ async def run_demo(timeout_s: float = 100) -> int:
         "Starting the embedded MES: SQLite, Temporal dev server, OPC UA PLC simulator, "
         "worker, API ..."
     )
-    async with embedded_stack(settings, cycle_time_s=1.0, temporal_ui=False) as stack:
+    async with embedded_stack(
+        settings, cycle_time_s=1.0, temporal_ui=False, token_prefix="demo"
+    ) as stack:
         print(f"  API            {stack.api_url}  (docs: {stack.api_url}/schema)")
         print(f"  Temporal       {stack.temporal_address}")
         print(f"  PLC simulator  {stack.plc_url}  units: {', '.join(stack.units)}")
         print(f"  database       {settings.database_url}")
-        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        _print_tokens(stack.tokens)
+        erp = {"Authorization": f"Bearer {stack.tokens['erp']}"}
+        auditor = {"Authorization": f"Bearer {stack.tokens['auditor']}"}
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=30, headers=erp) as http:
             products = (await http.get("/api/v1/products")).json()
             print(f"Products: {', '.join(p['id'] for p in products)}")
             ids: dict[str, int] = {}
@@ -96,7 +101,9 @@ async def run_demo(timeout_s: float = 100) -> int:
             done = [o for o in results.values() if o["produced_lots"]]
             if done:
                 lot = done[0]["produced_lots"][0]["lot"]
-                trace = (await http.get(f"/api/v1/genealogy/lots/{lot}/backward")).json()
+                trace = (
+                    await http.get(f"/api/v1/genealogy/lots/{lot}/backward", headers=auditor)
+                ).json()
                 print()
                 print(f"Genealogy, backward from {lot}:")
                 _print_tree(trace, lot, "  ")
@@ -135,6 +142,12 @@ async def _follow(
     return latest
 
 
+def _print_tokens(tokens: dict[str, str]) -> None:
+    print("  API tokens (Authorization: Bearer <token>):")
+    for role, token in tokens.items():
+        print(f"    {role:<11}{token}")
+
+
 def _print_tree(trace: dict[str, Any], lot: str, indent: str) -> None:
     lots = {node["lot"]: node for node in trace["lots"]}
 
@@ -154,12 +167,13 @@ async def run_dev(settings: Settings, port: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with embedded_stack(settings, api_port=port) as stack:
+    async with embedded_stack(settings, api_port=port, token_prefix="dev") as stack:
         print(f"API        {stack.api_url}/api/v1")
         print(f"API docs   {stack.api_url}/schema")
         print(f"Temporal   {stack.temporal_address}  UI: {stack.temporal_ui}")
         print(f"PLCs       {stack.plc_url}  units: {', '.join(stack.units)}")
         print(f"Database   {settings.database_url}")
+        _print_tokens(stack.tokens)
         print("ready", flush=True)
         await stop.wait()
         print("stopping ...", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import socket
 import sys
@@ -26,11 +27,13 @@ from temporalio.client import Client
 from adapters.opcua.simulator import PlcSimulator, SimUnit
 from mes import masterdata
 from mes.api.app import create_app
+from mes.auth import create_token
 from mes.db import make_engine, make_sessionmaker
 from mes.migrate import upgrade
 from mes.models import (
     ControllerEndpoint,
     Equipment,
+    Role,
     TestSpecification,
     WorkMasterEquipment,
 )
@@ -162,6 +165,8 @@ class Stack:
     units: list[str]
     sessions: sessionmaker[Session]
     temporal: Client
+    #: One fresh API token per role (erp, supervisor, auditor, admin).
+    tokens: dict[str, str]
 
 
 @contextlib.asynccontextmanager
@@ -173,6 +178,7 @@ async def embedded_stack(
     cycle_time_s: float | None = None,
     temporal_ui: bool = True,
     temporal_client: Client | None = None,
+    token_prefix: str = "embedded",
 ) -> AsyncIterator[Stack]:
     """Migrate the database, load the plant, start the PLC simulator, Temporal, the worker
     and the API; stop them all on exit (also on error or cancellation).
@@ -189,6 +195,12 @@ async def embedded_stack(
     await asyncio.to_thread(masterdata.load_plant_file, sessions, plant_file, plc_url)
     with sessions() as s:
         units = simulated_units(s, cycle_time_s)
+    # A token per role, named so that a second run on the same database adds new ones.
+    suffix = secrets.token_hex(3)
+    tokens = {}
+    for role in Role:
+        with sessions() as s:
+            tokens[str(role)] = create_token(s, f"{token_prefix}-{role}-{suffix}", role)
 
     async with contextlib.AsyncExitStack() as stack:
         sim = PlcSimulator(units, port=plc_port)
@@ -236,4 +248,5 @@ async def embedded_stack(
             units=[u.name for u in units],
             sessions=sessions,
             temporal=client,
+            tokens=tokens,
         )

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -393,9 +393,72 @@ def _walk_equipment(
             yield sub_path, sub, sub_parent, depth + 1
 
 
-def _check_plant(plant: Plant) -> list[str]:
-    """Cross-reference and consistency checks that the schema alone cannot express."""
+@dataclass
+class _Stored:
+    """What the database holds that a partial load may refer to, by ISA-95 id.
+
+    ``deferred`` stands for a database not consulted yet (``parse_plant(partial=True)``):
+    an unknown reference is then no problem, and checks that need the referred object skip.
+    """
+
+    deferred: bool = False
+    material_classes: set[str] = field(default_factory=set)
+    #: material id → its unit
+    materials: dict[str, str] = field(default_factory=dict)
+    #: equipment id → (level, has an endpoint, parent id)
+    equipment: dict[str, tuple[str, bool, str | None]] = field(default_factory=dict)
+    process_segments: set[str] = field(default_factory=set)
+    #: work master id → whether any work unit can run it
+    work_masters: dict[str, bool] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, session: Session) -> _Stored:
+        """Every id a partial load may refer to. Ids only, so even a large plant reads fast."""
+        rows = session.execute(
+            select(
+                Equipment.id, Equipment.external_id, Equipment.equipment_level, Equipment.parent_id
+            )
+        ).all()
+        external = {row.id: row.external_id for row in rows}
+        with_endpoint = set(session.scalars(select(ControllerEndpoint.equipment_id)))
+        equipment = {
+            row.external_id: (
+                row.equipment_level,
+                row.id in with_endpoint,
+                external[row.parent_id] if row.parent_id is not None else None,
+            )
+            for row in rows
+        }
+        runnable = set(
+            session.scalars(
+                select(WorkMaster.external_id).join(
+                    WorkMasterEquipment, WorkMasterEquipment.work_master_id == WorkMaster.id
+                )
+            )
+        )
+        return cls(
+            material_classes=set(session.scalars(select(MaterialClass.external_id))),
+            materials=dict(
+                session.execute(
+                    select(MaterialDefinition.external_id, MaterialDefinition.unit)
+                ).tuples()
+            ),
+            equipment=equipment,
+            process_segments=set(session.scalars(select(ProcessSegment.external_id))),
+            work_masters={
+                wm: wm in runnable for wm in session.scalars(select(WorkMaster.external_id))
+            },
+        )
+
+
+def _check_plant(plant: Plant, stored: _Stored | None = None) -> list[str]:
+    """Cross-reference and consistency checks that the schema alone cannot express.
+
+    ``stored`` is given for a partial load: references may then also name stored objects.
+    """
     problems: list[str] = []
+    partial = stored is not None
+    deferred = stored is not None and stored.deferred
 
     def unique(section: str, ids: list[str]) -> dict[str, int]:
         first: dict[str, int] = {}
@@ -409,32 +472,88 @@ def _check_plant(plant: Plant) -> list[str]:
         return first
 
     equipment: dict[str, tuple[str, EquipmentEntry]] = {}
-    for path, node, _, _ in _walk_equipment(plant.equipment):
+    file_parent: dict[str, str | None] = {}
+    for path, node, parent, depth in _walk_equipment(plant.equipment):
         if node.id in equipment:
             problems.append(f"{path}: duplicate id, first at {equipment[node.id][0]}")
         else:
             equipment[node.id] = (path, node)
+            file_parent[node.id] = parent if depth else node.parent
         if node.endpoint is not None and node.level != EquipmentLevel.WORK_UNIT:
             problems.append(
                 f"{path}.endpoint: only a WorkUnit has a controller endpoint, "
                 f"this is a {node.level.value}"
             )
+        if node.parent is not None and depth:
+            problems.append(f"{path}.parent: a nested entry's parent is the entry it is in")
+        elif node.parent is not None and not partial:
+            problems.append(
+                f"{path}.parent: only a partial load hangs equipment under stored equipment; "
+                "in a plant file, nest it in its parent's children"
+            )
+    for i, node in enumerate(plant.equipment):
+        if not partial or node.parent is None:
+            continue
+        path = f"equipment[{i}] ({node.id})"
+        if node.parent in equipment:
+            problems.append(
+                f"{path}: parent {node.parent} is in this file too; nest {node.id} in its children"
+            )
+        elif stored is not None and not deferred and node.parent not in stored.equipment:
+            problems.append(f"{path}: unknown parent {node.parent!r}")
+    if stored is not None and not deferred:
+        # The file's parents over the stored ones: a loop would make the tree endless.
+        parents = {ext: parent for ext, (_, _, parent) in stored.equipment.items()}
+        for ext, parent in file_parent.items():
+            if parent is not None or ext not in stored.equipment:
+                parents[ext] = parent
+        for ext, (path, _) in equipment.items():
+            visited = {ext}
+            up = parents.get(ext)
+            while up is not None and up not in visited:
+                visited.add(up)
+                up = parents.get(up)
+            if up == ext:
+                problems.append(f"{path}: its parent {parents[ext]} lies under it; that is a loop")
+
+    def equipment_info(equipment_id: str) -> tuple[str, bool | None] | None:
+        """(level, has an endpoint) of equipment in the file or, for a partial load, stored;
+        whether it has an endpoint is None while the database is not consulted yet."""
+        found = equipment.get(equipment_id)
+        in_db = stored.equipment.get(equipment_id) if stored is not None else None
+        if found is None:
+            return None if in_db is None else (in_db[0], in_db[1])
+        node = found[1]
+        if node.endpoint is not None or not partial or "endpoint" in node.model_fields_set:
+            return node.level.value, node.endpoint is not None
+        # A partial entry without an endpoint key keeps the stored endpoint.
+        return node.level.value, None if deferred else (in_db is not None and in_db[1])
 
     classes = unique("material_classes", [c.id for c in plant.material_classes])
+    stored_classes = stored.material_classes if stored is not None else set()
     unique("materials", [m.id for m in plant.materials])
     materials = {m.id: m for m in plant.materials}
     for i, m in enumerate(plant.materials):
-        if m.material_class is not None and m.material_class not in classes:
-            problems.append(f"materials[{i}] ({m.id}): unknown material_class {m.material_class!r}")
+        class_id = m.material_class
+        if class_id is None or class_id in classes or class_id in stored_classes or deferred:
+            continue
+        problems.append(f"materials[{i}] ({m.id}): unknown material_class {class_id!r}")
+
+    def material_unit(material_id: str) -> str | None:
+        material = materials.get(material_id)
+        if material is not None:
+            return material.unit
+        return stored.materials.get(material_id) if stored is not None else None
 
     def check_unit(path: str, material_id: str, unit: str | None) -> None:
-        material = materials.get(material_id)
-        if material is None:
-            problems.append(f"{path}: unknown material {material_id!r}")
-        elif unit is not None and unit != material.unit:
+        material_unit_ = material_unit(material_id)
+        if material_unit_ is None:
+            if not deferred:
+                problems.append(f"{path}: unknown material {material_id!r}")
+        elif unit is not None and unit != material_unit_:
             # The MES converts no units: stock is booked in the material's unit.
             problems.append(
-                f"{path}: unit {unit!r} differs from {material_id}'s unit {material.unit!r}"
+                f"{path}: unit {unit!r} differs from {material_id}'s unit {material_unit_!r}"
             )
 
     unique("lots", [lot.id for lot in plant.lots])
@@ -442,13 +561,15 @@ def _check_plant(plant: Plant) -> list[str]:
         check_unit(f"lots[{i}] ({lot.id})", lot.material, lot.unit)
 
     segments = unique("process_segments", [s.id for s in plant.process_segments])
+    stored_segments = stored.process_segments if stored is not None else set()
 
     unique("work_masters", [w.id for w in plant.work_masters])
     work_masters = {w.id: w for w in plant.work_masters}
     test_spec_paths: dict[str, str] = {}
     for i, wm in enumerate(plant.work_masters):
         wm_path = f"work_masters[{i}] ({wm.id})"
-        if wm.process_segment not in segments:
+        segment = wm.process_segment
+        if segment not in segments and segment not in stored_segments and not deferred:
             problems.append(f"{wm_path}: unknown process_segment {wm.process_segment!r}")
         names: set[str] = set()
         for j, par in enumerate(wm.parameters):
@@ -474,14 +595,13 @@ def _check_plant(plant: Plant) -> list[str]:
             if wu.equipment in units:
                 problems.append(f"{path}: work unit listed twice")
             units.add(wu.equipment)
-            found = equipment.get(wu.equipment)
-            if found is None:
-                problems.append(f"{path}: unknown equipment {wu.equipment!r}")
-            elif found[1].level != EquipmentLevel.WORK_UNIT:
-                problems.append(
-                    f"{path}: {wu.equipment} is a {found[1].level.value}, not a WorkUnit"
-                )
-            elif found[1].endpoint is None:
+            info = equipment_info(wu.equipment)
+            if info is None:
+                if not deferred:
+                    problems.append(f"{path}: unknown equipment {wu.equipment!r}")
+            elif info[0] != EquipmentLevel.WORK_UNIT:
+                problems.append(f"{path}: {wu.equipment} is a {info[0]}, not a WorkUnit")
+            elif info[1] is False:
                 problems.append(
                     f"{path}: {wu.equipment} has no endpoint, so no job could be sent to it"
                 )
@@ -503,8 +623,9 @@ def _check_plant(plant: Plant) -> list[str]:
     routing_of_product: dict[str, str] = {}
     for i, routing in enumerate(plant.routings):
         r_path = f"routings[{i}] ({routing.id})"
-        if routing.product not in materials:
-            problems.append(f"{r_path}: unknown product {routing.product!r}")
+        if material_unit(routing.product) is None:
+            if not deferred:
+                problems.append(f"{r_path}: unknown product {routing.product!r}")
         elif routing.product in routing_of_product:
             # Orders name a product; one routing per product keeps that unambiguous.
             problems.append(
@@ -521,9 +642,15 @@ def _check_plant(plant: Plant) -> list[str]:
                 problems.append(f"{s_path}: duplicate step id")
             step_ids.add(step.id)
             wm_entry = work_masters.get(step.work_master)
-            if wm_entry is None:
-                problems.append(f"{s_path}: unknown work_master {step.work_master!r}")
-            elif not wm_entry.work_units:
+            runnable: bool | None = None
+            if wm_entry is not None:
+                runnable = bool(wm_entry.work_units)
+            elif stored is not None:
+                runnable = stored.work_masters.get(step.work_master)
+            if runnable is None:
+                if not deferred:
+                    problems.append(f"{s_path}: unknown work_master {step.work_master!r}")
+            elif not runnable:
                 problems.append(f"{s_path}: work master {step.work_master} has no work_units")
             seen: set[tuple[str, str]] = set()
             for k, spec in enumerate(step.materials):
@@ -597,7 +724,9 @@ def _assign(row: object, values: dict[str, Any]) -> bool:
     return changed
 
 
-def load_plant(session: Session, plant: Plant, opcua_url: str | None = None) -> LoadReport:
+def load_plant(
+    session: Session, plant: Plant, opcua_url: str | None = None, partial: bool = False
+) -> LoadReport:
     """Upsert a plant into the database by ISA-95 id, in the caller's transaction.
 
     The caller commits. Every check (the file's own and those against the database, such as
@@ -607,22 +736,28 @@ def load_plant(session: Session, plant: Plant, opcua_url: str | None = None) -> 
 
     ``opcua_url``, when given, replaces the URL of every ``opcua`` endpoint: the embedded
     demo points all work units at its own simulator. Existing lots keep their quantity.
+    ``partial`` loads part of a plant: references may name stored objects, and an omitted
+    parent, endpoint or test specification list keeps what is stored (see the module doc).
     """
-    problems = _check_plant(plant) or _check_against_database(session, plant)
+    stored = _Stored.read(session) if partial else None
+    problems = _check_plant(plant, stored) or _check_against_database(session, plant)
     if problems:
         raise MasterDataError(problems)
     report = LoadReport()
-    _Loader(session, report, opcua_url).load(plant)
+    _Loader(session, report, opcua_url, partial).load(plant)
     return report
 
 
 class _Loader:
     """One load: the session, the running report and the ids of rows already written."""
 
-    def __init__(self, session: Session, report: LoadReport, opcua_url: str | None) -> None:
+    def __init__(
+        self, session: Session, report: LoadReport, opcua_url: str | None, partial: bool
+    ) -> None:
         self.session = session
         self.report = report
         self.opcua_url = opcua_url
+        self.partial = partial
 
     def upsert(
         self, model: type[_Keyed], rows: dict[str, _Keyed], id_: str, values: dict[str, Any]
@@ -645,12 +780,21 @@ class _Loader:
 
     def load(self, plant: Plant) -> None:
         s = self.session
-        classes = _existing(s, MaterialClass, [c.id for c in plant.material_classes])
+        # Each lookup also fetches what the plant refers to, which a partial load may find
+        # stored rather than in the plant (a complete plant defines it, so nothing changes).
+        class_ids = [c.id for c in plant.material_classes]
+        class_ids += [m.material_class for m in plant.materials if m.material_class]
+        classes = _existing(s, MaterialClass, class_ids)
         for c in plant.material_classes:
             self.upsert(MaterialClass, classes, c.id, {"description": c.description})
         s.flush()
 
-        materials = _existing(s, MaterialDefinition, [m.id for m in plant.materials])
+        material_ids = [m.id for m in plant.materials] + [lot.material for lot in plant.lots]
+        material_ids += [r.product for r in plant.routings]
+        material_ids += [
+            spec.material for r in plant.routings for step in r.steps for spec in step.materials
+        ]
+        materials = _existing(s, MaterialDefinition, material_ids)
         for m in plant.materials:
             class_id = classes[m.material_class].id if m.material_class else None
             values = {"description": m.description, "material_class_id": class_id, "unit": m.unit}
@@ -675,7 +819,9 @@ class _Loader:
                 },
             )
 
-        segments = _existing(s, ProcessSegment, [p.id for p in plant.process_segments])
+        segment_ids = [p.id for p in plant.process_segments]
+        segment_ids += [w.process_segment for w in plant.work_masters]
+        segments = _existing(s, ProcessSegment, segment_ids)
         for p in plant.process_segments:
             self.upsert(ProcessSegment, segments, p.id, {"description": p.description})
         s.flush()
@@ -688,7 +834,10 @@ class _Loader:
     def load_equipment(self, plant: Plant) -> dict[str, Equipment]:
         s = self.session
         walked = list(_walk_equipment(plant.equipment))
-        rows = _existing(s, Equipment, [node.id for _, node, _, _ in walked])
+        ids = [node.id for _, node, _, _ in walked]
+        ids += [node.parent for node in plant.equipment if node.parent]
+        ids += [wu.equipment for w in plant.work_masters for wu in w.work_units]
+        rows = _existing(s, Equipment, ids)
         # Level by level, so every parent has its id before its children point at it.
         for depth in range(max((d for *_, d in walked), default=-1) + 1):
             for _, node, parent, d in walked:
@@ -697,19 +846,26 @@ class _Loader:
                 values: dict[str, Any] = {
                     "description": node.description,
                     "equipment_level": node.level.value,
-                    "parent_id": rows[parent].id if parent is not None else None,
                 }
+                parent = parent or node.parent
+                if parent is not None:
+                    values["parent_id"] = rows[parent].id
+                elif not (self.partial and node.id in rows):
+                    # A partial top-level entry without a parent keeps the one it has.
+                    values["parent_id"] = None
                 self.upsert(Equipment, rows, node.id, values)
             s.flush()
 
-        ids = [rows[node.id].id for _, node, _, _ in walked]
+        row_ids = [rows[node.id].id for _, node, _, _ in walked]
         endpoints = {
             e.equipment_id: e
             for e in s.scalars(
-                select(ControllerEndpoint).where(ControllerEndpoint.equipment_id.in_(ids))
+                select(ControllerEndpoint).where(ControllerEndpoint.equipment_id.in_(row_ids))
             )
         }
         for _, node, _, _ in walked:
+            if self.partial and "endpoint" not in node.model_fields_set:
+                continue  # B2MML has no endpoint: the stored one stays
             row = rows[node.id]
             current = endpoints.get(row.id)
             if node.endpoint is None:
@@ -741,10 +897,13 @@ class _Loader:
         equipment: dict[str, Equipment],
     ) -> dict[str, WorkMaster]:
         s = self.session
+        # With the work masters the routings run, which a partial load may find stored.
+        wm_ids = [w.id for w in plant.work_masters]
+        wm_ids += [step.work_master for r in plant.routings for step in r.steps]
         rows = _existing(
             s,
             WorkMaster,
-            [w.id for w in plant.work_masters],
+            wm_ids,
             selectinload(WorkMaster.parameters),
             selectinload(WorkMaster.equipment),
         )
@@ -795,20 +954,26 @@ class _Loader:
         s.flush()
 
         # Test specifications have global ids; those of a loaded work master that the file no
-        # longer lists are removed, or the quality gate would keep applying them.
-        spec_ids = [t.id for w in plant.work_masters for t in w.test_specifications]
+        # longer lists are removed, or the quality gate would keep applying them. A partial
+        # work master without the key (B2MML has no place for them) keeps its own.
+        with_specs = [
+            w
+            for w in plant.work_masters
+            if not self.partial or "test_specifications" in w.model_fields_set
+        ]
+        spec_ids = [t.id for w in with_specs for t in w.test_specifications]
         specs = _existing(s, TestSpecification, spec_ids)
-        wm_ids = [rows[w.id].id for w in plant.work_masters]
-        if wm_ids:
+        owner_ids = [rows[w.id].id for w in with_specs]
+        if owner_ids:
             for stale in s.scalars(
                 select(TestSpecification).where(
-                    TestSpecification.work_master_id.in_(wm_ids),
+                    TestSpecification.work_master_id.in_(owner_ids),
                     TestSpecification.external_id.not_in(spec_ids),
                 )
             ):
                 s.delete(stale)
                 self.report.deleted += 1
-        for w in plant.work_masters:
+        for w in with_specs:
             for t in w.test_specifications:
                 values = {
                     "work_master_id": rows[w.id].id,
@@ -1007,10 +1172,14 @@ def _check_against_database(session: Session, plant: Plant) -> list[str]:
 def load_plant_file(
     session_factory: sessionmaker[Session], path: str | Path, opcua_url: str | None = None
 ) -> LoadReport:
-    """Read, validate and load a plant file in one transaction: all of it or nothing."""
-    plant = read_plant_file(path)
+    """Read, validate and load a master data file in one transaction: all of it or nothing.
+
+    A plant file (``.yaml``/``.yml``/``.json``) loads as a complete plant, a B2MML ``Sync…``
+    message (``.xml``) as a partial one (see ``read_master_data_file``).
+    """
+    plant, partial = read_master_data_file(path)
     with session_factory() as session, session.begin():
-        return load_plant(session, plant, opcua_url)
+        return load_plant(session, plant, opcua_url, partial=partial)
 
 
 # --- read helpers for the API -----------------------------------------------------------------

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, selectinload
 from mes import audit
 from mes.errors import Conflict, NotFound, invalid
 from mes.models import (
+    FINAL_STATES,
     JobOrder,
     JobResponse,
     MaterialActual,
@@ -127,7 +128,9 @@ class ProductionOrderOut(BaseModel):
     produced_lots: list[LotOut]
 
 
-def create_order(session: Session, body: ProductionOrderIn) -> tuple[OperationsRequest, bool]:
+def create_order(
+    session: Session, body: ProductionOrderIn, actor: str = audit.SYSTEM
+) -> tuple[OperationsRequest, bool]:
     """Store a new order, or find the same one posted before.
 
     Returns the order and whether it was created now. Raises ``Conflict`` when the number is
@@ -187,6 +190,7 @@ def create_order(session: Session, body: ProductionOrderIn) -> tuple[OperationsR
     session.add(order)
     audit.record(
         session,
+        actor=actor,
         action="order.created",
         object_type="operations_request",
         object_id=body.order_number,
@@ -319,3 +323,51 @@ def list_orders(
         q = q.where(OperationsRequest.state == state)
     q = q.order_by(OperationsRequest.id.desc()).limit(limit).offset(offset)
     return list(session.scalars(q))
+
+
+def set_order_state(
+    session: Session, order_id: int, state: str, actor: str, reason: str | None
+) -> None:
+    """Record a supervisor's change of a whole order's state (held, resumed)."""
+    order = session.get(OperationsRequest, order_id)
+    if order is None:
+        raise NotFound("production order", str(order_id))
+    if order.state == state or order.state in FINAL_STATES:
+        return
+    before = order.state
+    order.state = state
+    audit.record(
+        session,
+        actor=actor,
+        action="operations_request.state",
+        object_type="operations_request",
+        object_id=order.external_id,
+        before={"state": before},
+        after={"state": state},
+        reason=reason,
+    )
+    session.commit()
+
+
+def set_order_priority(
+    session: Session, order_id: int, priority: int, actor: str, reason: str | None
+) -> None:
+    """Record a new priority for a whole order (its open work orders change with it)."""
+    order = session.get(OperationsRequest, order_id)
+    if order is None:
+        raise NotFound("production order", str(order_id))
+    if order.priority == priority:
+        return
+    before = order.priority
+    order.priority = priority
+    audit.record(
+        session,
+        actor=actor,
+        action="operations_request.changed",
+        object_type="operations_request",
+        object_id=order.external_id,
+        before={"priority": before},
+        after={"priority": priority},
+        reason=reason,
+    )
+    session.commit()

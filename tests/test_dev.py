@@ -61,8 +61,16 @@ async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
             temporal_ui = re.search(r"UI: (http://\S+)", text)
             assert plc and temporal_ui, text
 
+            tokens = dict(
+                re.findall(r"^\s+(erp|supervisor|auditor|admin)\s+(mes_\S+)$", text, re.M)
+            )
+            assert set(tokens) == {"erp", "supervisor", "auditor", "admin"}, text
             number = f"DEV-{uuid.uuid4().hex[:6]}"
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}",
+                timeout=30,
+                headers={"Authorization": f"Bearer {tokens['erp']}"},
+            ) as http:
                 products = [p["id"] for p in (await http.get("/api/v1/products")).json()]
                 body = {
                     "order_number": number,
@@ -82,7 +90,12 @@ async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
                         await asyncio.sleep(0.3)
                 assert order["state"] == "Completed"
                 lot = order["produced_lots"][0]["lot"]
-                trace = (await http.get(f"/api/v1/genealogy/lots/{lot}/backward")).json()
+                trace = (
+                    await http.get(
+                        f"/api/v1/genealogy/lots/{lot}/backward",
+                        headers={"Authorization": f"Bearer {tokens['auditor']}"},
+                    )
+                ).json()
                 raw_lots = {
                     n["lot"] for n in trace["lots"] if not n["lot"].startswith(f"LOT-{number}")
                 }

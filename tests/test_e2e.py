@@ -49,13 +49,22 @@ async def wait_final(http: httpx.AsyncClient, order_id: int, timeout: float = 60
         await asyncio.sleep(0.2)
 
 
+def api(stack: Stack, role: str = "erp") -> httpx.AsyncClient:
+    """An HTTP client of the stack's API with the token of ``role``."""
+    return httpx.AsyncClient(
+        base_url=stack.api_url,
+        timeout=60,
+        headers={"Authorization": f"Bearer {stack.tokens[role]}"},
+    )
+
+
 def order_count(stack: Stack) -> int:
     with stack.sessions() as s:
         return s.scalar(select(func.count()).select_from(OperationsRequest)) or 0
 
 
 async def test_order_runs_to_completion_with_genealogy(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+    async with api(stack) as http, api(stack, "auditor") as audit:
         body = new_order("ROLL-6PK", 12, customer_order="SO-9")
         r = await http.post("/api/v1/production-orders", json=body)
         assert r.status_code == 202, r.text
@@ -119,23 +128,23 @@ async def test_order_runs_to_completion_with_genealogy(stack: Stack) -> None:
             )
             assert {"order.created", "operations_request.state"} <= audit_actions
 
-        back = (await http.get(f"/api/v1/genealogy/lots/{produced['lot']}/backward")).json()
+        back = (await audit.get(f"/api/v1/genealogy/lots/{produced['lot']}/backward")).json()
         assert back["lots"][0] == back["lots"][0] | {"lot": produced["lot"], "depth": 0}
         reached = {node["lot"] for node in back["lots"]}
         assert consumed_raw <= reached
         shallow = (
-            await http.get(f"/api/v1/genealogy/lots/{produced['lot']}/backward?depth=1")
+            await audit.get(f"/api/v1/genealogy/lots/{produced['lot']}/backward?depth=1")
         ).json()
         assert max(n["depth"] for n in shallow["lots"]) == 1
         assert len(shallow["lots"]) < len(back["lots"])
 
         raw = sorted(consumed_raw)[0]
-        fwd = (await http.get(f"/api/v1/genealogy/lots/{raw}/forward")).json()
+        fwd = (await audit.get(f"/api/v1/genealogy/lots/{raw}/forward")).json()
         assert produced["lot"] in {node["lot"] for node in fwd["lots"]}
 
 
 async def test_same_order_twice_is_one_order_one_workflow(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+    async with api(stack) as http, api(stack, "auditor") as audit:
         body = new_order()
         first = await http.post("/api/v1/production-orders", json=body)
         again = await http.post("/api/v1/production-orders", json=body)
@@ -172,7 +181,7 @@ async def test_same_order_twice_is_one_order_one_workflow(stack: Stack) -> None:
 
 
 async def test_past_due_order_is_accepted_and_late_from_the_start(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+    async with api(stack) as http, api(stack, "auditor") as audit:
         body = new_order(due=(datetime.now(UTC) - timedelta(days=1)).isoformat())
         r = await http.post("/api/v1/production-orders", json=body)
         assert r.status_code == 202
@@ -205,7 +214,7 @@ async def test_malformed_orders_are_refused_and_create_nothing(
     stack: Stack, body: Any, status: int, field: str | None
 ) -> None:
     before = order_count(stack)
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+    async with api(stack) as http, api(stack, "auditor") as audit:
         r = await http.post("/api/v1/production-orders", json=body)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith(PROBLEM)
@@ -219,7 +228,7 @@ async def test_malformed_orders_are_refused_and_create_nothing(
 
 async def test_bad_json_and_huge_bodies_are_refused(stack: Stack) -> None:
     before = order_count(stack)
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as http:
+    async with api(stack) as http, api(stack, "auditor") as audit:
         r = await http.post(
             "/api/v1/production-orders",
             content=b'{"order_number": "X-1", ',
@@ -241,13 +250,13 @@ async def test_bad_json_and_huge_bodies_are_refused(stack: Stack) -> None:
         bad_state = await http.get("/api/v1/production-orders", params={"state": "Nope"})
         assert bad_state.status_code == 400
         assert bad_state.headers["content-type"].startswith(PROBLEM)
-        no_lot = await http.get("/api/v1/genealogy/lots/NO-SUCH-LOT/backward")
+        no_lot = await audit.get("/api/v1/genealogy/lots/NO-SUCH-LOT/backward")
         assert no_lot.status_code == 404
     assert order_count(stack) == before
 
 
 async def test_master_data_and_health(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+    async with api(stack) as http, api(stack, "auditor") as audit:
         health = await http.get("/health")
         assert health.status_code == 200
         assert health.json()["status"] == "ok"

@@ -185,6 +185,8 @@ class ErpReceiver:
         if self._server is not None:
             return
         if not self._loaded:
+            if self._store is not None:
+                self._store.parent.mkdir(parents=True, exist_ok=True)
             self._load_store()
             self._loaded = True
         # Binding here rather than inside uvicorn makes a busy port fail this call with a
@@ -201,13 +203,20 @@ class ErpReceiver:
         )
         server = _EmbeddedServer(config)
         task = asyncio.create_task(server.serve(sockets=[sock]), name=f"erp-receiver:{self._port}")
-        while not server.started:
-            if task.done():
-                sock.close()
-                # serve() ended before listening: surface its error rather than hang.
+        try:
+            while not server.started:
+                if task.done():
+                    # serve() ended before listening: surface its error rather than hang.
+                    await task
+                    raise RuntimeError("the ERP receiver stopped while starting")
+                await asyncio.sleep(0.01)
+        except BaseException:
+            # Failed or cancelled while starting: leave no server task or socket behind.
+            task.cancel()
+            with contextlib.suppress(BaseException):
                 await task
-                raise RuntimeError("the ERP receiver stopped while starting")
-            await asyncio.sleep(0.01)
+            sock.close()
+            raise
         self._server, self._task = server, task
 
     async def stop(self) -> None:
@@ -233,10 +242,10 @@ class ErpReceiver:
     ) -> None:
         await self.stop()
 
-    def record(
+    def _record(
         self, body: bytes, message_id: str, order_number: str | None, content_type: str
     ) -> ReceivedMessage:
-        """Record one callback as if it had arrived over HTTP, and return it.
+        """Record one callback and return it.
 
         The store line is written before the message counts as received, so a 200 always
         means the message survives a restart.
@@ -313,7 +322,7 @@ def _build_app(receiver: ErpReceiver) -> Litestar:
             return _refuse("the callback has no body")
         if not message_id:
             return _refuse("the X-Message-Id header is missing: the ERP cannot drop duplicates")
-        message = receiver.record(
+        message = receiver._record(
             body,
             message_id=message_id,
             order_number=request.headers.get("x-order-number", "").strip() or None,

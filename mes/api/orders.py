@@ -1,0 +1,274 @@
+"""Production orders (ISA-95 operations requests): the ERP's way in, the supervisor's levers."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, patch, post
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody, QueryParameter
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from mes import orders, workorders
+from mes.api.deps import caller, services
+from mes.api.problems import problem
+from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
+from mes.auth import Principal
+from mes.errors import DomainError
+from mes.models import OperationsRequest, RequestState
+
+log = logging.getLogger(__name__)
+API = "/api/v1"
+
+
+class ProductionOrderSummary(BaseModel):
+    """A production order (ISA-95 operations request) in a list."""
+
+    id: int
+    order_number: str
+    product: str
+    quantity: float
+    unit: str
+    priority: int
+    due: datetime
+    state: str
+    late: bool
+    links: dict[str, str]
+
+
+class Reason(BaseModel):
+    """Why a supervisor acts (kept in the audit trail)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: Annotated[str | None, Field(max_length=500)] = None
+
+
+class OrderChange(BaseModel):
+    """A new priority for a whole production order and its open work orders."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: Annotated[int, Field(ge=0, le=1_000_000, strict=True)]
+    reason: Annotated[str | None, Field(max_length=500)] = None
+
+
+def _summary(o: OperationsRequest) -> ProductionOrderSummary:
+    return ProductionOrderSummary(
+        id=o.id,
+        order_number=o.external_id,
+        product=o.product.external_id,
+        quantity=o.quantity,
+        unit=o.unit,
+        priority=o.priority,
+        due=o.due,
+        state=o.state,
+        late=o.late,
+        links={"self": f"{API}/production-orders/{o.id}"},
+    )
+
+
+async def _set_order_state(
+    state: State,
+    request: Request[Principal, Any, Any],
+    order_id: int,
+    new_state: str,
+    reason: str | None,
+) -> orders.ProductionOrderOut:
+    actor = caller(request).actor
+
+    def write(s: Session) -> orders.ProductionOrderOut:
+        orders.set_order_state(s, order_id, new_state, actor, reason)
+        return orders.order_out(s, orders.get_order(s, order_id))
+
+    return await services(state).db(write)
+
+
+class ProductionOrderController(Controller):
+    path = f"{API}/production-orders"
+    tags = ["production orders"]
+
+    @post(
+        "/",
+        status_code=202,
+        guards=[allow(POST_ORDERS)],
+        summary="Accept a production order from the ERP",
+        description=(
+            "Stores the order (an ISA-95 operations request with one segment requirement per "
+            "routing step) and starts its workflow `order-<order_number>`. Answers 202 for a new "
+            "order, 200 when the same order number is posted again with the same body, and 409 "
+            "when it is posted with a different body. A due date already past is accepted and "
+            "the order is marked late. " + roles_note(POST_ORDERS)
+        ),
+    )
+    async def create(
+        self,
+        data: JSONBody[orders.ProductionOrderIn],
+        state: State,
+        request: Request[Principal, Any, Any],
+    ) -> Response[orders.ProductionOrderOut]:
+        svc = services(state)
+        actor = caller(request).actor
+
+        def store(s: Session) -> tuple[orders.ProductionOrderOut, bool]:
+            order, created = orders.create_order(s, data, actor)
+            return orders.order_out(s, orders.get_order(s, order.id)), created
+
+        out, created = await svc.db(store)
+        try:
+            await svc.start_order_workflow(out.id, out.order_number, out.workflow_id)
+        except Exception:
+            log.exception("could not start workflow %s", out.workflow_id)
+            # The order is stored; the same post again starts the workflow (idempotent).
+            return problem(  # type: ignore[return-value]
+                503,
+                "Workflow engine unavailable",
+                f"order {out.order_number} is stored but could not be started yet; "
+                "post the same order again to retry",
+            )
+        return Response(
+            out, status_code=202 if created else 200, headers={"Location": out.links["self"]}
+        )
+
+    @get(
+        "/",
+        guards=[allow(READ_ORDERS)],
+        summary="List production orders, newest first",
+        description=roles_note(READ_ORDERS),
+    )
+    async def list_orders(
+        self,
+        state: State,
+        order_state: Annotated[
+            RequestState | None,
+            QueryParameter(name="state", description="Only orders in this state"),
+        ] = None,
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    ) -> list[ProductionOrderSummary]:
+        found = await services(state).db(
+            lambda s: orders.list_orders(s, order_state, limit, offset)
+        )
+        return [_summary(o) for o in found]
+
+    @get(
+        "/{order_id:int}",
+        guards=[allow(READ_ORDERS)],
+        summary="One production order with its work orders and lots",
+        description=roles_note(READ_ORDERS),
+    )
+    async def detail(self, order_id: FromPath[int], state: State) -> orders.ProductionOrderOut:
+        return await services(state).db(
+            lambda s: orders.order_out(s, orders.get_order(s, order_id))
+        )
+
+    async def _act(
+        self,
+        state: State,
+        request: Request[Principal, Any, Any],
+        order_id: int,
+        action: str,
+        update: str,
+        command: dict[str, Any],
+    ) -> orders.ProductionOrderOut:
+        """Apply one action to every open work order of the order that allows it."""
+        svc = services(state)
+        detail = await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
+        targets = [
+            j
+            for j in detail.job_orders
+            if action in workorders.allowed_actions(j.state, j.dispatched_at is not None)
+        ]
+        if not targets:
+            raise DomainError(
+                title="Not allowed in this state",
+                detail=f"order {detail.order_number} ({detail.state}) has no work order "
+                f"that allows {action}",
+                status=409,
+            )
+        actor = caller(request).actor
+        command = {"actor": actor} | command
+        for job in targets:
+            await svc.update_job(job.id, update, command, job.state)
+        return await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
+
+    @post(
+        "/{order_id:int}/hold",
+        status_code=200,
+        guards=[allow(STEER)],
+        summary="Hold every open work order of a production order",
+        description="Running jobs pause on their PLC. " + roles_note(STEER),
+    )
+    async def hold(
+        self,
+        order_id: FromPath[int],
+        state: State,
+        request: Request[Principal, Any, Any],
+        data: JSONBody[Reason | None] = None,
+    ) -> orders.ProductionOrderOut:
+        reason = data.reason if data else None
+        await self._act(state, request, order_id, "hold", "hold", {"reason": reason})
+        return await _set_order_state(state, request, order_id, RequestState.HELD, reason)
+
+    @post(
+        "/{order_id:int}/resume",
+        status_code=200,
+        guards=[allow(STEER)],
+        summary="Resume the held work orders of a production order",
+        description=roles_note(STEER),
+    )
+    async def resume(
+        self,
+        order_id: FromPath[int],
+        state: State,
+        request: Request[Principal, Any, Any],
+        data: JSONBody[Reason | None] = None,
+    ) -> orders.ProductionOrderOut:
+        reason = data.reason if data else None
+        out = await self._act(state, request, order_id, "resume", "resume", {"reason": reason})
+        back = RequestState.RUNNING if out.started_at else RequestState.RELEASED
+        return await _set_order_state(state, request, order_id, back, reason)
+
+    @post(
+        "/{order_id:int}/cancel",
+        status_code=200,
+        guards=[allow(STEER)],
+        summary="Cancel a production order: its open work orders are cancelled or aborted",
+        description=roles_note(STEER),
+    )
+    async def cancel(
+        self,
+        order_id: FromPath[int],
+        state: State,
+        request: Request[Principal, Any, Any],
+        data: JSONBody[Reason | None] = None,
+    ) -> orders.ProductionOrderOut:
+        reason = data.reason if data else None
+        return await self._act(state, request, order_id, "cancel", "cancel", {"reason": reason})
+
+    @patch(
+        "/{order_id:int}",
+        guards=[allow(STEER)],
+        summary="Reprioritise a production order and its open work orders",
+        description=roles_note(STEER),
+    )
+    async def change(
+        self,
+        order_id: FromPath[int],
+        data: JSONBody[OrderChange],
+        state: State,
+        request: Request[Principal, Any, Any],
+    ) -> orders.ProductionOrderOut:
+        actor = caller(request).actor
+        await services(state).db(
+            lambda s: orders.set_order_priority(s, order_id, data.priority, actor, data.reason)
+        )
+        return await self._act(
+            state,
+            request,
+            order_id,
+            "priority",
+            "change",
+            {"priority": data.priority, "reason": data.reason},
+        )

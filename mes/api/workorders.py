@@ -1,0 +1,186 @@
+"""Work orders (ISA-95 job orders): see them, and steer them through their workflows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, get, patch, post
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody, QueryParameter
+from pydantic import BaseModel, ConfigDict, Field
+
+from mes import workorders
+from mes.api.deps import Services, caller, services
+from mes.api.orders import Reason
+from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
+from mes.auth import Principal
+from mes.models import RequestState
+
+API = "/api/v1"
+
+
+class WorkOrderPage(BaseModel):
+    items: list[workorders.WorkOrderOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class WorkOrderChange(BaseModel):
+    """A new priority and/or target work unit (another unit able to run its work master)."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: Annotated[int | None, Field(ge=0, le=1_000_000, strict=True)] = None
+    equipment: Annotated[str | None, Field(min_length=1, max_length=100)] = None
+    reason: Annotated[str | None, Field(max_length=500)] = None
+
+
+async def _act(
+    svc: Services, job_id: str, update: str, command: dict[str, Any]
+) -> workorders.WorkOrderOut:
+    job = await svc.db(lambda s: workorders.work_order_out(workorders.get_job(s, job_id)))
+    await svc.update_job(job_id, update, command, job.state)
+    return await svc.db(lambda s: workorders.work_order_out(workorders.get_job(s, job_id)))
+
+
+class WorkOrderController(Controller):
+    path = f"{API}/work-orders"
+    tags = ["work orders"]
+
+    @get(
+        "/",
+        guards=[allow(READ_SHOP_FLOOR)],
+        summary="List work orders (ISA-95 job orders)",
+        description="Filter, sort by priority or due, paginate. " + roles_note(READ_SHOP_FLOOR),
+    )
+    async def list_work_orders(
+        self,
+        state: State,
+        work_order_state: Annotated[
+            RequestState | None, QueryParameter(name="state", description="Only in this state")
+        ] = None,
+        production_order: Annotated[
+            str | None, QueryParameter(description="ERP order number")
+        ] = None,
+        work_center: Annotated[
+            str | None, QueryParameter(description="A line or work center (and all below it)")
+        ] = None,
+        equipment: Annotated[str | None, QueryParameter(description="A work unit")] = None,
+        due_before: Annotated[datetime | None, QueryParameter()] = None,
+        due_after: Annotated[datetime | None, QueryParameter()] = None,
+        sort: Annotated[Literal["priority", "due"], QueryParameter()] = "priority",
+        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
+        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+    ) -> WorkOrderPage:
+        items, total = await services(state).db(
+            lambda s: workorders.list_work_orders(
+                s,
+                state=work_order_state,
+                production_order=production_order,
+                work_center=work_center,
+                equipment=equipment,
+                due_before=due_before,
+                due_after=due_after,
+                sort=sort,
+                limit=limit,
+                offset=offset,
+            )
+        )
+        return WorkOrderPage(items=items, total=total, limit=limit, offset=offset)
+
+    @get(
+        "/{job_id:str}",
+        guards=[allow(READ_SHOP_FLOOR)],
+        summary="One work order: its recorded history and, while it runs, its live state",
+        description=roles_note(READ_SHOP_FLOOR),
+    )
+    async def detail(self, job_id: FromPath[str], state: State) -> workorders.WorkOrderDetail:
+        svc = services(state)
+        out = await svc.db(lambda s: workorders.work_order_detail(s, job_id))
+        if out.state not in ("Completed", "Aborted", "Cancelled"):
+            out.live = await svc.query_job(job_id)
+        return out
+
+    @post(
+        "/{job_id:str}/hold",
+        status_code=200,
+        guards=[allow(STEER)],
+        summary="Hold a work order (a running job pauses on its PLC: Interrupted)",
+        description=roles_note(STEER),
+    )
+    async def hold(
+        self,
+        job_id: FromPath[str],
+        state: State,
+        request: Request[Principal, Any, Any],
+        data: JSONBody[Reason | None] = None,
+    ) -> workorders.WorkOrderOut:
+        cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
+        return await _act(services(state), job_id, "hold", cmd)
+
+    @post(
+        "/{job_id:str}/resume",
+        status_code=200,
+        guards=[allow(STEER)],
+        summary="Resume a held work order",
+        description=roles_note(STEER),
+    )
+    async def resume(
+        self,
+        job_id: FromPath[str],
+        state: State,
+        request: Request[Principal, Any, Any],
+        data: JSONBody[Reason | None] = None,
+    ) -> workorders.WorkOrderOut:
+        cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
+        return await _act(services(state), job_id, "resume", cmd)
+
+    @post(
+        "/{job_id:str}/cancel",
+        status_code=200,
+        guards=[allow(STEER)],
+        summary="Cancel a work order (a started one aborts on its PLC)",
+        description=roles_note(STEER),
+    )
+    async def cancel(
+        self,
+        job_id: FromPath[str],
+        state: State,
+        request: Request[Principal, Any, Any],
+        data: JSONBody[Reason | None] = None,
+    ) -> workorders.WorkOrderOut:
+        cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
+        return await _act(services(state), job_id, "cancel", cmd)
+
+    @patch(
+        "/{job_id:str}",
+        guards=[allow(STEER)],
+        summary="Change a work order's priority or target work unit",
+        description="Equipment can change until the job is sent to a PLC. " + roles_note(STEER),
+    )
+    async def change(
+        self,
+        job_id: FromPath[str],
+        data: JSONBody[WorkOrderChange],
+        state: State,
+        request: Request[Principal, Any, Any],
+    ) -> workorders.WorkOrderOut:
+        cmd = {"actor": caller(request).actor} | data.model_dump()
+        return await _act(services(state), job_id, "change", cmd)
+
+
+class WorkCenterController(Controller):
+    path = f"{API}/work-centers"
+    tags = ["work orders"]
+
+    @get(
+        "/{work_center:str}/dispatch-list",
+        guards=[allow(READ_SHOP_FLOOR)],
+        summary="Queued and running work at a work center, in the order it will run",
+        description=roles_note(READ_SHOP_FLOOR),
+    )
+    async def dispatch_list(
+        self, work_center: FromPath[str], state: State
+    ) -> list[workorders.WorkOrderOut]:
+        return await services(state).db(lambda s: workorders.dispatch_list(s, work_center))
