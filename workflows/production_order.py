@@ -14,6 +14,7 @@ does the PLC's half (OPC UA job control) and then records the change.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from datetime import timedelta
 
 from temporalio import workflow
@@ -339,9 +340,12 @@ class ProductionOrderWorkflow:
             if outcome.state != COMPLETED:
                 state = outcome.state
                 for rest in jobs[step:]:
-                    await rest.signal(
-                        JobOrderWorkflow.cancel_remaining, f"step {step} ended {outcome.state}"
-                    )
+                    # A later step a supervisor already cancelled has ended: nothing to tell.
+                    with contextlib.suppress(Exception):
+                        await rest.signal(
+                            JobOrderWorkflow.cancel_remaining,
+                            f"step {step} ended {outcome.state}",
+                        )
                 for rest in jobs[step:]:
                     await rest
                 break

@@ -19,7 +19,7 @@ def build_worker(
     task_queue: str,
     session_factory: sessionmaker[Session],
     poll_seconds: float = 0.5,
-    max_threads: int = 16,
+    max_concurrent: int = 100,
 ) -> Worker:
     """A worker for the order workflows; database activities run in a thread pool."""
     acts = MesActivities(session_factory, poll_seconds)
@@ -39,6 +39,7 @@ def build_worker(
             acts.set_job_state,
             acts.change_job,
         ],
-        activity_executor=ThreadPoolExecutor(max_workers=max_threads),
-        max_concurrent_activities=max_threads * 4,
+        # Threads are made on demand; every activity slot may be a database activity.
+        activity_executor=ThreadPoolExecutor(max_workers=max_concurrent),
+        max_concurrent_activities=max_concurrent,
     )

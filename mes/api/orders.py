@@ -189,8 +189,20 @@ class ProductionOrderController(Controller):
             )
         actor = caller(request).actor
         command = {"actor": actor} | command
-        for job in targets:
-            await svc.update_job(job.id, update, command, job.state)
+        # Later steps first: cancelling step 1 makes the order workflow cancel the rest itself.
+        done = 0
+        last_refusal: DomainError | None = None
+        for job in reversed(targets):
+            try:
+                await svc.update_job(job.id, update, command, job.state)
+                done += 1
+            except DomainError as e:
+                # A work order that moved on meanwhile (ended, or cancelled with its order).
+                if e.status != 409:
+                    raise
+                last_refusal = e
+        if done == 0 and last_refusal is not None:
+            raise last_refusal
         return await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
 
     @post(

@@ -1,0 +1,431 @@
+"""Inbound B2MML: validated XML into plain, typed messages.
+
+``decode(data)`` parses and validates (see ``parsing``) and returns one of:
+
+- ``ProcessOperationsSchedule``: new production orders (``OrderRequest``);
+- ``ChangeOperationsSchedule``: changed orders (``OrderChange``);
+- ``CancelOperationsSchedule``: order numbers to cancel;
+- ``SyncMasterData``: a ``Sync…`` master data message as plant data (``mes.masterdata``).
+
+Where each field is read (paths below ``DataArea/OperationsSchedule/OperationsRequest``):
+
+============================  ==========================================================
+order_number                  ``ID``
+routing                       ``OperationsDefinitionID``, else the one every
+                              ``SegmentRequirement/OperationsDefinitionID`` names
+product, quantity, unit       the last ``MaterialRequirement`` with ``MaterialUse``
+                              Produced, in ``SegmentRequirement`` (and nested
+                              ``SegmentRequirementChild``) in document order:
+                              ``MaterialDefinitionID``, ``Quantity/QuantityString``,
+                              ``Quantity/UnitOfMeasure`` (or ``QuantityString/@unitCode``)
+due, start                    ``EndTime``, ``StartTime``
+priority                      ``Priority`` (a whole number)
+description                   the first ``Description``
+segments                      each ``SegmentRequirement``: ``ID``, ``ProcessSegmentID``,
+                              ``OperationsDefinitionID``, ``OperationsSegmentID`` (the
+                              routing step)
+============================  ==========================================================
+
+V0701 has no ``MaterialRequirement`` directly on ``OperationsRequest``: only segment
+requirements carry them. ``OperationsType`` is read on the request, else on its schedule;
+a request with neither is taken as Production (it came to the MES's order route), any
+other type is refused. The envelope gives ``bod_id`` (``ApplicationArea/BODID``),
+``sender`` (``ApplicationArea/Sender/LogicalID``), ``confirmation_code``
+(``ApplicationArea/Sender/ConfirmationCode``: whether to answer with a ``ConfirmBOD``) and
+``created`` (``ApplicationArea/CreationDateTime``); the verb may also ask for the noun's
+answer: ``Process/@acknowledgeCode``, ``Change/@responseCode`` (Always or OnError).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypeAlias, cast
+
+from pydantic import ValidationError
+
+from mes.b2mml.parsing import (
+    DEFAULT_MAX_BYTES,
+    B2MMLError,
+    Element,
+    bod_id_of,
+    child,
+    children,
+    datetime_of,
+    decimal_of,
+    local_name,
+    parse_datetime,
+    parse_xml,
+    quantity_of,
+    text,
+)
+from mes.orders import ProductionOrderIn
+
+__all__ = [
+    "CancelOperationsSchedule",
+    "ChangeOperationsSchedule",
+    "ConfirmationCode",
+    "Message",
+    "OrderChange",
+    "OrderRequest",
+    "ProcessOperationsSchedule",
+    "ScheduleRequest",
+    "SegmentRequest",
+    "SyncMasterData",
+    "decode",
+]
+
+ConfirmationCode: TypeAlias = Literal["Always", "OnError", "Never"]
+ResponseCode: TypeAlias = Literal["Always", "OnError"]
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One ``SegmentRequirement`` of a request: the routing step it asks for."""
+
+    id: str
+    process_segment_id: str
+    operations_definition_id: str
+    #: The routing step (ISA-95 operations segment) id, as in the plant's routings.
+    operations_segment_id: str
+
+
+@dataclass(frozen=True)
+class ScheduleRequest:
+    """What a Process and a Change say about one ``OperationsRequest``; None = not given."""
+
+    order_number: str
+    schedule_id: str
+    routing: str | None
+    product: str | None
+    quantity: float | None
+    unit: str | None
+    due: datetime | None
+    start: datetime | None
+    priority: int | None
+    description: str | None
+    #: ``RequestState`` as the ERP sent it.
+    state: str | None
+    segments: list[SegmentRequest]
+
+    @property
+    def segment_ids(self) -> list[str]:
+        """The routing step (``OperationsSegmentID``) of each segment requirement."""
+        return [s.operations_segment_id for s in self.segments]
+
+
+@dataclass(frozen=True)
+class OrderRequest(ScheduleRequest):
+    """A new production order: one ``OperationsRequest`` of type Production."""
+
+    def to_order_in(self) -> ProductionOrderIn:
+        """The order as the JSON route takes it; ``B2MMLError`` naming the request if unfit."""
+        where = f"OperationsRequest {self.order_number}"
+        problems = []
+        if self.product is None:
+            problems.append(
+                f"{where}: no MaterialRequirement with MaterialUse Produced names the product"
+            )
+        elif self.quantity is None:
+            problems.append(f"{where}: the Produced MaterialRequirement has no Quantity")
+        elif self.unit is None:
+            problems.append(f"{where}: the Produced quantity has no UnitOfMeasure")
+        if self.due is None:
+            problems.append(f"{where}: no EndTime (the due date)")
+        elif self.due.tzinfo is None:
+            problems.append(f"{where}: EndTime {self.due.isoformat()} has no time zone")
+        if problems:
+            raise B2MMLError(problems)
+        try:
+            return ProductionOrderIn(
+                order_number=self.order_number,
+                product=cast(str, self.product),
+                quantity=cast(float, self.quantity),
+                unit=cast(str, self.unit),
+                due=cast(datetime, self.due),
+                priority=0 if self.priority is None else self.priority,
+            )
+        except ValidationError as exc:
+            raise B2MMLError(
+                [
+                    f"{where}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                    for err in exc.errors(include_url=False)
+                ]
+            ) from None
+
+
+@dataclass(frozen=True)
+class OrderChange(ScheduleRequest):
+    """A change to an order: quantity, due (``EndTime``) or priority; None = unchanged.
+
+    V0701 makes every ``OperationsRequest`` carry its segment requirements, so a Change
+    repeats them; only the fields above are meant to change.
+    """
+
+
+@dataclass(frozen=True)
+class _Envelope:
+    #: ``ApplicationArea/BODID``: the message id, for idempotency and the answer.
+    bod_id: str | None
+    #: ``ApplicationArea/Sender/LogicalID``
+    sender: str | None
+    #: ``ApplicationArea/Sender/ConfirmationCode``: when to answer with a ``ConfirmBOD``.
+    confirmation_code: ConfirmationCode | None
+    #: ``ApplicationArea/CreationDateTime`` (naive when the sender gave no time zone).
+    created: datetime
+
+
+@dataclass(frozen=True)
+class ProcessOperationsSchedule(_Envelope):
+    """New production orders."""
+
+    #: The first ``OperationsSchedule/ID`` (a message may hold several schedules).
+    schedule_id: str
+    requests: list[OrderRequest]
+    #: ``Process/@acknowledgeCode``: when to answer with an ``AcknowledgeOperationsSchedule``.
+    acknowledge_code: ResponseCode | None = None
+
+
+@dataclass(frozen=True)
+class ChangeOperationsSchedule(_Envelope):
+    """Changes to orders."""
+
+    schedule_id: str
+    requests: list[OrderChange]
+    #: ``Change/@responseCode``: when to answer with a ``RespondOperationsSchedule``.
+    response_code: ResponseCode | None = None
+
+
+@dataclass(frozen=True)
+class CancelOperationsSchedule(_Envelope):
+    """Orders to cancel, by order number (``OperationsRequest/ID``)."""
+
+    schedule_id: str
+    order_ids: list[str]
+
+
+@dataclass(frozen=True)
+class SyncMasterData(_Envelope):
+    """A ``Sync…`` master data message as plant data (the shape of ``mes.masterdata.Plant``).
+
+    Load it with ``mes.masterdata.load_plant(session, parse_plant(plant, partial=True),
+    partial=True)``: it holds one noun and may refer to what is already stored.
+    """
+
+    #: The noun: MaterialClass, MaterialDefinition, Equipment, ProcessSegment,
+    #: OperationsDefinition or WorkMaster.
+    noun: str
+    plant: dict[str, Any] = field(default_factory=dict)
+
+
+Message: TypeAlias = (
+    ProcessOperationsSchedule | ChangeOperationsSchedule | CancelOperationsSchedule | SyncMasterData
+)
+
+
+def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
+    """Parse, validate and decode one inbound B2MML message.
+
+    Raises ``B2MMLError`` (with the message's ``bod_id`` when it could be read) for hostile,
+    malformed or schema-invalid XML, a message type the MES does not take, or content it
+    cannot use; every problem found is listed.
+    """
+    root = parse_xml(data, max_bytes)
+    name = local_name(root)
+    try:
+        return _decode(root, name)
+    except B2MMLError as exc:
+        raise B2MMLError(exc.reasons, bod_id_of(root), name) from None
+
+
+def _decode(root: Element, name: str) -> Message:
+    # Imported here: sync imports this module's types.
+    from mes.b2mml.sync import SYNC_NOUNS, plant_of
+
+    envelope = _envelope(root)
+    data_area = child(root, "DataArea")
+    if name == "ProcessOperationsSchedule":
+        verb = child(data_area, "Process")
+        schedules = children(data_area, "OperationsSchedule")
+        return ProcessOperationsSchedule(
+            **envelope,
+            schedule_id=_schedule_id(schedules),
+            requests=[OrderRequest(**fields) for fields in _requests(schedules)],
+            acknowledge_code=_response_code(verb, "acknowledgeCode"),
+        )
+    if name == "ChangeOperationsSchedule":
+        verb = child(data_area, "Change")
+        schedules = children(data_area, "OperationsSchedule")
+        return ChangeOperationsSchedule(
+            **envelope,
+            schedule_id=_schedule_id(schedules),
+            requests=[OrderChange(**fields) for fields in _requests(schedules)],
+            response_code=_response_code(verb, "responseCode"),
+        )
+    if name == "CancelOperationsSchedule":
+        schedules = children(data_area, "OperationsSchedule")
+        ids = [
+            cast(str, text(request, "ID"))
+            for schedule in schedules
+            for request in children(schedule, "OperationsRequest")
+        ]
+        return CancelOperationsSchedule(
+            **envelope, schedule_id=_schedule_id(schedules), order_ids=list(dict.fromkeys(ids))
+        )
+    noun = name.removeprefix("Sync")
+    if name.startswith("Sync") and noun in SYNC_NOUNS:
+        return SyncMasterData(**envelope, noun=noun, plant=plant_of(noun, data_area))
+    accepted = ", ".join(
+        ["ProcessOperationsSchedule", "ChangeOperationsSchedule", "CancelOperationsSchedule"]
+        + [f"Sync{n}" for n in SYNC_NOUNS]
+    )
+    raise B2MMLError(f"{name} is valid B2MML but not a message the MES takes ({accepted})")
+
+
+def _envelope(root: Element) -> dict[str, Any]:
+    area = child(root, "ApplicationArea")
+    sender = child(area, "Sender")
+    code = text(sender, "ConfirmationCode") if sender is not None else None
+    return {
+        "bod_id": text(area, "BODID"),
+        "sender": text(sender, "LogicalID") if sender is not None else None,
+        # The schema allows only Always, Never and OnError here.
+        "confirmation_code": cast(ConfirmationCode | None, code),
+        "created": parse_datetime(
+            cast(str, text(area, "CreationDateTime")), "ApplicationArea.CreationDateTime"
+        ),
+    }
+
+
+def _response_code(verb: Element | None, attribute: str) -> ResponseCode | None:
+    value = verb.get(attribute) if verb is not None else None
+    # The schema allows only Always and OnError here.
+    return cast(ResponseCode | None, value.strip() if value else None)
+
+
+def _schedule_id(schedules: list[Element]) -> str:
+    return cast(str, text(schedules[0], "ID"))  # ID is required, as is one schedule
+
+
+def _requests(schedules: list[Element]) -> list[dict[str, Any]]:
+    """The fields of every ``OperationsRequest``, or every problem found in them."""
+    problems: list[str] = []
+    requests: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for schedule in schedules:
+        schedule_id = cast(str, text(schedule, "ID"))
+        schedule_type = text(schedule, "OperationsType")
+        for request in children(schedule, "OperationsRequest"):
+            try:
+                fields = _request(request, schedule_id, schedule_type)
+            except B2MMLError as exc:
+                problems.extend(exc.reasons)
+                continue
+            if fields["order_number"] in seen:
+                problems.append(f"OperationsRequest {fields['order_number']}: listed twice")
+            seen.add(fields["order_number"])
+            requests.append(fields)
+    if problems:
+        raise B2MMLError(problems)
+    return requests
+
+
+def _walk_segments(parent: Element, name: str = "SegmentRequirement") -> list[Element]:
+    """Segment requirements with their nested ``SegmentRequirementChild``, document order."""
+    found = []
+    for segment in children(parent, name):
+        found.append(segment)
+        found.extend(_walk_segments(segment, "SegmentRequirementChild"))
+    return found
+
+
+def _request(request: Element, schedule_id: str, schedule_type: str | None) -> dict[str, Any]:
+    order_number = cast(str, text(request, "ID"))
+    where = f"OperationsRequest {order_number}"
+    problems = []
+    operations_type = text(request, "OperationsType") or schedule_type or "Production"
+    if operations_type != "Production":
+        problems.append(
+            f"{where}: OperationsType {operations_type}; only Production requests are orders"
+        )
+
+    segments = _walk_segments(request)
+    routing = text(request, "OperationsDefinitionID")
+    # Required on every segment requirement by the schema.
+    named = list(dict.fromkeys(cast(str, text(s, "OperationsDefinitionID")) for s in segments))
+    if routing is None and len(named) == 1:
+        routing = named[0]
+    elif routing is None:
+        problems.append(
+            f"{where}: no OperationsDefinitionID, and its segment requirements name "
+            f"{', '.join(named)}"
+        )
+    if routing is not None and any(n != routing for n in named):
+        problems.append(
+            f"{where}: OperationsDefinitionID {routing}, but its segment requirements name "
+            f"{', '.join(named)}"
+        )
+
+    product = unit = None
+    quantity: float | None = None
+    produced = [
+        requirement
+        for segment in segments
+        for requirement in children(segment, "MaterialRequirement")
+        if text(requirement, "MaterialUse") == "Produced"
+    ]
+    if produced:
+        # The last one: the routing's last step makes the product, earlier ones intermediates.
+        requirement = produced[-1]
+        product = text(requirement, "MaterialDefinitionID")
+        req_where = f"{where}.MaterialRequirement {text(requirement, 'ID')}"
+        try:
+            amount = quantity_of(requirement, req_where)
+        except B2MMLError as exc:
+            problems.extend(exc.reasons)
+            amount = None
+        if amount is not None:
+            quantity, unit = float(amount[0]), amount[1]
+
+    priority = None
+    priority_text = text(request, "Priority")
+    if priority_text is not None:
+        try:
+            value = decimal_of(priority_text, f"{where}.Priority")
+        except B2MMLError as exc:
+            problems.extend(exc.reasons)
+        else:
+            if value != value.to_integral_value():
+                problems.append(f"{where}: Priority {priority_text} is not a whole number")
+            else:
+                priority = int(value)
+    try:
+        due = datetime_of(request, "EndTime", where)
+        start = datetime_of(request, "StartTime", where)
+    except B2MMLError as exc:
+        problems.extend(exc.reasons)
+        due = start = None
+    if problems:
+        raise B2MMLError(problems)
+    return {
+        "order_number": order_number,
+        "schedule_id": schedule_id,
+        "routing": routing,
+        "product": product,
+        "quantity": quantity,
+        "unit": unit,
+        "due": due,
+        "start": start,
+        "priority": priority,
+        "description": text(request, "Description"),
+        "state": text(request, "RequestState"),
+        "segments": [
+            SegmentRequest(
+                id=cast(str, text(s, "ID")),
+                process_segment_id=cast(str, text(s, "ProcessSegmentID")),
+                operations_definition_id=cast(str, text(s, "OperationsDefinitionID")),
+                operations_segment_id=cast(str, text(s, "OperationsSegmentID")),
+            )
+            for s in children(request, "SegmentRequirement")
+        ],
+    }
