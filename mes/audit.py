@@ -36,6 +36,8 @@ def record(
     reason: str | None = None,
 ) -> AuditEvent:
     """Queue an audit event; it is chained and written when the session commits."""
+    # Begin the database transaction now, so that a rollback of it drops the queued event.
+    session.connection()
     ev = AuditEvent(
         occurred_at=utcnow(),
         actor=actor,
@@ -91,8 +93,9 @@ def _chain_pending(session: Session) -> None:
     session.flush()
 
 
-@event.listens_for(Session, "after_rollback")
-def _drop_pending(session: Session) -> None:
+@event.listens_for(Session, "after_soft_rollback")
+def _drop_pending(session: Session, _previous: object) -> None:
+    # Fires on every rollback (also one with no database transaction begun yet, and on close).
     session.info.pop(_PENDING, None)
 
 

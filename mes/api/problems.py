@@ -20,7 +20,11 @@ log = logging.getLogger(__name__)
 
 
 def problem(
-    status: int, title: str, detail: str, errors: list[FieldError] | None = None
+    status: int,
+    title: str,
+    detail: str,
+    errors: list[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response[dict[str, Any]]:
     """A problem+json response."""
     body: dict[str, Any] = {
@@ -31,7 +35,7 @@ def problem(
     }
     if errors:
         body["errors"] = [{"field": e.field, "reason": e.reason} for e in errors]
-    return Response(body, status_code=status, media_type=PROBLEM_JSON)
+    return Response(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
 def _validation_errors(exc: ValidationException) -> list[FieldError]:
@@ -50,7 +54,7 @@ def on_http_exception(_request: Request[Any, Any, Any], exc: HTTPException) -> R
         detail = "; ".join(f"{e.field}: {e.reason}" for e in errors) or exc.detail
         return problem(exc.status_code, "Invalid request", detail, errors)
     title = exc.detail if exc.detail else "Error"
-    return problem(exc.status_code, title, exc.detail)
+    return problem(exc.status_code, title, exc.detail, headers=dict(exc.headers or {}))
 
 
 def on_domain_error(_request: Request[Any, Any, Any], exc: DomainError) -> Response[Any]:

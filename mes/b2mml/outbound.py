@@ -100,6 +100,7 @@ def _echo_timestamp(value: datetime) -> str:
 
 def _number(value: float, where: str) -> str:
     """A float as an ``xsd:decimal`` lexical form: 500 → "500", 0.006 → "0.006"."""
+    value = float(value)  # an int passes as a float to the type checker, not to is_integer
     if not math.isfinite(value):
         raise ValueError(f"{where}: {value} is not a finite number")
     if value.is_integer():
