@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     opcua.add_argument("--port", type=int, default=4840)
     opcua.add_argument("--cycle", type=float, default=2.0, help="seconds a job runs")
     opcua.add_argument("--names", help="comma-separated unit names (default Unit1..N)")
+    erp = sim_sub.add_parser(
+        "erp", help="an ERP callback receiver that records and shows callbacks"
+    )
+    erp.add_argument("--port", type=int, default=8099)
+    erp.add_argument("--store", type=Path, help="JSON-lines file keeping the history")
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     tc = token_sub.add_parser("create", help="create a token; prints it alone, once")
@@ -50,12 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     token_sub.add_parser("list", help="list tokens (names, roles, revoked)")
     tr = token_sub.add_parser("revoke", help="revoke a token by name")
     tr.add_argument("name")
+    ec = sub.add_parser(
+        "erp-client", help="where an ERP client (its erp token's name) gets callbacks"
+    )
+    ec.add_argument("name")
+    ec.add_argument("--url", required=True, help="callback URL")
+    ec.add_argument("--format", choices=["json", "b2mml"], default="b2mml")
     api = sub.add_parser("openapi", help="write the OpenAPI document to openapi/")
     api.add_argument("--check", action="store_true", help="fail if openapi/ differs from the app")
     api.add_argument("--output", type=Path, default=OPENAPI_FILE)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # asyncua warns about every session-timeout negotiation and missing security policy on a
+    # loopback simulator; its errors still show.
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
     settings = Settings.from_env()
 
     if args.command == "demo":
@@ -93,6 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         names = args.names.split(",") if args.names else None
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run_simulator(args.units, args.port, args.cycle, names))
+        return 0
+    if args.command == "erp-client":
+        from mes.db import make_engine, make_sessionmaker
+        from mes.reporting import ErpClientIn, set_erp_client
+
+        sessions = make_sessionmaker(make_engine(settings.database_url))
+        body = ErpClientIn.model_validate({"callback_url": args.url, "format": args.format})
+        with sessions() as s:
+            print(set_erp_client(s, args.name, body, actor="cli").model_dump_json())
         return 0
     if args.command == "token":
         return _token(settings, args)

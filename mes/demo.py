@@ -7,6 +7,9 @@ end, then prints each order's outcome and the genealogy trace of one produced lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import re
 import signal
 import sys
 import tempfile
@@ -98,6 +101,17 @@ async def run_demo(timeout_s: float = 100) -> int:
                     f"{o['order_number']:<18}{o['product']:<13}{o['state']:<11}"
                     f"{'late' if o['late'] else 'yes':<9}{lots}"
                 )
+            if stack.erp is not None:
+                # Deliveries run on after completion; give the last ones a moment.
+                await _await_erp(stack.erp, len(results), started + timeout_s)
+                print()
+                print(f"What the ERP received at {stack.erp.url}:")
+                for m in stack.erp.messages:
+                    state = _performance_state(m.text)
+                    print(
+                        f"  #{m.seq:<3}{m.order_number or '-':<18}{m.message_id:<28}"
+                        f"{m.content_type:<17}{state}{'  (duplicate)' if m.duplicate else ''}"
+                    )
             done = [o for o in results.values() if o["produced_lots"]]
             if done:
                 lot = done[0]["produced_lots"][0]["lot"]
@@ -142,6 +156,28 @@ async def _follow(
     return latest
 
 
+async def _await_erp(erp: Any, orders: int, deadline: float) -> None:
+    """Wait until every order's final report arrived (or the deadline passed)."""
+    finals = ("Completed", "Aborted", "Cancelled")
+    while time.monotonic() < deadline:
+        ended = {m.order_number for m in erp.messages if _performance_state(m.text) in finals}
+        if len(ended) >= orders:
+            return
+        await asyncio.sleep(0.2)
+
+
+def _performance_state(body: str) -> str:
+    """The order state an ERP message reports (B2MML or JSON)."""
+    # B2MML: <ResponseState>Completed</…> or, for states it has no name for,
+    # <ResponseState OtherValue="Released">Other</…>.
+    match = re.search(r'ResponseState(?:\s+OtherValue="([^"]+)")?\s*>([^<]+)<', body)
+    if match:
+        return match.group(1) or match.group(2)
+    with contextlib.suppress(ValueError, KeyError, TypeError):
+        return str(json.loads(body)["operations_performance"]["state"])
+    return "?"
+
+
 def _print_tokens(tokens: dict[str, str]) -> None:
     print("  API tokens (Authorization: Bearer <token>):")
     for role, token in tokens.items():
@@ -172,6 +208,8 @@ async def run_dev(settings: Settings, port: int) -> int:
         print(f"API docs   {stack.api_url}/schema")
         print(f"Temporal   {stack.temporal_address}  UI: {stack.temporal_ui}")
         print(f"PLCs       {stack.plc_url}  units: {', '.join(stack.units)}")
+        if stack.erp is not None:
+            print(f"ERP        {stack.erp.base_url}/messages  (callbacks: {stack.erp.url})")
         print(f"Database   {settings.database_url}")
         _print_tokens(stack.tokens)
         print("ready", flush=True)

@@ -24,6 +24,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from adapters.erp.receiver import ErpReceiver
 from adapters.opcua.simulator import PlcSimulator, SimUnit
 from mes import masterdata
 from mes.api.app import create_app
@@ -37,6 +38,7 @@ from mes.models import (
     TestSpecification,
     WorkMasterEquipment,
 )
+from mes.reporting import ErpClientIn, set_erp_client
 from mes.settings import Settings
 
 SAMPLE_PLANT = Path(__file__).resolve().parent.parent / "examples" / "plant.yaml"
@@ -167,6 +169,8 @@ class Stack:
     temporal: Client
     #: One fresh API token per role (erp, supervisor, auditor, admin).
     tokens: dict[str, str]
+    #: The ERP callback receiver standing in for the ERP (None if not started).
+    erp: ErpReceiver | None
 
 
 @contextlib.asynccontextmanager
@@ -179,11 +183,14 @@ async def embedded_stack(
     temporal_ui: bool = True,
     temporal_client: Client | None = None,
     token_prefix: str = "embedded",
+    erp_format: str | None = "b2mml",
 ) -> AsyncIterator[Stack]:
     """Migrate the database, load the plant, start the PLC simulator, Temporal, the worker
     and the API; stop them all on exit (also on error or cancellation).
 
     With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
+    With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
+    and the erp token's client reports to it in that format.
     """
     from workflows.worker import build_worker  # the worker needs workflow code; the API not
 
@@ -203,6 +210,16 @@ async def embedded_stack(
             tokens[str(role)] = create_token(s, f"{token_prefix}-{role}-{suffix}", role)
 
     async with contextlib.AsyncExitStack() as stack:
+        erp: ErpReceiver | None = None
+        if erp_format is not None:
+            erp = ErpReceiver()
+            await erp.start()
+            stack.push_async_callback(erp.stop)
+            callback = ErpClientIn.model_validate({"callback_url": erp.url, "format": erp_format})
+            erp_name = f"{token_prefix}-erp-{suffix}"
+            with sessions() as s:
+                set_erp_client(s, erp_name, callback)
+
         sim = PlcSimulator(units, port=plc_port)
         await sim.start()
         stack.push_async_callback(sim.stop)
@@ -249,4 +266,5 @@ async def embedded_stack(
             sessions=sessions,
             temporal=client,
             tokens=tokens,
+            erp=erp,
         )

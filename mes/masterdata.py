@@ -438,11 +438,12 @@ class _Stored:
         )
         return cls(
             material_classes=set(session.scalars(select(MaterialClass.external_id))),
-            materials=dict(
-                session.execute(
+            materials={
+                ext: unit
+                for ext, unit in session.execute(
                     select(MaterialDefinition.external_id, MaterialDefinition.unit)
-                ).tuples()
-            ),
+                )
+            },
             equipment=equipment,
             process_segments=set(session.scalars(select(ProcessSegment.external_id))),
             work_masters={
@@ -740,7 +741,7 @@ def load_plant(
     parent, endpoint or test specification list keeps what is stored (see the module doc).
     """
     stored = _Stored.read(session) if partial else None
-    problems = _check_plant(plant, stored) or _check_against_database(session, plant)
+    problems = _check_plant(plant, stored) or _check_against_database(session, plant, partial)
     if problems:
         raise MasterDataError(problems)
     report = LoadReport()
@@ -1071,9 +1072,35 @@ class _Loader:
             self.report.deleted += 1
 
 
-def _check_against_database(session: Session, plant: Plant) -> list[str]:
+def _check_against_database(session: Session, plant: Plant, partial: bool = False) -> list[str]:
     """Checks that need what is already stored; they read only, so a failure writes nothing."""
     problems: list[str] = []
+
+    # A work unit losing its endpoint while stored work masters the load leaves alone still
+    # run on it: their jobs could no longer be sent (those in the load are checked already).
+    dropped = {
+        node.id: path
+        for path, node, _, _ in _walk_equipment(plant.equipment)
+        if node.endpoint is None and (not partial or "endpoint" in node.model_fields_set)
+    }
+    if dropped:
+        users: dict[str, list[str]] = {}
+        for equipment_id, wm_id in session.execute(
+            select(Equipment.external_id, WorkMaster.external_id)
+            .join(WorkMasterEquipment, WorkMasterEquipment.equipment_id == Equipment.id)
+            .join(WorkMaster, WorkMaster.id == WorkMasterEquipment.work_master_id)
+            .where(
+                Equipment.external_id.in_(list(dropped)),
+                WorkMaster.external_id.not_in([w.id for w in plant.work_masters]),
+            )
+            .order_by(WorkMaster.external_id)
+        ):
+            users.setdefault(equipment_id, []).append(wm_id)
+        for equipment_id, wm_ids in users.items():
+            problems.append(
+                f"{dropped[equipment_id]}: has no endpoint, but stored work master(s) "
+                f"{', '.join(wm_ids)} run on it"
+            )
 
     lot_ids = [lot.id for lot in plant.lots]
     stored_lots = {

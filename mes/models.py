@@ -342,6 +342,7 @@ class OperationsSegment(Base):
     work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
 
     work_master: Mapped[WorkMaster] = relationship()
+    process_segment: Mapped[ProcessSegment | None] = relationship()
     materials: Mapped[list[OperationsMaterialSpec]] = relationship(
         order_by="OperationsMaterialSpec.id", cascade="all, delete-orphan"
     )
@@ -392,6 +393,8 @@ class OperationsRequest(Base):
     #: Hash of the request as the ERP sent it: the same number with another body is a conflict.
     request_hash: Mapped[str] = mapped_column(String(64))
     workflow_id: Mapped[str] = mapped_column(String(120), unique=True)
+    #: The API token (ERP client) that sent the order; its callbacks go to that client.
+    source: Mapped[str | None] = mapped_column(String(100), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     completed_at: Mapped[datetime | None] = mapped_column()
@@ -616,3 +619,61 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+
+
+# --- ERP integration ------------------------------------------------------------------------
+
+
+class ErpClient(Base):
+    """Where and how an ERP wants its callbacks; ``name`` is its API token's name."""
+
+    __tablename__ = "erp_client"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    callback_url: Mapped[str] = mapped_column(String(500))
+    #: "json" or "b2mml"
+    format: Mapped[str] = mapped_column(String(10))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ErpMessage(Base):
+    """One report to the ERP (an outbox row), written with the state change it reports.
+
+    Delivered in ``seq`` order per order; ``message_id`` (the B2MML BODID) lets the ERP drop
+    a duplicate after a delivery whose answer was lost.
+    """
+
+    __tablename__ = "erp_message"
+    __table_args__ = (UniqueConstraint("operations_request_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    operations_request_id: Mapped[int] = mapped_column(ForeignKey("operations_request.id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    message_id: Mapped[str] = mapped_column(String(150), unique=True)
+    erp_client: Mapped[str] = mapped_column(String(100))
+    state: Mapped[str] = mapped_column(String(20))
+    content_type: Mapped[str] = mapped_column(String(50))
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(index=True)
+    #: Set when the ERP refused the message for good (a 4xx): it is skipped, not retried.
+    rejected_at: Mapped[datetime | None] = mapped_column()
+
+    operations_request: Mapped[OperationsRequest] = relationship()
+
+
+class B2mmlMessage(Base):
+    """A B2MML message received, by BODID: the same BODID again gets the same answer."""
+
+    __tablename__ = "b2mml_message"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    bod_id: Mapped[str] = mapped_column(String(150), unique=True)
+    noun: Mapped[str] = mapped_column(String(60))
+    sender: Mapped[str] = mapped_column(String(100))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[int] = mapped_column(Integer)
+    response: Mapped[str] = mapped_column(Text)

@@ -129,10 +129,14 @@ class ProductionOrderOut(BaseModel):
 
 
 def create_order(
-    session: Session, body: ProductionOrderIn, actor: str = audit.SYSTEM
+    session: Session,
+    body: ProductionOrderIn,
+    actor: str = audit.SYSTEM,
+    source: str | None = None,
 ) -> tuple[OperationsRequest, bool]:
     """Store a new order, or find the same one posted before.
 
+    ``source`` names the ERP client (its token) that sent it: its callbacks go there.
     Returns the order and whether it was created now. Raises ``Conflict`` when the number is
     taken by a different order, and a 422 ``DomainError`` naming the field when the product,
     its routing or the unit do not fit.
@@ -161,8 +165,9 @@ def create_order(
     now = utcnow()
     order = OperationsRequest(
         external_id=body.order_number,
-        operations_definition_id=routing.id,
-        material_definition_id=product.id,
+        operations_definition=routing,
+        product=product,
+        source=source,
         quantity=body.quantity,
         unit=body.unit,
         priority=body.priority,
@@ -180,7 +185,7 @@ def create_order(
         per_unit = produced[0].quantity if produced else 1.0
         order.segment_requirements.append(
             SegmentRequirement(
-                operations_segment_id=segment.id,
+                operations_segment=segment,
                 sequence=segment.sequence,
                 quantity=per_unit * body.quantity,
                 unit=produced[0].unit if produced else body.unit,
@@ -371,3 +376,98 @@ def set_order_priority(
         reason=reason,
     )
     session.commit()
+
+
+def check_order(session: Session, body: ProductionOrderIn) -> None:
+    """Everything ``create_order`` would refuse, without writing: for all-or-nothing batches."""
+    existing = _by_number(session, body.order_number)
+    if existing is not None:
+        _same_or_conflict(existing, body.fingerprint())
+        return
+    product = session.scalar(
+        select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
+    )
+    if product is None:
+        raise invalid("product", f"unknown product {body.product!r}")
+    routing = session.scalar(
+        select(OperationsDefinition).where(
+            OperationsDefinition.material_definition_id == product.id
+        )
+    )
+    if routing is None:
+        raise invalid("product", f"product {body.product!r} has no routing")
+    if body.unit != product.unit:
+        raise invalid("unit", f"product {body.product!r} is made in {product.unit!r}")
+
+
+def change_order(
+    session: Session,
+    order_number: str,
+    actor: str,
+    quantity: float | None = None,
+    due: datetime | None = None,
+    priority: int | None = None,
+) -> tuple[bool, str | None]:
+    """Change quantity, due or priority of an order that has not started.
+
+    Returns (accepted, reason); once a work order of it went to a PLC the change is refused
+    with the reason, and nothing changes.
+    """
+    order = _by_number(session, order_number)
+    if order is None:
+        return False, f"unknown order {order_number}"
+    jobs = [r.job_order for r in order.segment_requirements if r.job_order is not None]
+    if order.state != RequestState.RELEASED or any(j.dispatched_at for j in jobs):
+        return False, f"order {order_number} is {order.state} and has started; it cannot change"
+    if quantity is not None and not (0 < quantity <= 1e9):
+        return False, f"quantity {quantity} must be above 0"
+    before: dict[str, object] = {}
+    after: dict[str, object] = {}
+    if quantity is not None and quantity != order.quantity:
+        before["quantity"], after["quantity"] = order.quantity, quantity
+        for req in order.segment_requirements:
+            req.quantity = req.quantity / order.quantity * quantity
+        order.quantity = quantity
+    if due is not None and due != order.due:
+        before["due"], after["due"] = order.due.isoformat(), due.isoformat()
+        order.due = due
+        order.late = due < utcnow()
+    if priority is not None and priority != order.priority:
+        before["priority"], after["priority"] = order.priority, priority
+        order.priority = priority
+        for job in jobs:
+            job.priority = priority
+    if after:
+        audit.record(
+            session,
+            actor=actor,
+            action="operations_request.changed",
+            object_type="operations_request",
+            object_id=order_number,
+            before=before,
+            after=after,
+        )
+        session.commit()
+    return True, None
+
+
+def order_id_by_number(session: Session, order_number: str) -> int:
+    order = _by_number(session, order_number)
+    if order is None:
+        raise NotFound("production order", order_number)
+    return order.id
+
+
+def routing_of(session: Session, product: str) -> str:
+    """The ISA-95 id of a product's routing (operations definition)."""
+    routing = session.scalar(
+        select(OperationsDefinition.external_id)
+        .join(
+            MaterialDefinition,
+            MaterialDefinition.id == OperationsDefinition.material_definition_id,
+        )
+        .where(MaterialDefinition.external_id == product)
+    )
+    if routing is None:
+        raise invalid("product", f"product {product!r} has no routing")
+    return routing

@@ -32,6 +32,8 @@ from mes.models import (
     OperationsDefinition,
     OperationsRequest,
     SegmentRequirement,
+    TestSpecification,
+    WorkMaster,
 )
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plant.yaml"
@@ -621,3 +623,205 @@ def test_step_used_by_an_order_cannot_be_removed(plant_db: sessionmaker[Session]
     assert snapshot(plant_db) == before
     with plant_db() as s:
         assert s.scalar(select(func.count()).select_from(SegmentRequirement)) == 2
+
+
+# --- partial loads (one noun at a time, as B2MML Sync messages carry) -------------------------
+
+
+def load_partial(sf: sessionmaker[Session], data: Data) -> str:
+    with sf.begin() as s:
+        return str(load_plant(s, parse_plant(data, partial=True), partial=True))
+
+
+def test_partial_load_refers_to_stored_objects(plant_db: sessionmaker[Session]) -> None:
+    data: Data = {
+        "materials": [{"id": "BREAD-SMALL", "material_class": "FinishedGood", "unit": "ea"}],
+        "work_masters": [
+            {
+                "id": "WM-BAKE-SMALL",
+                "process_segment": "BAKE",
+                "parameters": [{"name": "OvenTemp", "default": 210, "min": 180, "max": 250}],
+                "work_units": [{"equipment": "WU-OVEN-1", "ideal_cycle_time_s": 1.0}],
+            }
+        ],
+        "routings": [
+            {
+                "id": "OD-BREAD-SMALL",
+                "product": "BREAD-SMALL",
+                "steps": [
+                    {
+                        "id": "MIX",
+                        "work_master": "WM-MIX-WHITE",
+                        "materials": [
+                            {"material": "FLOUR-WHEAT", "use": "Consumed", "quantity": 0.15},
+                            {"material": "DOUGH-WHITE", "use": "Produced", "quantity": 0.26},
+                        ],
+                    },
+                    {
+                        "id": "BAKE",
+                        "work_master": "WM-BAKE-SMALL",
+                        "materials": [
+                            {"material": "DOUGH-WHITE", "use": "Consumed", "quantity": 0.26},
+                            {"material": "BREAD-SMALL", "use": "Produced", "quantity": 1},
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    # As a complete plant file it refers to what it does not define.
+    with pytest.raises(MasterDataError) as caught:
+        parse_plant(data)
+    assert "work_masters[0] (WM-BAKE-SMALL): unknown process_segment 'BAKE'" in (
+        caught.value.problems
+    )
+
+    report = load_partial(plant_db, data)
+
+    # The material, the work master with its parameter and unit, the routing with its two
+    # steps and their four material specifications.
+    assert report == "created 11, updated 0, unchanged 0, deleted 0"
+    with plant_db() as s:
+        small = next(p for p in list_products(s) if p["id"] == "BREAD-SMALL")
+    assert [(st["work_master"], st["work_units"]) for st in small["steps"]] == [
+        ("WM-MIX-WHITE", ["WU-MIXER-1", "WU-MIXER-2"]),
+        ("WM-BAKE-SMALL", ["WU-OVEN-1"]),
+    ]
+
+
+def test_partial_equipment_hangs_under_stored_parent(plant_db: sessionmaker[Session]) -> None:
+    load_partial(
+        plant_db,
+        {
+            "equipment": [
+                {
+                    "id": "LINE-3",
+                    "level": "ProductionLine",
+                    "parent": "SPRINGFIELD-BAKERY",
+                    "children": [{"id": "WU-SLICER-3", "level": "WorkUnit"}],
+                },
+                # Stored, without parent or endpoint keys: both stay as they are.
+                {"id": "WU-OVEN-2", "level": "WorkUnit", "description": "Tunnel oven, 20 m"},
+            ]
+        },
+    )
+
+    with plant_db() as s:
+        area = equipment_tree(s)[0]["children"][0]
+    lines = {line["id"]: line for line in area["children"]}
+    assert [u["id"] for u in lines["LINE-3"]["children"]] == ["WU-SLICER-3"]
+    oven = next(u for u in lines["LINE-2"]["children"] if u["id"] == "WU-OVEN-2")
+    assert oven["description"] == "Tunnel oven, 20 m"
+    assert oven["endpoint"] is not None
+
+
+def test_partial_given_lists_replace_what_is_stored(plant_db: sessionmaker[Session]) -> None:
+    endpoint = {"protocol": "opcua", "url": "opc.tcp://127.0.0.1:4840/"}
+    spare = {"id": "WU-SPARE", "level": "WorkUnit", "parent": "LINE-1", "endpoint": endpoint}
+    load_partial(plant_db, {"equipment": [spare]})
+    mix_white = example()["work_masters"][0]
+
+    report = load_partial(
+        plant_db,
+        {
+            "equipment": [{"id": "WU-SPARE", "level": "WorkUnit", "endpoint": None}],
+            "work_masters": [{**mix_white, "test_specifications": []}],
+        },
+    )
+
+    assert report.endswith("deleted 2")
+    with plant_db() as s:
+        line_1 = equipment_tree(s)[0]["children"][0]["children"][0]
+        assert next(u for u in line_1["children"] if u["id"] == "WU-SPARE")["endpoint"] is None
+        wm = s.scalars(select(WorkMaster).filter_by(external_id="WM-MIX-WHITE")).one()
+        specs = s.scalars(select(TestSpecification).filter_by(work_master_id=wm.id)).all()
+        assert specs == []
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            {"materials": [{"id": "M", "material_class": "Spices", "unit": "kg"}]},
+            "materials[0] (M): unknown material_class 'Spices'",
+        ),
+        (
+            {"equipment": [{"id": "WU-X", "level": "WorkUnit", "parent": "LINE-9"}]},
+            "equipment[0] (WU-X): unknown parent 'LINE-9'",
+        ),
+        (
+            {
+                "equipment": [
+                    {"id": "LINE-3", "level": "ProductionLine"},
+                    {"id": "WU-X", "level": "WorkUnit", "parent": "LINE-3"},
+                ]
+            },
+            "equipment[1] (WU-X): parent LINE-3 is in this file too; nest WU-X in its children",
+        ),
+        (
+            {
+                "equipment": [
+                    {
+                        "id": "LINE-3",
+                        "level": "ProductionLine",
+                        "children": [{"id": "WU-X", "level": "WorkUnit", "parent": "LINE-1"}],
+                    }
+                ]
+            },
+            "equipment[0] (LINE-3).children[0] (WU-X).parent: a nested entry's parent is the "
+            "entry it is in",
+        ),
+        (
+            {"equipment": [{"id": "LINE-1", "level": "ProductionLine", "parent": "WU-OVEN-1"}]},
+            "equipment[0] (LINE-1): its parent WU-OVEN-1 lies under it; that is a loop",
+        ),
+        (
+            {
+                "equipment": [{"id": "WU-NEW", "level": "WorkUnit", "parent": "LINE-1"}],
+                "work_masters": [
+                    {
+                        "id": "WM-NEW",
+                        "process_segment": "MIX",
+                        "work_units": [{"equipment": "WU-NEW", "ideal_cycle_time_s": 1}],
+                    }
+                ],
+            },
+            "work_masters[0] (WM-NEW).work_units[0] (WU-NEW): WU-NEW has no endpoint, so no "
+            "job could be sent to it",
+        ),
+        (
+            {"lots": [{"id": "LOT-X", "material": "FLOUR-WHEAT", "quantity": 1, "unit": "t"}]},
+            "lots[0] (LOT-X): unit 't' differs from FLOUR-WHEAT's unit 'kg'",
+        ),
+        (
+            {"equipment": [{"id": "WU-OVEN-1", "level": "WorkUnit", "endpoint": None}]},
+            "equipment[0] (WU-OVEN-1): has no endpoint, but stored work master(s) WM-BAKE-LOAF "
+            "run on it",
+        ),
+    ],
+)
+def test_bad_partial_load_names_the_entry_and_writes_nothing(
+    plant_db: sessionmaker[Session], data: Data, problem: str
+) -> None:
+    before = snapshot(plant_db)
+    data = {"material_classes": [{"id": "Spare"}], **data}  # valid, and not written either
+
+    with pytest.raises(MasterDataError) as caught:
+        load_partial(plant_db, data)
+
+    assert caught.value.problems == [problem]
+    assert snapshot(plant_db) == before
+
+
+def test_parent_is_for_partial_loads_only() -> None:
+    data = example()
+    data["equipment"].append({"id": "LINE-3", "level": "ProductionLine", "parent": "SPRINGFIELD"})
+    with pytest.raises(MasterDataError, match=r"equipment\[1\] \(LINE-3\)\.parent: only a partial"):
+        parse_plant(data)
+
+
+def test_xml_is_read_as_master_data_not_as_a_plant_file(tmp_path: Path) -> None:
+    path = tmp_path / "sync.xml"
+    path.write_text("<x/>", encoding="utf-8")
+    with pytest.raises(MasterDataError, match="read it with read_master_data_file"):
+        read_plant_file(path)

@@ -11,15 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from functools import partial
 from typing import TypeVar
 
+import httpx
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from adapters.erp.client import DeliveryError, deliver
 from adapters.jobcontrol import JobControlError, JobState
 from adapters.opcua.client import JobControlClient
-from mes import production, workorders
+from mes import production, reporting, workorders
 from mes.errors import DomainError
 from mes.production import ProductionError
 from workflows.types import Dispatch, JobChange, JobOutcome, JobStateChange, PlcCommand, WaitArgs
@@ -142,6 +146,57 @@ class MesActivities:
             self._db, lambda s: production.record_job_response(s, response)
         )
         return JobOutcome(dispatch.order.job_order_id, state, lots)
+
+    @activity.defn
+    async def deliver_reports(self, order_id: int) -> int:
+        """Send the order's undelivered ERP messages, oldest first; returns how many went.
+
+        An ERP that is away makes the activity fail retryably: Temporal tries again with
+        backoff (honouring Retry-After), always from the oldest message, so the ERP gets
+        every message in order once it is back. A message the ERP refuses for good (4xx) is
+        recorded as rejected and skipped.
+        """
+        sent = 0
+        async with httpx.AsyncClient() as http:
+            while True:
+                msg = await asyncio.to_thread(
+                    self._db, lambda s: reporting.next_undelivered(s, order_id)
+                )
+                if msg is None:
+                    return sent
+                try:
+                    await deliver(
+                        msg.url,
+                        msg.body.encode(),
+                        msg.content_type,
+                        msg.message_id,
+                        msg.order_number,
+                        client=http,
+                    )
+                except DeliveryError as e:
+                    await asyncio.to_thread(
+                        self._db,
+                        partial(
+                            reporting.mark_attempt,
+                            message_pk=msg.id,
+                            error=str(e),
+                            rejected=not e.retryable,
+                        ),
+                    )
+                    if not e.retryable:
+                        continue
+                    delay = timedelta(seconds=e.retry_after_s) if e.retry_after_s else None
+                    raise ApplicationError(
+                        f"ERP unreachable for {msg.message_id}: {e}",
+                        type="DeliveryError",
+                        next_retry_delay=delay,
+                    ) from e
+                await asyncio.to_thread(
+                    self._db,
+                    partial(reporting.mark_attempt, message_pk=msg.id, error=None, rejected=False),
+                )
+                sent += 1
+                activity.heartbeat(sent)
 
     @activity.defn
     def abort_job(self, job_order_id: str, reason: str) -> None:

@@ -121,6 +121,7 @@ class JobOrderWorkflow:
                 self._dispatch = dispatch
                 self._state = READY
                 self._plc_state = JobState.ALLOWED_TO_START
+            await self._tell_order()
 
         while not self._plc_state.is_final:
             if self._state == CANCELLED:
@@ -151,6 +152,12 @@ class JobOrderWorkflow:
                 start_to_close_timeout=STEP_TIMEOUT,
                 retry_policy=RETRY,
             )
+
+    async def _tell_order(self) -> None:
+        """The first dispatch makes the order Running: its workflow reports that."""
+        parent = workflow.info().parent
+        if parent is not None:
+            await workflow.get_external_workflow_handle(parent.workflow_id).signal("report")
 
     async def _prepare(self) -> Dispatch:
         dispatch: Dispatch = await workflow.execute_activity_method(
@@ -315,10 +322,36 @@ class JobOrderWorkflow:
 
 @workflow.defn
 class ProductionOrderWorkflow:
-    """One ERP production order: plan its job orders, run them along the routing, finish."""
+    """One ERP production order: plan its job orders, run them along the routing, finish;
+    meanwhile report every state change of the order back to its ERP."""
+
+    def __init__(self) -> None:
+        self._report = True  # the order was just released: that is news for the ERP
+        self._closing = False
+
+    @workflow.signal
+    def report(self) -> None:
+        """The order's state changed: deliver the new ERP message(s)."""
+        self._report = True
+
+    async def _reporter(self, order_id: int) -> None:
+        """Deliver ERP messages one batch at a time, so they arrive in order; the order
+        workflow ends only when the ERP has every message."""
+        while True:
+            await workflow.wait_condition(lambda: self._report or self._closing)
+            if not self._report:
+                return
+            self._report = False
+            await workflow.execute_activity_method(
+                MesActivities.deliver_reports,
+                order_id,
+                start_to_close_timeout=timedelta(minutes=5),
+                retry_policy=RETRY,
+            )
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderOutcome:
+        reporter = asyncio.create_task(self._reporter(order.order_id))
         job_ids: list[str] = await workflow.execute_activity_method(
             MesActivities.plan_order,
             order.order_id,
@@ -356,6 +389,10 @@ class ProductionOrderWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=RETRY,
         )
+        self._report = True
+        self._closing = True
+        await reporter
+        await workflow.wait_condition(workflow.all_handlers_finished)
         return OrderOutcome(
             order.order_number, final_state, late, lots if state == COMPLETED else []
         )

@@ -38,6 +38,7 @@ def build_worker(
             acts.plc_command,
             acts.set_job_state,
             acts.change_job,
+            acts.deliver_reports,
         ],
         # Threads are made on demand; every activity slot may be a database activity.
         activity_executor=ThreadPoolExecutor(max_workers=max_concurrent),

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from mes.api.deps import Services, services
+from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
 from mes.api.orders import ProductionOrderController
 from mes.api.problems import EXCEPTION_HANDLERS
 from mes.api.records import (
@@ -59,6 +60,9 @@ def create_app(
             MasterDataController,
             AuditController,
             TokenController,
+            B2mmlController,
+            ErpClientController,
+            PerformanceController,
             health,
         ],
         middleware=[AUTH_MIDDLEWARE],
@@ -82,6 +86,7 @@ def create_app(
                 Tag(name="master data", description="Products, routings and equipment"),
                 Tag(name="audit", description="The hash-chained audit trail"),
                 Tag(name="tokens", description="API tokens and roles"),
+                Tag(name="B2MML", description="ISA-95 messages in B2MML V0701; ERP callbacks"),
             ],
             components=Components(
                 security_schemes={

@@ -16,6 +16,7 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from mes import orders, workorders
 from mes.auth import Principal
 from mes.db import make_engine, make_sessionmaker
 from mes.errors import DomainError, FieldError
@@ -93,6 +94,44 @@ class Services:
                     status=409,
                 ) from e
             raise
+
+    async def act_on_order(
+        self, order_id: int, action: str, update: str, command: dict[str, Any]
+    ) -> None:
+        """Apply a supervisor action to every open work order of an order that allows it.
+
+        Later steps first: cancelling step 1 makes the order workflow cancel the rest itself.
+        A work order that moved on meanwhile (ended, or cancelled with its order) is skipped;
+        refused only when no work order took the action.
+        """
+        detail = await self.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
+        targets = [
+            j
+            for j in detail.job_orders
+            if action in workorders.allowed_actions(j.state, j.dispatched_at is not None)
+        ]
+        refusal: DomainError | None = DomainError(
+            title="Not allowed in this state",
+            detail=f"order {detail.order_number} ({detail.state}) has no work order "
+            f"that allows {action}",
+            status=409,
+        )
+        for job in reversed(targets):
+            try:
+                await self.update_job(job.id, update, command, job.state)
+                refusal = None
+            except DomainError as e:
+                if e.status != 409:
+                    raise
+                refusal = refusal and e
+        if refusal is not None:
+            raise refusal
+
+    async def report(self, workflow_id: str) -> None:
+        """Tell an order's workflow that its state changed (it reports to the ERP)."""
+        client = await self.temporal()
+        with contextlib.suppress(RPCError):  # an ended workflow has nothing left to report
+            await client.get_workflow_handle(workflow_id).signal("report")
 
     async def query_job(self, job_order_id: str) -> dict[str, Any] | None:
         """The job workflow's live status, or None when it does not run (any more)."""

@@ -12,12 +12,11 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from mes import orders, workorders
+from mes import orders
 from mes.api.deps import caller, services
 from mes.api.problems import problem
 from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
 from mes.auth import Principal
-from mes.errors import DomainError
 from mes.models import OperationsRequest, RequestState
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,19 @@ def _summary(o: OperationsRequest) -> ProductionOrderSummary:
     )
 
 
+async def _act(
+    state: State,
+    request: Request[Principal, Any, Any],
+    order_id: int,
+    action: str,
+    update: str,
+    command: dict[str, Any],
+) -> orders.ProductionOrderOut:
+    svc = services(state)
+    await svc.act_on_order(order_id, action, update, {"actor": caller(request).actor} | command)
+    return await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
+
+
 async def _set_order_state(
     state: State,
     request: Request[Principal, Any, Any],
@@ -82,7 +94,10 @@ async def _set_order_state(
         orders.set_order_state(s, order_id, new_state, actor, reason)
         return orders.order_out(s, orders.get_order(s, order_id))
 
-    return await services(state).db(write)
+    svc = services(state)
+    out = await svc.db(write)
+    await svc.report(out.workflow_id)
+    return out
 
 
 class ProductionOrderController(Controller):
@@ -111,8 +126,10 @@ class ProductionOrderController(Controller):
         svc = services(state)
         actor = caller(request).actor
 
+        source = caller(request).name
+
         def store(s: Session) -> tuple[orders.ProductionOrderOut, bool]:
-            order, created = orders.create_order(s, data, actor)
+            order, created = orders.create_order(s, data, actor, source)
             return orders.order_out(s, orders.get_order(s, order.id)), created
 
         out, created = await svc.db(store)
@@ -163,48 +180,6 @@ class ProductionOrderController(Controller):
             lambda s: orders.order_out(s, orders.get_order(s, order_id))
         )
 
-    async def _act(
-        self,
-        state: State,
-        request: Request[Principal, Any, Any],
-        order_id: int,
-        action: str,
-        update: str,
-        command: dict[str, Any],
-    ) -> orders.ProductionOrderOut:
-        """Apply one action to every open work order of the order that allows it."""
-        svc = services(state)
-        detail = await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
-        targets = [
-            j
-            for j in detail.job_orders
-            if action in workorders.allowed_actions(j.state, j.dispatched_at is not None)
-        ]
-        if not targets:
-            raise DomainError(
-                title="Not allowed in this state",
-                detail=f"order {detail.order_number} ({detail.state}) has no work order "
-                f"that allows {action}",
-                status=409,
-            )
-        actor = caller(request).actor
-        command = {"actor": actor} | command
-        # Later steps first: cancelling step 1 makes the order workflow cancel the rest itself.
-        done = 0
-        last_refusal: DomainError | None = None
-        for job in reversed(targets):
-            try:
-                await svc.update_job(job.id, update, command, job.state)
-                done += 1
-            except DomainError as e:
-                # A work order that moved on meanwhile (ended, or cancelled with its order).
-                if e.status != 409:
-                    raise
-                last_refusal = e
-        if done == 0 and last_refusal is not None:
-            raise last_refusal
-        return await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
-
     @post(
         "/{order_id:int}/hold",
         status_code=200,
@@ -220,7 +195,7 @@ class ProductionOrderController(Controller):
         data: JSONBody[Reason | None] = None,
     ) -> orders.ProductionOrderOut:
         reason = data.reason if data else None
-        await self._act(state, request, order_id, "hold", "hold", {"reason": reason})
+        await _act(state, request, order_id, "hold", "hold", {"reason": reason})
         return await _set_order_state(state, request, order_id, RequestState.HELD, reason)
 
     @post(
@@ -238,7 +213,7 @@ class ProductionOrderController(Controller):
         data: JSONBody[Reason | None] = None,
     ) -> orders.ProductionOrderOut:
         reason = data.reason if data else None
-        out = await self._act(state, request, order_id, "resume", "resume", {"reason": reason})
+        out = await _act(state, request, order_id, "resume", "resume", {"reason": reason})
         back = RequestState.RUNNING if out.started_at else RequestState.RELEASED
         return await _set_order_state(state, request, order_id, back, reason)
 
@@ -257,7 +232,7 @@ class ProductionOrderController(Controller):
         data: JSONBody[Reason | None] = None,
     ) -> orders.ProductionOrderOut:
         reason = data.reason if data else None
-        return await self._act(state, request, order_id, "cancel", "cancel", {"reason": reason})
+        return await _act(state, request, order_id, "cancel", "cancel", {"reason": reason})
 
     @patch(
         "/{order_id:int}",
@@ -276,7 +251,7 @@ class ProductionOrderController(Controller):
         await services(state).db(
             lambda s: orders.set_order_priority(s, order_id, data.priority, actor, data.reason)
         )
-        return await self._act(
+        return await _act(
             state,
             request,
             order_id,

@@ -32,6 +32,7 @@ READ_SHOP_FLOOR = frozenset({SUPERVISOR, AUDITOR})
 READ_MASTER_DATA = frozenset({ERP, SUPERVISOR, AUDITOR, ADMIN})
 READ_AUDIT = frozenset({SUPERVISOR, AUDITOR})
 ADMINISTER = frozenset({ADMIN})
+B2MML_IN = frozenset({ERP})
 
 PUBLIC_PATHS = ["^/health$", "^/schema"]
 

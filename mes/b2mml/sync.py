@@ -233,7 +233,7 @@ def _operations_definition(element: Element) -> dict[str, Any]:
         steps.append(step)
     if not steps:
         problems.append(f"{where}: no OperationsSegment (routing step)")
-    else:
+    elif not problems:  # a broken specification could be the product: no guess then
         produced = [m["material"] for m in steps[-1]["materials"] if m["use"] == "Produced"]
         if len(produced) != 1:
             problems.append(

@@ -1,0 +1,259 @@
+"""The ERP's B2MML route, ERP client settings and the performance report.
+
+``POST /api/v1/b2mml`` takes B2MML V0701 (hardened parsing, XSD validation) and ends in the
+same services as the JSON routes; every answer is B2MML: AcknowledgeOperationsSchedule,
+RespondOperationsSchedule, or ConfirmBOD (with the errors when refused). A BODID seen before
+gets the answer it got then, and nothing is done twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Annotated, Any, Literal
+
+from litestar import Controller, Request, Response, get, post, put
+from litestar.datastructures import State
+from litestar.params import FromPath, JSONBody, QueryParameter
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from mes import b2mml, masterdata, orders, reporting
+from mes.api.deps import Services, caller, services
+from mes.api.security import ADMINISTER, B2MML_IN, READ_ORDERS, allow, roles_note
+from mes.auth import Principal
+from mes.errors import DomainError
+from mes.models import B2mmlMessage
+
+log = logging.getLogger(__name__)
+API = "/api/v1"
+XML = "application/xml"
+SENDER = reporting.SENDER
+
+
+def _xml(body: bytes, status: int) -> Response[bytes]:
+    return Response(body, status_code=status, media_type=XML)
+
+
+def _refuse(original: str | None, noun: str, errors: list[str], status: int) -> Response[bytes]:
+    return _xml(b2mml.confirm_bod(original, noun, errors, SENDER), status)
+
+
+class B2mmlController(Controller):
+    path = f"{API}/b2mml"
+    tags = ["B2MML"]
+
+    @post(
+        "/",
+        guards=[allow(B2MML_IN)],
+        status_code=200,
+        summary="Receive a B2MML V0701 message from the ERP",
+        description=(
+            "ProcessOperationsSchedule (new production orders), ChangeOperationsSchedule "
+            "(quantity, due or priority of an order not started), CancelOperationsSchedule, "
+            "and Sync{MaterialDefinition,Equipment,OperationsDefinition,WorkMaster,…} "
+            "(master data). Answers AcknowledgeOperationsSchedule, RespondOperationsSchedule or "
+            "ConfirmBOD; refused messages get a ConfirmBOD listing the errors (4xx) and change "
+            "nothing. Idempotent on BODID and on each OperationsRequest ID. " + roles_note(B2MML_IN)
+        ),
+        request_body_media_type=XML,
+        media_type=XML,
+    )
+    async def receive(self, request: Request[Principal, Any, Any], state: State) -> Response[bytes]:
+        svc = services(state)
+        body = await request.body()
+        try:
+            message = b2mml.decode(body)
+        except b2mml.B2MMLError as e:
+            return _refuse(e.bod_id, "B2MML", list(e.reasons), 400)
+
+        bod_id = message.bod_id or f"anonymous-{uuid.uuid4()}"
+        seen = await svc.db(
+            lambda s: s.scalar(select(B2mmlMessage).where(B2mmlMessage.bod_id == bod_id))
+        )
+        if seen is not None:
+            return _xml(seen.response.encode(), seen.status)
+
+        who = caller(request)
+        if isinstance(message, b2mml.ProcessOperationsSchedule):
+            response = await _process(svc, message, who)
+        elif isinstance(message, b2mml.ChangeOperationsSchedule):
+            response = await _change(svc, message, who)
+        elif isinstance(message, b2mml.CancelOperationsSchedule):
+            response = await _cancel(svc, message, who)
+        else:
+            response = await _sync(svc, message, who)
+
+        def remember(s: Session) -> None:
+            s.add(
+                B2mmlMessage(
+                    bod_id=bod_id,
+                    noun=type(message).__name__,
+                    sender=message.sender or who.name,
+                    status=response.status_code,
+                    response=bytes(response.content).decode(),
+                )
+            )
+            try:
+                s.commit()
+            except IntegrityError:
+                s.rollback()  # the same BODID handled concurrently: its first answer stands
+
+        await svc.db(remember)
+        return response
+
+
+async def _process(
+    svc: Services, message: b2mml.ProcessOperationsSchedule, who: Principal
+) -> Response[bytes]:
+    noun = "ProcessOperationsSchedule"
+    bodies: list[orders.ProductionOrderIn] = []
+    errors: list[str] = []
+    for request in message.requests:
+        try:
+            bodies.append(request.to_order_in())
+        except b2mml.B2MMLError as e:
+            errors.extend(e.reasons)
+
+    def check(s: Session) -> list[str]:
+        problems = []
+        for body, request in zip(bodies, message.requests, strict=False):
+            try:
+                orders.check_order(s, body)
+                routing = orders.routing_of(s, body.product)
+                if request.routing and request.routing != routing:
+                    problems.append(
+                        f"OperationsRequest {body.order_number}: OperationsDefinitionID "
+                        f"{request.routing} is not the routing of {body.product} ({routing})"
+                    )
+            except DomainError as e:
+                problems.append(f"OperationsRequest {body.order_number}: {e.detail}")
+        return problems
+
+    if not errors:
+        errors = await svc.db(check)
+    if errors:
+        return _refuse(message.bod_id, noun, errors, 422)
+
+    accepted = []
+    for body in bodies:
+
+        def store(s: Session, body: orders.ProductionOrderIn = body) -> orders.ProductionOrderOut:
+            order, _ = orders.create_order(s, body, who.actor, who.name)
+            return orders.order_out(s, orders.get_order(s, order.id))
+
+        out = await svc.db(store)
+        await svc.start_order_workflow(out.id, out.order_number, out.workflow_id)
+        accepted.append((out.order_number, out.state))
+    if message.acknowledge_code is None and message.confirmation_code == "Always":
+        return _refuse(message.bod_id, noun, [], 200)  # a ConfirmBOD "Accepted"
+    return _xml(b2mml.acknowledge_operations_schedule(message, accepted, SENDER), 200)
+
+
+async def _change(
+    svc: Services, message: b2mml.ChangeOperationsSchedule, who: Principal
+) -> Response[bytes]:
+    results: list[tuple[str, bool, str | None]] = []
+    for req in message.requests:
+        accepted, reason = await svc.db(
+            lambda s, r=req: orders.change_order(  # type: ignore[misc]
+                s, r.order_number, who.actor, r.quantity, r.due, r.priority
+            )
+        )
+        results.append((req.order_number, accepted, reason))
+    status = 200 if all(ok for _, ok, _ in results) else 409
+    return _xml(b2mml.respond_operations_schedule(message, results, SENDER), status)
+
+
+async def _cancel(
+    svc: Services, message: b2mml.CancelOperationsSchedule, who: Principal
+) -> Response[bytes]:
+    errors = []
+    for number in message.order_ids:
+        try:
+            order_id = await svc.db(lambda s, n=number: orders.order_id_by_number(s, n))  # type: ignore[misc]
+            await svc.act_on_order(
+                order_id, "cancel", "cancel", {"actor": who.actor, "reason": "ERP cancel"}
+            )
+        except DomainError as e:
+            errors.append(f"OperationsRequest {number}: {e.detail}")
+    return _refuse(message.bod_id, "CancelOperationsSchedule", errors, 409 if errors else 200)
+
+
+async def _sync(svc: Services, message: b2mml.SyncMasterData, who: Principal) -> Response[bytes]:
+    noun = f"Sync{message.noun}"
+    try:
+        plant = masterdata.parse_plant(message.plant, partial=True)
+
+        def load(s: Session) -> masterdata.LoadReport:
+            report = masterdata.load_plant(s, plant, partial=True, actor=who.actor)
+            s.commit()
+            return report
+
+        report = await svc.db(load)
+    except masterdata.MasterDataError as e:
+        return _refuse(message.bod_id, noun, list(e.problems), 422)
+    log.info("%s from %s: %s", noun, who.name, report)
+    return _refuse(message.bod_id, noun, [], 200)
+
+
+class ErpClientController(Controller):
+    path = f"{API}/erp-clients"
+    tags = ["B2MML"]
+
+    @put(
+        "/{name:str}",
+        guards=[allow(ADMINISTER)],
+        summary="Set where an ERP client (by its token's name) gets its callbacks, and how",
+        description=roles_note(ADMINISTER),
+    )
+    async def set_client(
+        self,
+        name: FromPath[str],
+        data: JSONBody[reporting.ErpClientIn],
+        state: State,
+        request: Request[Principal, Any, Any],
+    ) -> reporting.ErpClientOut:
+        actor = caller(request).actor
+        return await services(state).db(lambda s: reporting.set_erp_client(s, name, data, actor))
+
+    @get(
+        "/{name:str}",
+        guards=[allow(ADMINISTER)],
+        summary="An ERP client's callback settings",
+        description=roles_note(ADMINISTER),
+    )
+    async def get_client(self, name: FromPath[str], state: State) -> reporting.ErpClientOut:
+        return await services(state).db(lambda s: reporting.get_erp_client(s, name))
+
+
+class PerformanceController(Controller):
+    path = f"{API}/production-orders"
+    tags = ["production orders"]
+
+    @get(
+        "/{order_id:int}/performance",
+        guards=[allow(READ_ORDERS)],
+        summary="The order's performance: B2MML SyncOperationsPerformance or its JSON",
+        description="The document the ERP gets with every state change. " + roles_note(READ_ORDERS),
+        media_type=XML,
+    )
+    async def performance(
+        self,
+        order_id: FromPath[int],
+        state: State,
+        format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",
+    ) -> Response[bytes]:
+        def build(s: Session) -> tuple[str, str]:
+            order = orders.get_order(s, order_id)
+            doc = reporting.performance(s, order)
+            return reporting.render(
+                doc, format, f"MES-{order.external_id}-now-{uuid.uuid4().hex[:8]}"
+            )
+
+        content_type, body = await services(state).db(build)
+        if content_type != XML:
+            body = json.dumps(json.loads(body)["operations_performance"], indent=2)
+        return Response(body.encode(), media_type=content_type)

@@ -1,0 +1,260 @@
+"""Reporting production back to the ERP: an outbox written with every order state change.
+
+Whenever an order's state changes (released, running, held, completed, aborted, cancelled),
+the same database transaction adds an ``erp_message`` with the order's performance as it is
+then (B2MML ``SyncOperationsPerformance`` or its JSON equivalent, as the ERP client asked).
+One session hook does this for every writer, so no code path can change a state and forget
+the report. The order's workflow delivers the messages in order (``next_undelivered`` and
+``mark_*`` below, called by its delivery activity), retrying with backoff while the ERP is
+away; each message keeps one ``message_id`` (the BODID) so the ERP can drop duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from sqlalchemy import event, func, inspect, select
+from sqlalchemy.orm import Session, selectinload
+
+from mes import audit
+from mes.b2mml import (
+    MaterialActualData,
+    OperationsPerformanceData,
+    SegmentResponseData,
+    sync_operations_performance,
+)
+from mes.errors import NotFound
+from mes.models import (
+    ErpClient,
+    ErpMessage,
+    OperationsRequest,
+    utcnow,
+)
+
+SENDER = "MES"
+B2MML_XML = "application/xml"
+JSON = "application/json"
+
+
+class ErpClientIn(BaseModel):
+    """Where an ERP client wants its callbacks, and in which format."""
+
+    model_config = ConfigDict(extra="forbid")
+    callback_url: HttpUrl
+    format: str = Field(pattern="^(json|b2mml)$", description='"json" or "b2mml"')
+
+
+class ErpClientOut(BaseModel):
+    name: str
+    callback_url: str
+    format: str
+
+
+def set_erp_client(
+    session: Session, name: str, body: ErpClientIn, actor: str = audit.SYSTEM
+) -> ErpClientOut:
+    """Create or change the callback settings of the ERP client ``name`` (its token's name)."""
+    client = session.scalar(select(ErpClient).where(ErpClient.name == name))
+    before = (
+        None if client is None else {"callback_url": client.callback_url, "format": client.format}
+    )
+    if client is None:
+        client = ErpClient(name=name, callback_url=str(body.callback_url), format=body.format)
+        session.add(client)
+    else:
+        client.callback_url, client.format = str(body.callback_url), body.format
+        client.updated_at = utcnow()
+    after = {"callback_url": str(body.callback_url), "format": body.format}
+    if before != after:
+        audit.record(
+            session,
+            actor=actor,
+            action="erp_client.set",
+            object_type="erp_client",
+            object_id=name,
+            before=before,
+            after=after,
+        )
+    session.commit()
+    return ErpClientOut(name=name, callback_url=client.callback_url, format=client.format)
+
+
+def get_erp_client(session: Session, name: str) -> ErpClientOut:
+    client = session.scalar(select(ErpClient).where(ErpClient.name == name))
+    if client is None:
+        raise NotFound("ERP client", name)
+    return ErpClientOut(name=name, callback_url=client.callback_url, format=client.format)
+
+
+def performance(session: Session, order: OperationsRequest) -> OperationsPerformanceData:
+    """The order's performance now: one segment response per routing step, with its lots."""
+    # The relationship, not a query: a new order's steps are not in the database yet.
+    requirements = order.segment_requirements
+    segments = []
+    for req in requirements:
+        job = req.job_order
+        response = job.job_response if job else None
+        segment = req.operations_segment
+        segments.append(
+            SegmentResponseData(
+                id=job.external_id if job else f"{order.external_id}-{req.sequence:02d}",
+                process_segment_id=(
+                    segment.process_segment.external_id
+                    if segment.process_segment
+                    else segment.external_id
+                ),
+                state=req.state,
+                actual_start=job.started_at if job else None,
+                actual_end=job.ended_at if job else None,
+                operations_segment_id=segment.external_id,
+                equipment_id=job.equipment.external_id if job else None,
+                material_actuals=[
+                    MaterialActualData(
+                        material_definition_id=a.material_definition.external_id,
+                        quantity=a.quantity,
+                        unit=a.unit,
+                        use=a.use,
+                        lot_id=a.material_lot.external_id,
+                    )
+                    for a in (response.material_actuals if response else [])
+                ],
+            )
+        )
+    return OperationsPerformanceData(
+        order_number=order.external_id,
+        state=order.state,
+        operations_definition_id=order.operations_definition.external_id,
+        actual_start=order.started_at,
+        actual_end=order.completed_at,
+        segments=segments,
+    )
+
+
+def render(perf: OperationsPerformanceData, fmt: str, message_id: str) -> tuple[str, str]:
+    """The document in the client's format: (content type, body)."""
+    if fmt == "b2mml":
+        return B2MML_XML, sync_operations_performance(perf, message_id, SENDER).decode()
+    body = {"message_id": message_id, "sender": SENDER, "operations_performance": perf.to_json()}
+    return JSON, json.dumps(body, sort_keys=True)
+
+
+@event.listens_for(Session, "before_flush")
+def _outbox(session: Session, _context: object, _instances: object) -> None:
+    """Add an ERP message for every order whose state this flush changes (or creates)."""
+    changed = [
+        o
+        for o in list(session.new) + list(session.dirty)
+        if isinstance(o, OperationsRequest)
+        and o.source
+        and (o in session.new or inspect(o).attrs.state.history.has_changes())
+    ]
+    if not changed:
+        return
+    with session.no_autoflush:
+        for order in changed:
+            client = session.scalar(select(ErpClient).where(ErpClient.name == order.source))
+            if client is None:
+                continue
+            seq = 1 + _last_seq(session, order)
+            message_id = f"MES-{order.external_id}-{seq:04d}"
+            content_type, body = render(performance(session, order), client.format, message_id)
+            session.add(
+                ErpMessage(
+                    operations_request=order,
+                    seq=seq,
+                    message_id=message_id,
+                    erp_client=client.name,
+                    state=order.state,
+                    content_type=content_type,
+                    body=body,
+                )
+            )
+
+
+def _last_seq(session: Session, order: OperationsRequest) -> int:
+    pending = [
+        m.seq for m in session.new if isinstance(m, ErpMessage) and m.operations_request is order
+    ]
+    stored = (
+        session.scalar(
+            select(func.max(ErpMessage.seq)).where(ErpMessage.operations_request_id == order.id)
+        )
+        if order.id is not None
+        else None
+    )
+    return max([stored or 0, *pending])
+
+
+class Delivery(BaseModel):
+    """The next message to send for an order, and where to."""
+
+    id: int
+    message_id: str
+    order_number: str
+    url: str
+    content_type: str
+    body: str
+
+
+def next_undelivered(session: Session, order_id: int) -> Delivery | None:
+    """The order's oldest message not yet delivered (nor refused for good)."""
+    msg = session.scalar(
+        select(ErpMessage)
+        .where(
+            ErpMessage.operations_request_id == order_id,
+            ErpMessage.delivered_at.is_(None),
+            ErpMessage.rejected_at.is_(None),
+        )
+        .order_by(ErpMessage.seq)
+        .limit(1)
+        .options(selectinload(ErpMessage.operations_request))
+    )
+    if msg is None:
+        return None
+    client = session.scalar(select(ErpClient).where(ErpClient.name == msg.erp_client))
+    if client is None:
+        return None
+    return Delivery(
+        id=msg.id,
+        message_id=msg.message_id,
+        order_number=msg.operations_request.external_id,
+        url=client.callback_url,
+        content_type=msg.content_type,
+        body=msg.body,
+    )
+
+
+def mark_attempt(session: Session, message_pk: int, error: str | None, rejected: bool) -> None:
+    """Record a delivery attempt: delivered (no error), failed for now, or refused for good."""
+    msg = session.get_one(ErpMessage, message_pk)
+    msg.attempts += 1
+    msg.last_error = error
+    if error is None:
+        msg.delivered_at = utcnow()
+    elif rejected:
+        msg.rejected_at = utcnow()
+    session.commit()
+
+
+def messages(session: Session, order_id: int) -> list[dict[str, Any]]:
+    """The order's messages with their delivery state (for the API and the demo)."""
+    rows = session.scalars(
+        select(ErpMessage)
+        .where(ErpMessage.operations_request_id == order_id)
+        .order_by(ErpMessage.seq)
+    )
+    return [
+        {
+            "seq": m.seq,
+            "message_id": m.message_id,
+            "state": m.state,
+            "content_type": m.content_type,
+            "attempts": m.attempts,
+            "delivered_at": m.delivered_at,
+            "rejected_at": m.rejected_at,
+            "last_error": m.last_error,
+        }
+        for m in rows
+    ]
