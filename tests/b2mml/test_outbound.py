@@ -308,16 +308,29 @@ def test_performance_to_json_round_trips() -> None:
             "segment S: 'Done' is not an ISA-95",
         ),
         (
-            {"segments": [SegmentResponseData(
-                "S", "MIX", "Running",
-                material_actuals=[MaterialActualData("X", math.nan, "kg", "Consumed")],
-            )]},
+            {
+                "segments": [
+                    SegmentResponseData(
+                        "S",
+                        "MIX",
+                        "Running",
+                        material_actuals=[MaterialActualData("X", math.nan, "kg", "Consumed")],
+                    )
+                ]
+            },
             "nan is not a finite number",
         ),
         (
-            {"segments": [SegmentResponseData(
-                "S", "MIX", "Running", material_actuals=[MaterialActualData("X", 1, "kg", "Eaten")],
-            )]},
+            {
+                "segments": [
+                    SegmentResponseData(
+                        "S",
+                        "MIX",
+                        "Running",
+                        material_actuals=[MaterialActualData("X", 1, "kg", "Eaten")],
+                    )
+                ]
+            },
             "'Eaten' is not a B2MML MaterialUse",
         ),
     ],

@@ -70,7 +70,10 @@ MATERIALS = sync(
         <UnitOfMeasure>ea</UnitOfMeasure></Value></MaterialDefinitionProperty>
       <MaterialClassID>FinishedGood</MaterialClassID></MaterialDefinition>""",
 )
-SEGMENT = sync("ProcessSegment", "<ProcessSegment><ID>PROOF</ID><Description>Proof</Description></ProcessSegment>")
+SEGMENT = sync(
+    "ProcessSegment",
+    "<ProcessSegment><ID>PROOF</ID><Description>Proof</Description></ProcessSegment>",
+)
 # A new prover under the stored LINE-1 (HierarchyScope), with its controller endpoint.
 EQUIPMENT = sync(
     "Equipment",
@@ -132,8 +135,12 @@ ROUTING = sync(
 
 def test_each_noun_maps_to_its_plant_section() -> None:
     assert plant_of(MATERIALS)["materials"] == [
-        {"id": "DOUGH-PROOFED", "description": "Proofed dough", "material_class": "Intermediate",
-         "unit": "kg"},
+        {
+            "id": "DOUGH-PROOFED",
+            "description": "Proofed dough",
+            "material_class": "Intermediate",
+            "unit": "kg",
+        },
         {"id": "BREAD-PROOFED", "material_class": "FinishedGood", "unit": "ea"},
     ]
     assert plant_of(SEGMENT) == {"process_segments": [{"id": "PROOF", "description": "Proof"}]}
@@ -210,35 +217,51 @@ def test_equipment_of_one_message_nest_by_hierarchy_scope() -> None:
     [
         (
             sync("MaterialDefinition", "<MaterialDefinition><ID>X</ID></MaterialDefinition>"),
-            ["MaterialDefinition X: no unit; give a MaterialDefinitionProperty with ID "
-             "UnitOfMeasure and the unit as its Value/ValueString"],
+            [
+                "MaterialDefinition X: no unit; give a MaterialDefinitionProperty with ID "
+                "UnitOfMeasure and the unit as its Value/ValueString"
+            ],
         ),
         (
-            sync("Equipment", "<Equipment><ID>E</ID><EquipmentChild><ID>F</ID></EquipmentChild>"
-                 "</Equipment>"),
+            sync(
+                "Equipment",
+                "<Equipment><ID>E</ID><EquipmentChild><ID>F</ID></EquipmentChild></Equipment>",
+            ),
             ["Equipment E: no EquipmentLevel", "Equipment F: no EquipmentLevel"],
         ),
         (
-            sync("OperationsDefinition", f"""<OperationsDefinition><ID>OD</ID>
+            sync(
+                "OperationsDefinition",
+                f"""<OperationsDefinition><ID>OD</ID>
               <OperationsSegment><ID>S</ID>{spec("1", "A", "Consumed", "1", "kg")}
               <MaterialSpecification><ID>2</ID><MaterialUse>Produced</MaterialUse>
-              </MaterialSpecification></OperationsSegment></OperationsDefinition>"""),
-            ["OperationsDefinition OD.OperationsSegment S: no WorkMasterSourceID (the work "
-             "master that runs it)",
-             "OperationsDefinition OD.OperationsSegment S.MaterialSpecification 2: "
-             "no MaterialDefinitionID",
-             "OperationsDefinition OD.OperationsSegment S.MaterialSpecification 2: no Quantity"],
+              </MaterialSpecification></OperationsSegment></OperationsDefinition>""",
+            ),
+            [
+                "OperationsDefinition OD.OperationsSegment S: no WorkMasterSourceID (the work "
+                "master that runs it)",
+                "OperationsDefinition OD.OperationsSegment S.MaterialSpecification 2: "
+                "no MaterialDefinitionID",
+                "OperationsDefinition OD.OperationsSegment S.MaterialSpecification 2: no Quantity",
+            ],
         ),
         (
-            sync("OperationsDefinition", f"""<OperationsDefinition><ID>OD</ID>
+            sync(
+                "OperationsDefinition",
+                f"""<OperationsDefinition><ID>OD</ID>
               <OperationsSegment><ID>S</ID><WorkMasterSourceID>W</WorkMasterSourceID>
               {spec("1", "A", "Consumed", "1", "kg")}</OperationsSegment>
-              </OperationsDefinition>"""),
-            ["OperationsDefinition OD: its last OperationsSegment must specify exactly one "
-             "Produced material, the product (found 0)"],
+              </OperationsDefinition>""",
+            ),
+            [
+                "OperationsDefinition OD: its last OperationsSegment must specify exactly one "
+                "Produced material, the product (found 0)"
+            ],
         ),
         (
-            sync("WorkMaster", f"""<WorkMaster><ID>W</ID>
+            sync(
+                "WorkMaster",
+                f"""<WorkMaster><ID>W</ID>
               <ParameterSpecification><ID>T</ID>{value("hot")}</ParameterSpecification>
               <ParameterSpecification><ID>U</ID>{value("1", key="Max")}</ParameterSpecification>
               <EquipmentSpecification><ID>E</ID><EquipmentClassID>Ovens</EquipmentClassID>
@@ -246,14 +269,17 @@ def test_equipment_of_one_message_nest_by_hierarchy_scope() -> None:
               <EquipmentSpecification><ID>F</ID><EquipmentID>WU-OVEN-1</EquipmentID>
               <EquipmentSpecificationProperty><ID>IdealCycleTime</ID>{value("2", "furlong")}
               </EquipmentSpecificationProperty></EquipmentSpecification>
-              </WorkMaster>"""),
-            ["WorkMaster W: no ProcessSegmentID",
-             "WorkMaster W.ParameterSpecification T.default: 'hot' is not a number",
-             "WorkMaster W.ParameterSpecification U: no default Value",
-             "WorkMaster W.EquipmentSpecification E: no EquipmentID (equipment classes are not "
-             "supported)",
-             "WorkMaster W.EquipmentSpecification F.IdealCycleTime: unit 'furlong' is not a "
-             "time unit (s, ms, min, h)"],
+              </WorkMaster>""",
+            ),
+            [
+                "WorkMaster W: no ProcessSegmentID",
+                "WorkMaster W.ParameterSpecification T.default: 'hot' is not a number",
+                "WorkMaster W.ParameterSpecification U: no default Value",
+                "WorkMaster W.EquipmentSpecification E: no EquipmentID (equipment classes are not "
+                "supported)",
+                "WorkMaster W.EquipmentSpecification F.IdealCycleTime: unit 'furlong' is not a "
+                "time unit (s, ms, min, h)",
+            ],
         ),
     ],
 )
@@ -283,7 +309,9 @@ def test_one_noun_at_a_time_builds_a_new_routing(plant_db: sessionmaker[Session]
     ]
     prover = next(u for u in line_1["children"] if u["id"] == "WU-PROVER-1")
     assert prover["endpoint"] == {
-        "protocol": "opcua", "url": "opc.tcp://127.0.0.1:4840/", "machine": "WU-PROVER-1",
+        "protocol": "opcua",
+        "url": "opc.tcp://127.0.0.1:4840/",
+        "machine": "WU-PROVER-1",
     }
 
     # Loading the same messages again changes nothing.
@@ -320,9 +348,7 @@ def test_sync_keeps_what_b2mml_cannot_carry(plant_db: sessionmaker[Session]) -> 
         assert row.parent is not None and row.parent.external_id == "LINE-1"
         assert row.endpoint is not None and row.endpoint.machine == "WU-OVEN-1"
         wm = s.scalars(select(WorkMaster).filter_by(external_id="WM-BAKE-LOAF")).one()
-        assert [(p.name, p.default, p.unit) for p in wm.parameters] == [
-            ("OvenTemp", 225, "degC")
-        ]
+        assert [(p.name, p.default, p.unit) for p in wm.parameters] == [("OvenTemp", 225, "degC")]
         assert [(e.equipment.external_id, e.ideal_cycle_time_s) for e in wm.equipment] == [
             ("WU-OVEN-2", 1.5)
         ]
@@ -334,25 +360,34 @@ def test_sync_keeps_what_b2mml_cannot_carry(plant_db: sessionmaker[Session]) -> 
     ("data", "problem"),
     [
         (
-            sync("WorkMaster", f"""<WorkMaster><ID>WM-NEW</ID>
+            sync(
+                "WorkMaster",
+                f"""<WorkMaster><ID>WM-NEW</ID>
               <ParameterSpecification><ID>T</ID>{value("1")}</ParameterSpecification>
               <EquipmentSpecification><ID>E</ID><EquipmentID>WU-NOPE</EquipmentID>
               <EquipmentSpecificationProperty><ID>IdealCycleTime</ID>{value("1")}
               </EquipmentSpecificationProperty></EquipmentSpecification>
-              <ProcessSegmentID>MIX</ProcessSegmentID></WorkMaster>"""),
+              <ProcessSegmentID>MIX</ProcessSegmentID></WorkMaster>""",
+            ),
             "work_masters[0] (WM-NEW).work_units[0] (WU-NOPE): unknown equipment 'WU-NOPE'",
         ),
         (
-            sync("MaterialDefinition", f"""<MaterialDefinition><ID>FLOUR-WHEAT</ID>
+            sync(
+                "MaterialDefinition",
+                f"""<MaterialDefinition><ID>FLOUR-WHEAT</ID>
               <MaterialDefinitionProperty><ID>UnitOfMeasure</ID>{value("t")}
-              </MaterialDefinitionProperty></MaterialDefinition>"""),
+              </MaterialDefinitionProperty></MaterialDefinition>""",
+            ),
             "materials[0] (FLOUR-WHEAT): unit 't' would mislabel 3 stored lot(s) counted in 'kg'",
         ),
         (
-            sync("Equipment", """<Equipment><ID>SPRINGFIELD</ID>
+            sync(
+                "Equipment",
+                """<Equipment><ID>SPRINGFIELD</ID>
               <HierarchyScope><EquipmentID>LINE-2</EquipmentID>
               <EquipmentLevel>ProductionLine</EquipmentLevel></HierarchyScope>
-              <EquipmentLevel>Site</EquipmentLevel></Equipment>"""),
+              <EquipmentLevel>Site</EquipmentLevel></Equipment>""",
+            ),
             "equipment[0] (SPRINGFIELD): its parent LINE-2 lies under it; that is a loop",
         ),
         (
@@ -394,11 +429,17 @@ def test_load_plant_file_takes_a_sync_message(plant_db: sessionmaker[Session]) -
 @pytest.mark.parametrize(
     ("name", "content", "problem"),
     [
-        ("orders.xml", (EXAMPLES / "process-operations-schedule.xml").read_bytes(),
-         "orders.xml: holds a ProcessOperationsSchedule, not a B2MML Sync master data message"),
+        (
+            "orders.xml",
+            (EXAMPLES / "process-operations-schedule.xml").read_bytes(),
+            "orders.xml: holds a ProcessOperationsSchedule, not a B2MML Sync master data message",
+        ),
         ("broken.xml", b"<SyncEquipment", "broken.xml: not well-formed XML: line 1"),
-        ("bad.xml", MATERIALS.replace(b"<ID>UnitOfMeasure</ID>", b"<ID>Colour</ID>", 1),
-         "bad.xml: MaterialDefinition DOUGH-PROOFED: no unit"),
+        (
+            "bad.xml",
+            MATERIALS.replace(b"<ID>UnitOfMeasure</ID>", b"<ID>Colour</ID>", 1),
+            "bad.xml: MaterialDefinition DOUGH-PROOFED: no unit",
+        ),
     ],
 )
 def test_unfit_xml_files_are_master_data_errors(
