@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="apply all migrations (alembic upgrade head)")
-    load = sub.add_parser("load", help="load master data from a plant file (YAML or JSON)")
+    load = sub.add_parser(
+        "load", help="load master data: a plant file (YAML or JSON) or a B2MML Sync message (XML)"
+    )
     load.add_argument("file", type=Path)
     load.add_argument("--opcua-url", help="point every OPC UA endpoint at this server URL")
     sim = sub.add_parser("sim", help="simulators")

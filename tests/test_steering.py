@@ -47,7 +47,7 @@ async def line(
         async with embedded_stack(
             settings,
             plant_file=Path(plant_file),
-            cycle_time_s=1.5,
+            cycle_time_s=2.5,
             temporal_ui=False,
             temporal_client=temporal_env.client,
         ) as stack:

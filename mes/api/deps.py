@@ -100,7 +100,6 @@ class Services:
     ) -> None:
         """Apply a supervisor action to every open work order of an order that allows it.
 
-        Later steps first: cancelling step 1 makes the order workflow cancel the rest itself.
         A work order that moved on meanwhile (ended, or cancelled with its order) is skipped;
         refused only when no work order took the action.
         """
@@ -110,21 +109,24 @@ class Services:
             for j in detail.job_orders
             if action in workorders.allowed_actions(j.state, j.dispatched_at is not None)
         ]
-        refusal: DomainError | None = DomainError(
+        refusal = DomainError(
             title="Not allowed in this state",
             detail=f"order {detail.order_number} ({detail.state}) has no work order "
             f"that allows {action}",
             status=409,
         )
-        for job in reversed(targets):
+        took = False
+        # Cancel later steps first: cancelling step 1 makes the order workflow cancel the
+        # rest itself. Other actions go in routing order (the running job first).
+        for job in reversed(targets) if action == "cancel" else targets:
             try:
                 await self.update_job(job.id, update, command, job.state)
-                refusal = None
+                took = True
             except DomainError as e:
                 if e.status != 409:
                     raise
-                refusal = refusal and e
-        if refusal is not None:
+                refusal = e
+        if not took:
             raise refusal
 
     async def report(self, workflow_id: str) -> None:

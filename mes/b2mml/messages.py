@@ -59,6 +59,7 @@ from mes.b2mml.parsing import (
     quantity_of,
     text,
 )
+from mes.b2mml.sync import SYNC_NOUNS, plant_of
 from mes.orders import ProductionOrderIn
 
 __all__ = [
@@ -239,9 +240,6 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
 
 
 def _decode(root: Element, name: str) -> Message:
-    # Imported here: sync imports this module's types.
-    from mes.b2mml.sync import SYNC_NOUNS, plant_of
-
     envelope = _envelope(root)
     data_area = child(root, "DataArea")
     if name == "ProcessOperationsSchedule":

@@ -159,7 +159,8 @@ def _has_doctype(data: bytes) -> bool:
     """Whether the bytes declare a DOCTYPE, in UTF-8/ASCII or UTF-16 (NULs dropped).
 
     Checked before lxml parses anything, so a hostile internal subset is never even read;
-    the parsed document's own DTD information is checked again afterwards.
+    the parsed document's own DTD information is checked again afterwards. The price: a
+    comment or CDATA section holding the literal text "<!DOCTYPE" is refused too.
     """
     return b"<!DOCTYPE" in data or b"<!DOCTYPE" in data.replace(b"\x00", b"")
 
@@ -220,6 +221,7 @@ def q(name: str) -> str:
 
 
 def local_name(element: Element) -> str:
+    """An element's name without its namespace: ``ProcessOperationsSchedule``."""
     return str(etree.QName(element).localname)
 
 
@@ -267,6 +269,7 @@ def parse_datetime(value: str, where: str) -> datetime:
 
 
 def datetime_of(element: Element, name: str, where: str) -> datetime | None:
+    """The ``xsd:dateTime`` of the first child called ``name``; None when it is missing."""
     value = text(element, name)
     return None if value is None else parse_datetime(value, f"{where}.{name}")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import mes.b2mml.parsing as parsing
 from mes.b2mml import B2MMLError, decode, parse_xml
 from tests.b2mml.conftest import example
 
@@ -61,8 +62,6 @@ def test_doctype_is_refused(data: bytes) -> None:
 def test_entities_are_not_expanded_even_past_the_byte_check(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import mes.b2mml.parsing as parsing
-
     # Without the byte check, the parser itself must neither expand nor load anything:
     # libxml2 stops the bomb, and the file's entity is never read.
     monkeypatch.setattr(parsing, "_has_doctype", lambda data: False)

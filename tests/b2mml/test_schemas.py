@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import filecmp
+import shutil
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
-from mes.b2mml.parsing import XSD_DIR, schema, schema_files
+import mes.b2mml.parsing as parsing
+from mes.b2mml.parsing import XSD_DIR, parse_xml, schema, schema_files
+from tests.b2mml.conftest import EXAMPLES
 
 # Beside the repository: the standards folder the schemas were copied from.
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "standards" / "b2mml"
@@ -35,19 +39,13 @@ def test_readme_and_licence_carry_the_mesa_line() -> None:
 def test_schemas_are_mesas_files_unchanged() -> None:
     names = sorted(p.name for p in SHARED.iterdir())
     assert sorted(p.name for p in XSD_DIR.iterdir() if p.name != "README.md") == names
-    match, mismatch, errors = filecmp.cmpfiles(SHARED, XSD_DIR, names, shallow=False)
+    _, mismatch, errors = filecmp.cmpfiles(SHARED, XSD_DIR, names, shallow=False)
     assert (mismatch, errors) == ([], [])
 
 
 def test_a_schema_pointing_elsewhere_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shutil
-
-    from lxml import etree
-
-    import mes.b2mml.parsing as parsing
-
     copy = tmp_path / "xsd"
     shutil.copytree(XSD_DIR, copy)
     confirm = copy / "B2MML-ConfirmBOD.xsd"
@@ -62,3 +60,18 @@ def test_a_schema_pointing_elsewhere_is_refused(
         monkeypatch.setattr(parsing, "XSD_DIR", copy.resolve())
         with pytest.raises(etree.XMLSchemaParseError, match="Failed to parse"):
             parsing._load_schema()
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.xml")), ids=lambda p: p.name)
+def test_every_example_is_valid_b2mml(path: Path) -> None:
+    root = parse_xml(path.read_bytes())
+    assert root.get("releaseID") == "7.01"
+
+
+def test_the_four_examples_are_there() -> None:
+    assert {p.name for p in EXAMPLES.glob("*.xml")} >= {
+        "process-operations-schedule.xml",
+        "change-operations-schedule.xml",
+        "cancel-operations-schedule.xml",
+        "sync-material-definition.xml",
+    }

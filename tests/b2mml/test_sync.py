@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from mes.audit import verify
 from mes.b2mml import B2MMLError, SyncMasterData, decode
 from mes.masterdata import (
     MasterDataError,
@@ -19,7 +20,13 @@ from mes.masterdata import (
     parse_plant,
     read_master_data_file,
 )
-from mes.models import Equipment, MaterialDefinition, TestSpecification, WorkMaster
+from mes.models import (
+    AuditEvent,
+    Equipment,
+    MaterialDefinition,
+    TestSpecification,
+    WorkMaster,
+)
 from tests.b2mml.conftest import EXAMPLES
 from tests.test_masterdata import snapshot
 
@@ -104,8 +111,8 @@ WORK_MASTER = sync(
 
 
 def spec(id_: str, material: str, use: str, quantity: str, unit: str) -> str:
-    return f"""<MaterialSpecification><ID>{id_}</ID><MaterialDefinitionID>{material}</MaterialDefinitionID>
-      <MaterialUse>{use}</MaterialUse><Quantity><QuantityString>{quantity}</QuantityString>
+    return f"""<MaterialSpecification><ID>{id_}</ID>
+      <MaterialDefinitionID>{material}</MaterialDefinitionID><MaterialUse>{use}</MaterialUse><Quantity><QuantityString>{quantity}</QuantityString>
       <UnitOfMeasure>{unit}</UnitOfMeasure></Quantity></MaterialSpecification>"""
 
 
@@ -345,8 +352,10 @@ def test_sync_keeps_what_b2mml_cannot_carry(plant_db: sessionmaker[Session]) -> 
     with plant_db() as s:
         row = s.scalars(select(Equipment).filter_by(external_id="WU-OVEN-1")).one()
         assert row.description == "Tunnel oven, relined"
-        assert row.parent is not None and row.parent.external_id == "LINE-1"
-        assert row.endpoint is not None and row.endpoint.machine == "WU-OVEN-1"
+        assert row.parent is not None
+        assert row.parent.external_id == "LINE-1"
+        assert row.endpoint is not None
+        assert row.endpoint.machine == "WU-OVEN-1"
         wm = s.scalars(select(WorkMaster).filter_by(external_id="WM-BAKE-LOAF")).one()
         assert [(p.name, p.default, p.unit) for p in wm.parameters] == [("OvenTemp", 225, "degC")]
         assert [(e.equipment.external_id, e.ideal_cycle_time_s) for e in wm.equipment] == [
@@ -450,3 +459,24 @@ def test_unfit_xml_files_are_master_data_errors(
     with pytest.raises(MasterDataError) as caught:
         read_master_data_file(path)
     assert caught.value.problems[0].startswith(problem)
+
+
+def test_a_load_with_an_actor_is_audited(plant_db: sessionmaker[Session]) -> None:
+    plant = parse_plant(plant_of(MATERIALS), partial=True)
+
+    for _ in range(2):  # the second load changes nothing and records nothing
+        with plant_db.begin() as s:
+            load_plant(s, plant, partial=True, actor="erp:springfield")
+
+    with plant_db() as s:
+        events = s.scalars(select(AuditEvent).order_by(AuditEvent.seq)).all()
+        assert [(e.actor, e.action, e.object_type, e.object_id) for e in events] == [
+            ("erp:springfield", "master_data.load", "material_definition", "DOUGH-PROOFED"),
+            ("erp:springfield", "master_data.load", "material_definition", "BREAD-PROOFED"),
+        ]
+        assert events[1].after == {
+            "id": "BREAD-PROOFED",
+            "material_class": "FinishedGood",
+            "unit": "ea",
+        }
+        assert verify(s).intact
