@@ -147,7 +147,7 @@ def _load(settings: Settings, file: Path, opcua_url: str | None) -> int:
 
     sessions = make_sessionmaker(make_engine(settings.database_url))
     try:
-        report = load_plant_file(sessions, file, opcua_url)
+        report = load_plant_file(sessions, file, opcua_url, actor="cli")
     except (MasterDataError, OSError) as e:
         print(f"error: {file}: {e}", file=sys.stderr)
         print("nothing was written", file=sys.stderr)

@@ -1230,7 +1230,10 @@ def _check_against_database(session: Session, plant: Plant, partial: bool = Fals
 
 
 def load_plant_file(
-    session_factory: sessionmaker[Session], path: str | Path, opcua_url: str | None = None
+    session_factory: sessionmaker[Session],
+    path: str | Path,
+    opcua_url: str | None = None,
+    actor: str = "system",
 ) -> LoadReport:
     """Read, validate and load a master data file in one transaction: all of it or nothing.
 
@@ -1239,7 +1242,7 @@ def load_plant_file(
     """
     plant, partial = read_master_data_file(path)
     with session_factory() as session, session.begin():
-        return load_plant(session, plant, opcua_url, partial=partial)
+        return load_plant(session, plant, opcua_url, partial=partial, actor=actor)
 
 
 # --- read helpers for the API -----------------------------------------------------------------

@@ -338,9 +338,19 @@ def record_job_response(session: Session, response: PlcJobResponse) -> tuple[str
         if actual.use == MaterialUse.CONSUMED:
             if lot is None:
                 raise ProductionError(f"machine reported consuming unknown lot {actual.lot_id}")
+            before = {"quantity": lot.quantity, "status": lot.status}
             lot.quantity = max(0.0, lot.quantity - actual.quantity)
             if lot.quantity == 0:
                 lot.status = "Consumed"
+            audit.record(
+                session,
+                action="lot.consumed",
+                object_type="material_lot",
+                object_id=lot.external_id,
+                before=before,
+                after={"quantity": lot.quantity, "status": lot.status},
+                reason=f"job order {job.external_id}",
+            )
             consumed.append(lot)
         else:
             if lot is None:

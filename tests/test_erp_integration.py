@@ -56,13 +56,17 @@ async def post_xml(http: httpx.AsyncClient, body: bytes) -> httpx.Response:
     )
 
 
-async def final(http: httpx.AsyncClient, order_id: int) -> dict[str, Any]:
-    async with asyncio.timeout(90):
-        while True:
-            o: dict[str, Any] = (await http.get(f"/api/v1/production-orders/{order_id}")).json()
-            if o["state"] in ("Completed", "Aborted", "Cancelled"):
-                return o
-            await asyncio.sleep(0.2)
+async def final(http: httpx.AsyncClient, order_id: int, timeout: float = 90) -> dict[str, Any]:
+    o: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                o = (await http.get(f"/api/v1/production-orders/{order_id}")).json()
+                if o["state"] in ("Completed", "Aborted", "Cancelled"):
+                    return o
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"order not final: {o}") from None
 
 
 def order_ids(stack: Stack, numbers: list[str]) -> dict[str, int]:
@@ -226,3 +230,45 @@ async def test_erp_away_for_a_while_gets_every_message_once_in_order(stack: Stac
             per_order[m.order_number or ""].append(m.message_id)
     for n in numbers:
         assert per_order[n] == [f"MES-{n}-000{i}" for i in (1, 2, 3)]
+
+
+async def test_master_data_by_b2mml_sync_and_by_json(stack: Stack) -> None:
+    from mes.models import MaterialDefinition
+
+    body = fresh("sync-material-definition.xml")
+    async with client(stack, "erp") as erp, client(stack, "admin") as admin:
+        r = await post_xml(erp, body)
+        assert r.status_code == 200, r.text
+        assert etree.QName(valid(r.content)).localname == "ConfirmBOD"
+        synced = {
+            el.text
+            for el in etree.fromstring(body).iter(f"{NS}MaterialDefinition")
+            for el in el.findall(f"{NS}ID")
+        }
+        with stack.sessions() as s:
+            stored = set(
+                s.scalars(
+                    select(MaterialDefinition.external_id).where(
+                        MaterialDefinition.external_id.in_(synced)
+                    )
+                )
+            )
+        assert stored == synced
+
+        good = {"materials": [{"id": "SESAME", "material_class": "Raw", "unit": "kg"}]}
+        loaded = await admin.post("/api/v1/master-data", json=good)
+        assert loaded.status_code == 200, loaded.text
+        assert loaded.json()["created"] == 1
+        again = await admin.post("/api/v1/master-data", json=good)
+        assert again.json() == {"created": 0, "updated": 0, "unchanged": 1, "deleted": 0}
+        bad = {"materials": [{"id": "POPPY", "material_class": "NoSuchClass", "unit": "kg"}]}
+        refused = await admin.post("/api/v1/master-data", json=bad)
+        assert refused.status_code == 422
+        assert "POPPY" in refused.json()["detail"]
+        assert refused.headers["content-type"].startswith("application/problem+json")
+        audit = (
+            await client(stack, "auditor").get(
+                "/api/v1/audit-events", params={"object_id": "SESAME"}
+            )
+        ).json()["items"]
+        assert audit and audit[0]["actor"].endswith("(admin)")

@@ -44,6 +44,7 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("POST", "/api/v1/tokens"): {"admin"},
     ("DELETE", "/api/v1/tokens/{name}"): {"admin"},
     ("POST", "/api/v1/b2mml"): {"erp"},
+    ("POST", "/api/v1/master-data"): {"admin"},
     ("GET", "/api/v1/production-orders/{order_id}/performance"): {"erp", "supervisor", "auditor"},
     ("PUT", "/api/v1/erp-clients/{name}"): {"admin"},
     ("GET", "/api/v1/erp-clients/{name}"): {"admin"},

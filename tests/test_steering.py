@@ -234,3 +234,21 @@ async def test_order_level_actions(line: Stack) -> None:
 
         again = await sup.post(f"/api/v1/production-orders/{blocker['id']}/hold")
         assert again.status_code == 409
+
+
+async def test_erp_cancels_a_held_order_by_b2mml(line: Stack) -> None:
+    from tests.test_erp_integration import fresh, post_xml, valid
+
+    async with client(line, "erp") as erp, client(line, "supervisor") as sup:
+        order = await post_order(erp)
+        n = order["order_number"]
+        await until(sup, f"{n}-01", "Running")
+        held = await sup.post(f"/api/v1/production-orders/{order['id']}/hold")
+        assert held.status_code == 200, held.text
+        r = await post_xml(erp, fresh("cancel-operations-schedule.xml", PO_2030_0002=n))
+        assert r.status_code == 200, r.text
+        assert valid(r.content).tag.endswith("ConfirmBOD")
+        done = await order_final(erp, order["id"])
+        # The started job was aborted on its PLC; the steps after it never ran.
+        assert done["state"] == "Aborted"
+        assert [j["state"] for j in done["job_orders"]] == ["Aborted", "Cancelled", "Cancelled"]
