@@ -275,3 +275,20 @@ async def test_master_data_and_health(stack: Stack) -> None:
     walk(tree)
     assert len(units) >= 3
     assert all(u["endpoint"]["url"] == stack.plc_url for u in units)
+
+
+async def test_workflow_histories_replay_deterministically(stack: Stack) -> None:
+    """The recorded histories of a finished order replay against today's workflow code."""
+    from temporalio.worker import Replayer
+
+    from workflows.worker import WORKFLOWS
+
+    async with api(stack) as http:
+        r = await http.post("/api/v1/production-orders", json=new_order("ROLL-6PK", 3))
+        order = await wait_final(http, r.json()["id"])
+    ids = [order["workflow_id"]] + [f"job-{j['id']}" for j in order["job_orders"]]
+    replayer = Replayer(workflows=WORKFLOWS)
+    for wf_id in ids:
+        history = await stack.temporal.get_workflow_handle(wf_id).fetch_history()
+        result = await replayer.replay_workflow(history)
+        assert result.replay_failure is None, (wf_id, result.replay_failure)
