@@ -14,14 +14,33 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import event, inspect, select, update
 from sqlalchemy.orm import Session
 
-from mes.models import AuditChainHead, AuditEvent, utcnow
+from mes.models import (
+    AuditChainHead,
+    AuditEvent,
+    Base,
+    ControllerEndpoint,
+    Equipment,
+    MaterialClass,
+    MaterialDefinition,
+    MaterialLot,
+    OperationsDefinition,
+    OperationsMaterialSpec,
+    OperationsSegment,
+    ProcessSegment,
+    TestSpecification,
+    WorkMaster,
+    WorkMasterEquipment,
+    WorkMasterParameter,
+    utcnow,
+)
 
 SYSTEM = "system"
 GENESIS = "0" * 64
 _PENDING = "mes.audit.pending"
+_ACTOR = "mes.audit.actor"
 
 
 def record(
@@ -70,12 +89,99 @@ def event_hash(ev: AuditEvent, prev_hash: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def act_as(session: Session, actor: str) -> None:
+    """Name the actor of the changes this session makes until it commits or rolls back
+    (the master data hook below records them under that name)."""
+    session.info[_ACTOR] = actor
+
+
+#: Master data: every row created, changed or deleted is audited by one hook, whoever writes.
+_MASTER_DATA: tuple[type[Base], ...] = (
+    Equipment,
+    ControllerEndpoint,
+    MaterialClass,
+    MaterialDefinition,
+    ProcessSegment,
+    WorkMaster,
+    WorkMasterParameter,
+    WorkMasterEquipment,
+    OperationsDefinition,
+    OperationsSegment,
+    OperationsMaterialSpec,
+    TestSpecification,
+)
+
+
+def _plain(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _row(obj: Base) -> dict[str, Any]:
+    return {
+        c.key: _plain(getattr(obj, c.key))
+        for c in inspect(obj).mapper.column_attrs
+        if c.key != "id"
+    }
+
+
+def _row_id(obj: Base) -> str:
+    key = getattr(obj, "external_id", None) or getattr(obj, "name", None)
+    return str(key if key is not None else getattr(obj, "id", ""))[:120]
+
+
+@event.listens_for(Session, "before_flush")
+def _audit_master_data(session: Session, _context: object, _instances: object) -> None:
+    actor = session.info.get(_ACTOR, SYSTEM)
+
+    def add(action: str, obj: Base, before: Any = None, after: Any = None) -> None:
+        record(
+            session,
+            actor=actor,
+            action=f"master_data.{action}",
+            object_type=obj.__tablename__,
+            object_id=_row_id(obj),
+            before=before,
+            after=after,
+        )
+
+    for obj in session.new:
+        if isinstance(obj, _MASTER_DATA):
+            add("created", obj, after=_row(obj))
+        elif isinstance(obj, MaterialLot):
+            # Lots are not master data, but their creation (stock loaded, lot produced) is
+            # audited here too; their consumption by the production service itself.
+            record(
+                session,
+                actor=actor,
+                action="lot.created",
+                object_type="material_lot",
+                object_id=obj.external_id,
+                after=_row(obj),
+            )
+    for obj in session.dirty:
+        if isinstance(obj, _MASTER_DATA) and session.is_modified(obj, include_collections=False):
+            state = inspect(obj)
+            before, after = {}, {}
+            for attr in state.mapper.column_attrs:
+                hist = state.attrs[attr.key].history
+                if hist.has_changes():
+                    before[attr.key] = _plain(hist.deleted[0]) if hist.deleted else None
+                    after[attr.key] = _plain(hist.added[0]) if hist.added else None
+            if after:
+                add("updated", obj, before, after)
+    for obj in session.deleted:
+        if isinstance(obj, _MASTER_DATA):
+            add("deleted", obj, before=_row(obj))
+
+
 @event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
+    # The changed rows first (their flush may queue events); the chain head is the last lock
+    # the transaction takes.
+    session.flush()
     pending: list[AuditEvent] = session.info.pop(_PENDING, [])
     if not pending:
         return
-    session.flush()  # the changed rows first; the chain head is the last lock we take
     head = session.execute(
         update(AuditChainHead)
         .where(AuditChainHead.id == 1)
@@ -95,8 +201,13 @@ def _chain_pending(session: Session) -> None:
 
 @event.listens_for(Session, "after_soft_rollback")
 def _drop_pending(session: Session, _previous: object) -> None:
-    # Fires on every rollback (also one with no database transaction begun yet, and on close).
     session.info.pop(_PENDING, None)
+    session.info.pop(_ACTOR, None)
+
+
+@event.listens_for(Session, "after_commit")
+def _forget_actor(session: Session) -> None:
+    session.info.pop(_ACTOR, None)
 
 
 @dataclass

@@ -745,41 +745,18 @@ def load_plant(
     demo points all work units at its own simulator. Existing lots keep their quantity.
     ``partial`` loads part of a plant: references may name stored objects, and an omitted
     parent, endpoint or test specification list keeps what is stored (see the module doc).
-    ``actor``, when given, puts one audit event per top-level entry on the session (action
-    ``master_data.load``, the entry as loaded), unless the load changed nothing.
+    Every row it creates, changes or deletes is audited (``mes.audit``), under ``actor``
+    when given.
     """
     stored = _Stored.read(session) if partial else None
     problems = _check_plant(plant, stored) or _check_against_database(session, plant, partial)
     if problems:
         raise MasterDataError(problems)
+    if actor is not None:
+        audit.act_as(session, actor)
     report = LoadReport()
     _Loader(session, report, opcua_url, partial).load(plant)
-    if actor is not None and (report.created or report.updated or report.deleted):
-        _audit(session, plant, actor)
     return report
-
-
-def _audit(session: Session, plant: Plant, actor: str) -> None:
-    """One audit event per top-level entry: who loaded what (the load report says how much)."""
-    sections: dict[str, Sequence[_Entry]] = {
-        "equipment": plant.equipment,
-        "material_class": plant.material_classes,
-        "material_definition": plant.materials,
-        "material_lot": plant.lots,
-        "process_segment": plant.process_segments,
-        "work_master": plant.work_masters,
-        "operations_definition": plant.routings,
-    }
-    for object_type, entries in sections.items():
-        for entry in entries:
-            audit.record(
-                session,
-                actor=actor,
-                action="master_data.load",
-                object_type=object_type,
-                object_id=str(getattr(entry, "id", ""))[:120],
-                after=entry.model_dump(mode="json", exclude_unset=True),
-            )
 
 
 class _Loader:

@@ -361,13 +361,6 @@ def record_job_response(session: Session, response: PlcJobResponse) -> tuple[str
                     unit=actual.unit,
                 )
                 session.add(lot)
-                audit.record(
-                    session,
-                    action="lot.created",
-                    object_type="material_lot",
-                    object_id=actual.lot_id,
-                    after={"material": material.external_id, "quantity": actual.quantity},
-                )
             produced.append(lot)
         session.flush()
         jr.material_actuals.append(
