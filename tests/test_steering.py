@@ -252,3 +252,36 @@ async def test_erp_cancels_a_held_order_by_b2mml(line: Stack) -> None:
         # The started job was aborted on its PLC; the steps after it never ran.
         assert done["state"] == "Aborted"
         assert [j["state"] for j in done["job_orders"]] == ["Aborted", "Cancelled", "Cancelled"]
+
+
+async def test_move_a_waiting_work_order_to_another_capable_unit(line: Stack) -> None:
+    async with client(line, "erp") as erp, client(line, "supervisor") as sup:
+        body = {
+            "order_number": f"M-{uuid.uuid4().hex[:6]}",
+            "product": "BREAD-WHITE",
+            "quantity": 6,
+            "unit": "ea",
+            "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
+            "priority": 10,
+        }
+        order = (await erp.post("/api/v1/production-orders", json=body)).json()
+        n = order["order_number"]
+        await until(sup, f"{n}-01", "Running")
+        bake = await work_order(sup, f"{n}-02")
+        assert bake["state"] == "Waiting"
+        other = "WU-OVEN-1" if bake["equipment"] == "WU-OVEN-2" else "WU-OVEN-2"
+
+        cannot = await sup.patch(f"/api/v1/work-orders/{n}-02", json={"equipment": MIXER})
+        assert cannot.status_code == 422, cannot.text
+        assert "cannot run" in cannot.json()["detail"]
+        empty = await sup.patch(f"/api/v1/work-orders/{n}-02", json={})
+        assert empty.status_code == 400
+
+        moved = await sup.patch(
+            f"/api/v1/work-orders/{n}-02", json={"equipment": other, "reason": "oven down"}
+        )
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["equipment"] == other
+        done = await order_final(erp, order["id"])
+        assert done["state"] == "Completed"
+        assert [j["equipment"] for j in done["job_orders"]][1] == other

@@ -13,7 +13,7 @@ from litestar.datastructures import State
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDReusePolicy
-from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from mes import orders, workorders
@@ -146,6 +146,9 @@ class Services:
 
 
 def _problem_from_failure(cause: BaseException | None, update: str) -> DomainError:
+    # A handler's activity failure arrives wrapped: ActivityError → ApplicationError.
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
     if isinstance(cause, ApplicationError):
         details = cause.details[0] if cause.details else {}
         if cause.type == "NotAllowed" and isinstance(details, dict):

@@ -15,6 +15,7 @@ from mes.api.deps import Services, caller, services
 from mes.api.orders import Reason
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
+from mes.errors import DomainError, FieldError
 from mes.models import RequestState
 
 API = "/api/v1"
@@ -166,6 +167,13 @@ class WorkOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
     ) -> workorders.WorkOrderOut:
+        if data.priority is None and data.equipment is None:
+            raise DomainError(
+                title="Invalid request",
+                detail="give a new priority and/or equipment",
+                status=400,
+                errors=[FieldError("priority", "one of priority, equipment is required")],
+            )
         cmd = {"actor": caller(request).actor} | data.model_dump()
         return await _act(services(state), job_id, "change", cmd)
 
