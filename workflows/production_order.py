@@ -72,8 +72,9 @@ class JobOrderWorkflow:
         self._held_from = WAITING
         self._released = False
         self._dispatch: Dispatch | None = None
-        self._priority = 0
-        self._equipment = ""
+        # Known once the job is prepared for its PLC (the database has them before).
+        self._priority: int | None = None
+        self._equipment: str | None = None
         self._plc_state = JobState.NOT_ALLOWED_TO_START
         self._waiting: workflow.ActivityHandle[int] | None = None
         self._cancel_reason = ""

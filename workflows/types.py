@@ -79,8 +79,9 @@ class WorkOrderStatus:
 
     job_order_id: str
     state: str
-    priority: int
-    equipment: str
+    #: None until the job is prepared for its PLC; the work order's record has them before.
+    priority: int | None
+    equipment: str | None
     dispatched: bool
     allowed_actions: list[str]
 
