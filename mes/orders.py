@@ -18,13 +18,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from mes import audit
+from mes import audit, production
 from mes.errors import Conflict, NotFound, invalid
 from mes.models import (
     FINAL_STATES,
     JobOrder,
-    JobResponse,
-    MaterialActual,
     MaterialDefinition,
     MaterialUse,
     OperationsDefinition,
@@ -292,22 +290,11 @@ def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
 
 def produced_lots(session: Session, order: OperationsRequest) -> list[LotOut]:
     """Lots of the order's product made by its job orders."""
-    actuals = session.scalars(
-        select(MaterialActual)
-        .join(JobResponse, MaterialActual.job_response_id == JobResponse.id)
-        .join(JobOrder, JobResponse.job_order_id == JobOrder.id)
-        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
-        .where(
-            SegmentRequirement.operations_request_id == order.id,
-            MaterialActual.use == MaterialUse.PRODUCED,
-            MaterialActual.material_definition_id == order.material_definition_id,
-        )
-        .options(
-            selectinload(MaterialActual.material_lot),
-            selectinload(MaterialActual.material_definition),
-        )
-        .order_by(MaterialActual.id)
-    ).all()
+    actuals = [
+        a
+        for a in production.produced_actuals(session, order.id)
+        if a.material_definition_id == order.material_definition_id
+    ]
     return [
         LotOut(
             lot=a.material_lot.external_id,

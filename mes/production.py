@@ -165,18 +165,7 @@ def _resolve_materials(
 ) -> list[dict[str, object]]:
     earlier = {
         a.material_definition_id: a
-        for a in session.scalars(
-            select(MaterialActual)
-            .join(JobResponse, MaterialActual.job_response_id == JobResponse.id)
-            .join(JobOrder, JobResponse.job_order_id == JobOrder.id)
-            .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
-            .where(
-                SegmentRequirement.operations_request_id == order.id,
-                SegmentRequirement.sequence < req.sequence,
-                MaterialActual.use == MaterialUse.PRODUCED,
-            )
-            .options(selectinload(MaterialActual.material_lot))
-        )
+        for a in produced_actuals(session, order.id, before_step=req.sequence)
     }
     result: list[dict[str, object]] = []
     for spec in req.operations_segment.materials:
@@ -194,6 +183,30 @@ def _resolve_materials(
             for lot, qty in _pick_lots(session, spec.material_definition, need):
                 result.append(_requirement(material, spec.use, qty, spec.unit, lot.external_id))
     return result
+
+
+def produced_actuals(
+    session: Session, order_id: int, before_step: int | None = None
+) -> list[MaterialActual]:
+    """What the order's job orders produced (lots loaded), optionally only before a step."""
+    q = (
+        select(MaterialActual)
+        .join(JobResponse, MaterialActual.job_response_id == JobResponse.id)
+        .join(JobOrder, JobResponse.job_order_id == JobOrder.id)
+        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+        .where(
+            SegmentRequirement.operations_request_id == order_id,
+            MaterialActual.use == MaterialUse.PRODUCED,
+        )
+        .options(
+            selectinload(MaterialActual.material_lot),
+            selectinload(MaterialActual.material_definition),
+        )
+        .order_by(MaterialActual.id)
+    )
+    if before_step is not None:
+        q = q.where(SegmentRequirement.sequence < before_step)
+    return list(session.scalars(q))
 
 
 def _requirement(material: str, use: str, qty: float, unit: str, lot: str) -> dict[str, object]:
