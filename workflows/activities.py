@@ -30,9 +30,17 @@ from workflows.types import Dispatch, JobChange, JobOutcome, JobStateChange, Plc
 
 T = TypeVar("T")
 
+# How often await_job re-reads the job's state and heartbeats while it waits: far inside
+# the workflow's 30 s heartbeat timeout, rare enough to cost nothing.
+_HEARTBEAT_TICK_S = 5.0
+
 
 class MesActivities:
-    """The activities, bound to one database (a session factory) and PLC poll interval."""
+    """The activities, bound to one database (a session factory) and PLC poll interval.
+
+    ``poll_seconds`` is how fresh the PLC's job states are: the publishing interval of
+    the subscription ``await_job`` waits on.
+    """
 
     def __init__(self, session_factory: sessionmaker[Session], poll_seconds: float = 0.5) -> None:
         self._sessions = session_factory
@@ -78,22 +86,26 @@ class MesActivities:
     async def await_job(self, wait: WaitArgs) -> int:
         """Wait until the PLC reports the job in a state other than ``wait.known``.
 
-        Polls the PLC and heartbeats; returns the new OPC 10031-4 job state, so the workflow
-        sees each change (started, interrupted, ended) with a handful of activities per job.
-        A worker crash resumes the wait on another worker after the heartbeat timeout.
+        Subscribes to the PLC's job list (OPC UA data change, published at most every
+        ``poll_seconds``) instead of polling it, so a hundred waiting jobs cost next to
+        nothing; the state is still re-read and heartbeated every few seconds, well inside
+        the workflow's 30 s heartbeat timeout. Returns the new OPC 10031-4 job state, so
+        the workflow sees each change (started, interrupted, ended) with a handful of
+        activities per job. A worker crash resumes the wait on another worker after the
+        heartbeat timeout.
         """
         job_id = wait.dispatch.order.job_order_id
         async with _plc(wait.dispatch) as plc:
-            while True:
-                state = await plc.job_state(job_id)
-                activity.heartbeat(int(state))
-                if state != wait.known:
-                    if state in (JobState.RUNNING, JobState.ENDED):
-                        await asyncio.to_thread(
-                            self._db, lambda s: production.mark_running(s, job_id)
-                        )
-                    return int(state)
-                await asyncio.sleep(self._poll_seconds)
+            state = await plc.wait_for_change(
+                job_id,
+                JobState(wait.known),
+                on_tick=lambda s: activity.heartbeat(int(s)),
+                tick_s=_HEARTBEAT_TICK_S,
+                publish_ms=max(1, int(self._poll_seconds * 1000)),
+            )
+            if state in (JobState.RUNNING, JobState.ENDED):
+                await asyncio.to_thread(self._db, lambda s: production.mark_running(s, job_id))
+            return int(state)
 
     @activity.defn
     async def plc_command(self, cmd: PlcCommand) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import math
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, Self
@@ -18,6 +20,7 @@ from typing import Any, Self
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.common.node import Node
+from asyncua.common.subscription import DataChangeNotif, Subscription
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
@@ -83,6 +86,11 @@ _UNREACHABLE_CODES = frozenset(
 )
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
+
+# Without subscriptions wait_for_change re-reads the job list at most this often.
+_FALLBACK_POLL_S = 0.5
+
+logger = logging.getLogger(__name__)
 
 
 def raise_for_status(status: int, what: str = "job control call") -> None:
@@ -321,22 +329,28 @@ class JobControlClient:
 
     async def list_jobs(self) -> list[tuple[str, JobState]]:
         """Every job the machine holds (JobOrderList), with its top-level state."""
-        node = self._job_order_list
-        if node is None:
-            self._require()
-            raise RuntimeError("JobControlClient did not find JobOrderList")
+        node = self._job_list_node()
         with self._guard("read JobOrderList"):
             entries = await node.read_value()
-        return [(str(e.JobOrder.JobOrderID), _top_state(e.State)) for e in entries or []]
+        return _decode_job_list(entries)
+
+    def _job_list_node(self) -> Node:
+        if self._job_order_list is None:
+            self._require()
+            raise RuntimeError("JobControlClient did not find JobOrderList")
+        return self._job_order_list
 
     async def job_state(self, job_order_id: str) -> JobState:
         """The job's top-level state; UnknownJobOrderError if the machine does not have it."""
         state = await self._find_state(job_order_id)
         if state is None:
-            raise UnknownJobOrderError(
-                f"{self.machine} has no job {job_order_id!r}", ReturnStatus.UNKNOWN_JOB_ORDER_ID
-            )
+            raise self._unknown_job(job_order_id)
         return state
+
+    def _unknown_job(self, job_order_id: str) -> UnknownJobOrderError:
+        return UnknownJobOrderError(
+            f"{self.machine} has no job {job_order_id!r}", ReturnStatus.UNKNOWN_JOB_ORDER_ID
+        )
 
     async def _find_state(self, job_order_id: str) -> JobState | None:
         return dict(await self.list_jobs()).get(job_order_id)
@@ -373,6 +387,161 @@ class JobControlClient:
             if state.is_final:
                 return state
             await asyncio.sleep(poll_s)
+
+    async def wait_for_change(
+        self,
+        job_order_id: str,
+        known: JobState,
+        on_tick: Callable[[JobState], None] | None = None,
+        tick_s: float = 5.0,
+        publish_ms: int = 100,
+    ) -> JobState:
+        """Wait until the job's top-level state differs from ``known`` and return it.
+
+        The machine pushes changes: a data-change subscription on the receiver's
+        JobOrderList (publishing interval ``publish_ms``) wakes the wait, so a waiting job
+        costs no reads. The state is read once first (a state that already differs returns
+        at once) and again every ``tick_s`` seconds, as a safety net against a lost
+        notification; ``on_tick`` sees that state (a Temporal activity heartbeats there).
+        UnknownJobOrderError when the job leaves the list (cancelled, cleared),
+        MachineUnreachableError when the link breaks. A server that refuses subscriptions
+        is polled every ``min(tick_s, 0.5)`` seconds instead. The subscription is deleted
+        on every way out, cancellation included.
+        """
+        state = await self.job_state(job_order_id)
+        if state != known:
+            return state
+        watch = _JobListWatch()
+        subscription = await self._subscribe_job_list(watch, publish_ms, tick_s)
+        try:
+            return await self._wait_for_change(
+                job_order_id,
+                known,
+                watch,
+                on_tick,
+                tick_s,
+                tick_s if subscription is not None else min(tick_s, _FALLBACK_POLL_S),
+            )
+        finally:
+            if subscription is not None:
+                await self._delete_subscription(subscription)
+
+    async def _wait_for_change(
+        self,
+        job_order_id: str,
+        known: JobState,
+        watch: _JobListWatch,
+        on_tick: Callable[[JobState], None] | None,
+        tick_s: float,
+        read_s: float,
+    ) -> JobState:
+        """The wait of wait_for_change: notified values first, a read when one is due."""
+        loop = asyncio.get_running_loop()
+        next_tick = loop.time() + tick_s
+        next_read = loop.time() + read_s
+        while True:
+            # Sleep until a notification or the next read/tick; no polling in between.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(min(next_tick, next_read)):
+                    await watch.wake.wait()
+            watch.wake.clear()
+            values, watch.values = watch.values, []
+            # In the order published, so a short-lived state is not skipped.
+            for value in values:
+                notified = dict(_decode_job_list(value)).get(job_order_id)
+                if notified is None:
+                    raise self._unknown_job(job_order_id)
+                if notified != known:
+                    return notified
+            now = loop.time()
+            tick_due = now >= next_tick
+            if watch.recheck or tick_due or now >= next_read:
+                watch.recheck = False
+                state = await self.job_state(job_order_id)
+                if state != known:
+                    return state
+                next_read = loop.time() + read_s
+            if tick_due:
+                if on_tick is not None:
+                    on_tick(state)
+                next_tick = loop.time() + tick_s
+
+    async def _subscribe_job_list(
+        self, watch: _JobListWatch, publish_ms: int, tick_s: float
+    ) -> Subscription | None:
+        """Subscribe ``watch`` to JobOrderList; None if the server cannot (then poll)."""
+        client = self._require()
+        node = self._job_list_node()
+        # Explicit parameters: asyncua's defaults ask for a keep-alive count servers revise
+        # (a warning and a ModifySubscription per wait). A keep-alive about every tick is
+        # plenty. The lifetime must be at least three keep-alives (OPC UA Part 4, 5.13.2);
+        # a minute at least, so a client too busy to publish for a while keeps it.
+        interval_ms = max(publish_ms, 1)
+        keep_alive = max(1, math.ceil(tick_s * 1000 / interval_ms))
+        lifetime = max(3 * keep_alive, math.ceil(60_000 / interval_ms))
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=float(publish_ms),
+            RequestedLifetimeCount=lifetime,
+            RequestedMaxKeepAliveCount=keep_alive,
+            MaxNotificationsPerPublish=0,  # no limit: there is a single monitored item
+            PublishingEnabled=True,
+            Priority=0,
+        )
+        subscription: Subscription | None = None
+        try:
+            with self._guard("subscribe to JobOrderList"):
+                subscription = await client.create_subscription(params, watch)
+                await subscription.subscribe_data_change(node)
+        except BaseException as exc:
+            if subscription is not None:
+                await self._delete_subscription(subscription)
+            if isinstance(exc, JobControlError) and not isinstance(exc, MachineUnreachableError):
+                # The server answered but will not subscribe (no subscription service, too
+                # many subscriptions, ...): polling still works.
+                logger.debug("%s: no subscription (%s); polling JobOrderList", self.url, exc)
+                return None
+            raise
+        return subscription
+
+    async def _delete_subscription(self, subscription: Subscription) -> None:
+        # A failed delete must not replace the caller's result or error; closing the
+        # session deletes the subscription on the server anyway.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.timeout_s):
+                await subscription.delete()
+
+
+class _JobListWatch:
+    """Subscription handler that hands JobOrderList values over to wait_for_change.
+
+    asyncua calls it from a task of its own and logs what it raises, so it only records
+    and wakes the waiter; decoding happens in the waiter, where errors reach the caller.
+    """
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.recheck = False  # something happened that a notified value does not show
+        self.wake = asyncio.Event()
+
+    def datachange_notification(self, node: Node, val: Any, data: DataChangeNotif) -> None:
+        """A new JobOrderList value (or a bad status, which says nothing of the job)."""
+        value = data.monitored_item.Value
+        status = value.StatusCode if value is not None else None
+        if status is not None and not status.is_good():
+            self.recheck = True
+        else:
+            self.values.append(val)
+        self.wake.set()
+
+    def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
+        """The subscription or the link is in trouble: a read finds out which."""
+        self.recheck = True
+        self.wake.set()
+
+
+def _decode_job_list(entries: list[Any] | None) -> list[tuple[str, JobState]]:
+    """JobOrderList (ISA95JobOrderAndStateDataType[]) → (JobOrderID, top-level state)."""
+    return [(str(e.JobOrder.JobOrderID), _top_state(e.State)) for e in entries or []]
 
 
 def _top_state(states: list[Any] | None) -> JobState:

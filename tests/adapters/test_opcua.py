@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 from asyncua import ua
 from asyncua.client.client import Client
+from asyncua.ua.uaerrors import UaStatusCodeError
 
 from adapters.jobcontrol import (
     InvalidJobOrderStatusError,
@@ -43,6 +44,10 @@ UNITS = {
     "Labeler": 2.0,
     "Capper": CYCLE_S,
     "Sorter": CYCLE_S,
+    # wait_for_change: a job waits behind another for a whole cycle, long against its ticks.
+    "Proofer": 1.0,
+    "Slicer": CYCLE_S,
+    "Cooler": CYCLE_S,
 }
 
 
@@ -82,6 +87,35 @@ async def wait_for_state(
             if await plc.job_state(job_order_id) is state:
                 return
             await asyncio.sleep(0.02)
+
+
+def server_subscriptions(plc: Plc) -> int:
+    """Subscriptions alive on the simulator's server (asyncua publishes no count of them)."""
+    server = plc.sim._server
+    assert server is not None
+    return len(server.iserver.subscription_service.subscriptions)
+
+
+async def subscribed(plc: Plc, count: int, timeout_s: float = 2.0) -> None:
+    """Wait until the simulator's server holds ``count`` subscriptions."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            if server_subscriptions(plc) == count:
+                return
+            await asyncio.sleep(0.01)
+
+
+def count_reads(client: JobControlClient) -> list[int]:
+    """Count the client's JobOrderList reads (one element per read)."""
+    reads: list[int] = []
+    read = client.list_jobs
+
+    async def counted() -> list[tuple[str, JobState]]:
+        reads.append(1)
+        return await read()
+
+    client.list_jobs = counted  # type: ignore[method-assign]
+    return reads
 
 
 async def test_store_and_start_runs_to_ended_with_a_job_response(plc: Plc) -> None:
@@ -237,6 +271,138 @@ async def test_waiting_jobs_start_by_priority_then_arrival(plc: Plc) -> None:
         assert await client.job_state("JO-LOW") is JobState.ALLOWED_TO_START
         for job in ("JO-HIGH", "JO-LOW"):
             await client.abort(job)
+
+
+async def test_wait_for_change_is_woken_by_the_subscription(plc: Plc) -> None:
+    baseline = server_subscriptions(plc)
+    async with JobControlClient(plc.url, "Proofer") as client:
+        await client.store_and_start(cake_order("JO-AHEAD"))
+        await wait_for_state(client, "JO-AHEAD", JobState.RUNNING, timeout_s=1.0)
+        await client.store_and_start(cake_order("JO-BEHIND"))
+        assert await client.job_state("JO-BEHIND") is JobState.ALLOWED_TO_START
+        reads = count_reads(client)
+
+        # Ticks far beyond the wait: only a notification can end it in time.
+        ticks: list[JobState] = []
+        async with asyncio.timeout(UNITS["Proofer"] + 2):
+            state = await client.wait_for_change(
+                "JO-BEHIND", JobState.ALLOWED_TO_START, on_tick=ticks.append, tick_s=60
+            )
+        assert state is JobState.RUNNING
+        assert len(reads) == 1  # the first look; the change came pushed, not polled
+        assert ticks == []
+        assert server_subscriptions(plc) == baseline
+        assert await client.job_state("JO-AHEAD") is JobState.ENDED
+        reads.clear()
+
+        # Ticks well inside the cycle: on_tick sees the unchanged state while it waits.
+        async with asyncio.timeout(UNITS["Proofer"] + 2):
+            state = await client.wait_for_change(
+                "JO-BEHIND", JobState.RUNNING, on_tick=ticks.append, tick_s=0.1, publish_ms=50
+            )
+        assert state is JobState.ENDED
+        assert len(ticks) >= 3
+        assert set(ticks) == {JobState.RUNNING}
+        # The first look and one read per tick: no busy loop in between.
+        assert len(reads) <= 1 + len(ticks) + 1
+        assert server_subscriptions(plc) == baseline
+
+
+async def test_wait_for_change_returns_at_once_when_the_state_already_differs(plc: Plc) -> None:
+    baseline = server_subscriptions(plc)
+    async with JobControlClient(plc.url, "Slicer") as client:
+        await client.store(cake_order("JO-DIFFERS"))
+        ticks: list[JobState] = []
+        async with asyncio.timeout(1.0):
+            state = await client.wait_for_change(
+                "JO-DIFFERS", JobState.ALLOWED_TO_START, on_tick=ticks.append, tick_s=0.01
+            )
+        assert state is JobState.NOT_ALLOWED_TO_START
+        assert ticks == []
+        assert server_subscriptions(plc) == baseline
+        with pytest.raises(UnknownJobOrderError):
+            await client.wait_for_change("NO-SUCH-JOB", JobState.RUNNING)
+        await client.cancel("JO-DIFFERS")
+
+
+async def test_wait_for_change_raises_when_the_job_is_cancelled_meanwhile(plc: Plc) -> None:
+    baseline = server_subscriptions(plc)
+    async with JobControlClient(plc.url, "Slicer") as client:
+        await client.store(cake_order("JO-GONE"))
+        waiting = asyncio.create_task(
+            client.wait_for_change("JO-GONE", JobState.NOT_ALLOWED_TO_START, tick_s=60)
+        )
+        await subscribed(plc, baseline + 1)
+        async with JobControlClient(plc.url, "Slicer") as other:
+            await other.cancel("JO-GONE")
+        with pytest.raises(UnknownJobOrderError) as raised:
+            async with asyncio.timeout(2.0):
+                await waiting
+        assert raised.value.status == ReturnStatus.UNKNOWN_JOB_ORDER_ID
+        assert server_subscriptions(plc) == baseline
+
+
+async def test_a_cancelled_wait_deletes_its_subscription(plc: Plc) -> None:
+    baseline = server_subscriptions(plc)
+    async with JobControlClient(plc.url, "Cooler") as client:
+        await client.store(cake_order("JO-PARKED"))
+        waiting = asyncio.create_task(
+            client.wait_for_change("JO-PARKED", JobState.NOT_ALLOWED_TO_START, tick_s=60)
+        )
+        await subscribed(plc, baseline + 1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        # Deleted by the wait itself, not by the session closing.
+        assert server_subscriptions(plc) == baseline
+        await client.cancel("JO-PARKED")
+
+
+async def test_wait_for_change_polls_a_server_without_subscriptions(
+    plc: Plc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refuse(*_args: object, **_kwargs: object) -> None:
+        raise UaStatusCodeError(ua.StatusCodes.BadServiceUnsupported)
+
+    baseline = server_subscriptions(plc)
+    async with JobControlClient(plc.url, "Cooler") as client:
+        assert client._client is not None
+        monkeypatch.setattr(client._client, "create_subscription", refuse)
+        await client.store(cake_order("JO-POLLED"))
+        ticks: list[JobState] = []
+        waiting = asyncio.create_task(
+            client.wait_for_change(
+                "JO-POLLED", JobState.NOT_ALLOWED_TO_START, on_tick=ticks.append, tick_s=0.2
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        await client.start("JO-POLLED")
+        async with asyncio.timeout(2.0):
+            state = await waiting
+        assert state in (JobState.ALLOWED_TO_START, JobState.RUNNING)
+        assert set(ticks) == {JobState.NOT_ALLOWED_TO_START}
+        assert server_subscriptions(plc) == baseline
+        await client.abort("JO-POLLED")
+
+
+async def test_wait_for_change_on_a_machine_that_goes_away_is_a_retryable_error() -> None:
+    sim = PlcSimulator([SimUnit("Lonely", cycle_time_s=CYCLE_S)], port=0)
+    await sim.start()
+    try:
+        async with JobControlClient(sim.url, "Lonely", timeout_s=2) as client:
+            await client.store(cake_order("JO-ORPHAN"))
+            waiting = asyncio.create_task(
+                client.wait_for_change("JO-ORPHAN", JobState.NOT_ALLOWED_TO_START, tick_s=60)
+            )
+            await asyncio.sleep(0.3)
+            await sim.stop()
+            with pytest.raises(MachineUnreachableError) as raised:
+                async with asyncio.timeout(5.0):
+                    await waiting
+            assert raised.value.retryable
+    finally:
+        await sim.stop()
 
 
 async def test_a_plain_asyncua_client_finds_the_job_by_the_standard_browse_names(
