@@ -24,7 +24,7 @@ class Settings:
     task_queue: str = "mes"
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    #: How often the await-completion activity polls a PLC for the job's state.
+    #: Publishing interval of the OPC UA subscription a waiting job holds on its PLC.
     plc_poll_seconds: float = 0.5
     #: Largest request body the API reads, in bytes.
     max_body_bytes: int = 1_000_000
