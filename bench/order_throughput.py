@@ -89,6 +89,10 @@ async def main(orders: int, database_url: str | None) -> None:
 
 
 if __name__ == "__main__":
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    logging.getLogger("asyncua").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=40)
     parser.add_argument("--database-url")

@@ -37,7 +37,9 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    # The worker runs database activities on up to 100 threads; the API shares the engine in
+    # the embedded stack.
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=30)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

@@ -103,6 +103,25 @@ def raise_for_status(status: int, what: str = "job control call") -> None:
     raise JobControlError(f"{what}: unrecognised ReturnStatus {status:#x}", status)
 
 
+class _TypesLoaded:
+    """The namespace array of the server whose structure types asyncua last generated.
+
+    asyncua registers generated structure classes process-wide, keyed by type ids that carry
+    the server's namespace indexes. Generating them costs ~0.1 s of CPU per connection (most
+    of a connection's cost), so a connection to a server with the same namespace array as the
+    last one reuses them; any other server regenerates them.
+    """
+
+    namespaces: tuple[str, ...] | None = None
+
+
+async def _load_types(client: Client) -> None:
+    namespaces = tuple(await client.get_namespace_array())
+    if _TypesLoaded.namespaces != namespaces:
+        await client.load_data_type_definitions()
+        _TypesLoaded.namespaces = namespaces
+
+
 class JobControlClient:
     """OPC UA client for one machine's ISA-95 job control (``async with`` connects)."""
 
@@ -156,7 +175,7 @@ class JobControlClient:
                 await client.disconnect()
 
     async def _discover(self, client: Client) -> None:
-        await client.load_data_type_definitions()
+        await _load_types(client)
         try:
             self._jc_ns = await client.get_namespace_index(JOBCONTROL_NS_URI)
         except ValueError:

@@ -12,6 +12,8 @@ from typing import Any
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from mes.errors import DomainError, FieldError
 
@@ -61,6 +63,18 @@ def on_domain_error(_request: Request[Any, Any, Any], exc: DomainError) -> Respo
     return problem(exc.status, exc.title, exc.detail, exc.errors)
 
 
+def on_database_busy(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # Lost connections, pool exhaustion, deadlock victims: the request changed nothing (its
+    # transaction rolled back) and the same request again may well succeed.
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem(
+        503,
+        "Database unavailable",
+        "the database could not serve the request; nothing was changed, retry it",
+        headers={"Retry-After": "1"},
+    )
+
+
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error", "the request failed; see logs")
@@ -69,6 +83,8 @@ def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[A
 EXCEPTION_HANDLERS: Any = {
     HTTPException: on_http_exception,
     DomainError: on_domain_error,
+    OperationalError: on_database_busy,
+    SATimeoutError: on_database_busy,
     Exception: on_unexpected,
 }
 
