@@ -12,7 +12,7 @@ from typing import Any
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
 
 from mes.errors import DomainError, FieldError
@@ -75,6 +75,13 @@ def on_database_busy(request: Request[Any, Any, Any], exc: Exception) -> Respons
     )
 
 
+def on_integrity_error(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # A unique key taken by a concurrent request between our read and our write: the
+    # transaction rolled back; the same request again sees the other one's result.
+    log.warning("concurrent change on %s %s: %s", request.method, request.url.path, exc)
+    return problem(409, "Concurrent change", "another request changed the same data; retry")
+
+
 def on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem(HTTP_500_INTERNAL_SERVER_ERROR, "Internal error", "the request failed; see logs")
@@ -84,6 +91,7 @@ EXCEPTION_HANDLERS: Any = {
     HTTPException: on_http_exception,
     DomainError: on_domain_error,
     OperationalError: on_database_busy,
+    IntegrityError: on_integrity_error,
     SATimeoutError: on_database_busy,
     Exception: on_unexpected,
 }
