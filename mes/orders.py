@@ -324,21 +324,9 @@ def set_order_state(
     order = session.get(OperationsRequest, order_id)
     if order is None:
         raise NotFound("production order", str(order_id))
-    if order.state == state or order.state in FINAL_STATES:
-        return
-    before = order.state
-    order.state = state
-    audit.record(
-        session,
-        actor=actor,
-        action="operations_request.state",
-        object_type="operations_request",
-        object_id=order.external_id,
-        before={"state": before},
-        after={"state": state},
-        reason=reason,
-    )
-    session.commit()
+    if order.state not in FINAL_STATES:
+        production.change_state(session, order, state, actor, reason)
+        session.commit()
 
 
 def set_order_priority(

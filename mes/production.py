@@ -268,19 +268,35 @@ def _job(session: Session, job_order_id: str) -> JobOrder:
     return job
 
 
-def _set_state(session: Session, obj: JobOrder | OperationsRequest, state: str, kind: str) -> None:
-    """Move a job order or order to ``state``, with an audit event; no-op if already there."""
+def change_state(
+    session: Session,
+    obj: JobOrder | OperationsRequest,
+    state: str,
+    actor: str = audit.SYSTEM,
+    reason: str | None = None,
+) -> None:
+    """Move a job order or an order to ``state`` with its audit event; no-op if already there.
+
+    A job order's step (segment requirement) follows it, and a job order ending gets its end
+    time unless one is already known. The caller commits.
+    """
     if obj.state == state:
         return
     before = obj.state
     obj.state = state
+    if isinstance(obj, JobOrder):
+        obj.segment_requirement.state = state
+        if state in FINAL_STATES and obj.ended_at is None:
+            obj.ended_at = utcnow()
     audit.record(
         session,
-        action=f"{kind}.state",
-        object_type=kind,
+        actor=actor,
+        action=f"{obj.__tablename__}.state",
+        object_type=obj.__tablename__,
         object_id=obj.external_id,
         before={"state": before},
         after={"state": state},
+        reason=reason,
     )
 
 
@@ -289,12 +305,11 @@ def mark_dispatched(session: Session, job_order_id: str) -> None:
     job = _job(session, job_order_id)
     now = utcnow()
     if job.state == RequestState.WAITING:
-        _set_state(session, job, RequestState.READY, "job_order")
+        change_state(session, job, RequestState.READY)
         job.dispatched_at = now
-        job.segment_requirement.state = RequestState.READY
     order = job.segment_requirement.operations_request
     if order.state == RequestState.RELEASED:
-        _set_state(session, order, RequestState.RUNNING, "operations_request")
+        change_state(session, order, RequestState.RUNNING)
         order.started_at = now
     session.commit()
 
@@ -303,9 +318,8 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
     """The machine started the job."""
     job = _job(session, job_order_id)
     if job.state in (RequestState.WAITING, RequestState.READY):
-        _set_state(session, job, RequestState.RUNNING, "job_order")
+        change_state(session, job, RequestState.RUNNING)
         job.started_at = at or utcnow()
-        job.segment_requirement.state = RequestState.RUNNING
         session.commit()
 
 
@@ -418,10 +432,9 @@ def record_job_response(session: Session, response: PlcJobResponse) -> tuple[str
                 passed=passed,
             )
         )
-    _set_state(session, job, state, "job_order")
-    job.segment_requirement.state = state
     job.started_at = job.started_at or response.start_time
     job.ended_at = response.end_time or utcnow()
+    change_state(session, job, state)
     session.commit()
     return state, [lot.external_id for lot in produced]
 
@@ -437,19 +450,7 @@ def abort_job(session: Session, job_order_id: str, reason: str) -> None:
     job = _job(session, job_order_id)
     if job.state in FINAL_STATES:
         return
-    before = job.state
-    job.state = RequestState.ABORTED
-    job.segment_requirement.state = RequestState.ABORTED
-    job.ended_at = utcnow()
-    audit.record(
-        session,
-        action="job_order.state",
-        object_type="job_order",
-        object_id=job.external_id,
-        before={"state": before},
-        after={"state": job.state},
-        reason=reason,
-    )
+    change_state(session, job, RequestState.ABORTED, reason=reason)
     session.commit()
 
 
@@ -463,6 +464,6 @@ def complete_order(session: Session, order_id: int, state: str) -> tuple[str, bo
         now = utcnow()
         order.completed_at = now
         order.late = order.late or now > order.due
-        _set_state(session, order, state, "operations_request")
+        change_state(session, order, state)
         session.commit()
     return order.state, order.late

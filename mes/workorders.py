@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, selectinload
 
-from mes import audit
+from mes import audit, production
 from mes.errors import NotFound, invalid
 from mes.models import (
     AuditEvent,
@@ -26,7 +26,6 @@ from mes.models import (
     RequestState,
     SegmentRequirement,
     WorkMasterEquipment,
-    utcnow,
 )
 
 WAITING, READY, RUNNING, HELD = (
@@ -238,24 +237,7 @@ def set_state(
     session: Session, job_order_id: str, state: str, actor: str, reason: str | None
 ) -> None:
     """Record a supervisor-driven state change of a work order (hold, resume, cancel)."""
-    job = get_job(session, job_order_id)
-    if job.state == state:
-        return
-    before = job.state
-    job.state = state
-    job.segment_requirement.state = state
-    if state == CANCELLED:
-        job.ended_at = utcnow()
-    audit.record(
-        session,
-        actor=actor,
-        action="job_order.state",
-        object_type="job_order",
-        object_id=job_order_id,
-        before={"state": before},
-        after={"state": state},
-        reason=reason,
-    )
+    production.change_state(session, get_job(session, job_order_id), state, actor, reason)
     session.commit()
 
 
