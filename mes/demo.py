@@ -22,8 +22,7 @@ import httpx
 
 from mes.embedded import embedded_stack
 from mes.settings import Settings
-
-FINAL = {"Completed", "Aborted", "Cancelled", "Closed"}
+from mes.states import RequestState, is_final
 
 
 def demo_orders(now: datetime) -> list[dict[str, Any]]:
@@ -121,7 +120,7 @@ async def run_demo(timeout_s: float = 100) -> int:
                 print()
                 print(f"Genealogy, backward from {lot}:")
                 _print_tree(trace, lot, "  ")
-    ok = bool(results) and all(o["state"] == "Completed" for o in results.values())
+    ok = bool(results) and all(o["state"] == RequestState.COMPLETED for o in results.values())
     print(
         f"\nDemo {'finished' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s; "
         "all services stopped."
@@ -150,7 +149,7 @@ async def _follow(
             if seen.get(number) != line:
                 seen[number] = line
                 print(f"  {number:<18}{line}")
-        if all(o["state"] in FINAL for o in latest.values()):
+        if all(is_final(o["state"]) for o in latest.values()):
             break
         await asyncio.sleep(0.5)
     return latest
@@ -158,9 +157,8 @@ async def _follow(
 
 async def _await_erp(erp: Any, orders: int, deadline: float) -> None:
     """Wait until every order's final report arrived (or the deadline passed)."""
-    finals = ("Completed", "Aborted", "Cancelled")
     while time.monotonic() < deadline:
-        ended = {m.order_number for m in erp.messages if _performance_state(m.text) in finals}
+        ended = {m.order_number for m in erp.messages if is_final(_performance_state(m.text))}
         if len(ended) >= orders:
             return
         await asyncio.sleep(0.2)

@@ -44,6 +44,10 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from mes.states import FINAL_STATES, RequestState
+
+__all__ = ["FINAL_STATES", "RequestState"]  # re-exported for the model's users
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -105,27 +109,6 @@ class MaterialUse(enum.StrEnum):
     CONSUMABLE = "Consumable"
     BY_PRODUCT_PRODUCED = "By-product Produced"
     CO_PRODUCT_PRODUCED = "Co-product Produced"
-
-
-class RequestState(enum.StrEnum):
-    """ISA-95 request states, used for operations requests, segment requirements, job orders."""
-
-    FORECAST = "Forecast"
-    RELEASED = "Released"
-    WAITING = "Waiting"
-    READY = "Ready"
-    RUNNING = "Running"
-    COMPLETED = "Completed"
-    ABORTED = "Aborted"
-    HELD = "Held"
-    SUSPENDED = "Suspended"
-    CANCELLED = "Cancelled"
-    CLOSED = "Closed"
-
-
-FINAL_STATES = frozenset(
-    {RequestState.COMPLETED, RequestState.ABORTED, RequestState.CANCELLED, RequestState.CLOSED}
-)
 
 
 class LotDisposition(enum.StrEnum):

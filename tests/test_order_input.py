@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from mes.orders import ProductionOrderIn, workflow_id_for
+from mes.production_orders import ProductionOrderIn, workflow_id_for
 
 GOOD = {
     "order_number": "PO-1",

@@ -1,7 +1,7 @@
 """Activities of the order workflows: every side effect an order causes happens here.
 
 Database work runs in the worker's thread pool (synchronous SQLAlchemy, one transaction per
-call, idempotent by business key: see ``mes.production``); PLC work is asynchronous
+call, idempotent by business key: see ``mes.execution``); PLC work is asynchronous
 (asyncua). Errors a retry cannot fix are raised as non-retryable ``ApplicationError``s, so
 the workflow sees them at once instead of after the retry policy runs out.
 """
@@ -21,11 +21,11 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from adapters.erp.client import DeliveryError, deliver
-from adapters.jobcontrol import JobControlError, JobState
 from adapters.opcua.client import JobControlClient
-from mes import production, reporting, workorders
+from mes import execution, reporting, work_orders
 from mes.errors import DomainError
-from mes.production import ProductionError
+from mes.execution import ProductionError
+from mes.machines import JobControlError, JobState
 from workflows.types import Dispatch, JobChange, JobOutcome, JobStateChange, PlcCommand, WaitArgs
 
 T = TypeVar("T")
@@ -65,12 +65,12 @@ class MesActivities:
     @activity.defn
     def plan_order(self, order_id: int) -> list[str]:
         """Create the order's job orders (one per routing step); returns their JobOrderIDs."""
-        return self._db(lambda s: production.plan_order(s, order_id))
+        return self._db(lambda s: execution.plan_order(s, order_id))
 
     @activity.defn
     def prepare_job(self, job_order_id: str) -> Dispatch:
         """Fix the job's recipe and material lots; say which controller gets it."""
-        target, order = self._db(lambda s: production.prepare_job(s, job_order_id))
+        target, order = self._db(lambda s: execution.prepare_job(s, job_order_id))
         return Dispatch(target.protocol, target.url, target.machine, order)
 
     @activity.defn
@@ -79,7 +79,7 @@ class MesActivities:
         async with _plc(dispatch) as plc:
             await plc.store_and_start(dispatch.order)
         await asyncio.to_thread(
-            self._db, lambda s: production.mark_dispatched(s, dispatch.order.job_order_id)
+            self._db, lambda s: execution.mark_dispatched(s, dispatch.order.job_order_id)
         )
 
     @activity.defn
@@ -104,7 +104,7 @@ class MesActivities:
                 publish_ms=max(1, int(self._poll_seconds * 1000)),
             )
             if state in (JobState.RUNNING, JobState.ENDED):
-                await asyncio.to_thread(self._db, lambda s: production.mark_running(s, job_id))
+                await asyncio.to_thread(self._db, lambda s: execution.mark_running(s, job_id))
             return int(state)
 
     @activity.defn
@@ -130,7 +130,7 @@ class MesActivities:
     def set_job_state(self, change: JobStateChange) -> None:
         """Record a supervisor-driven state change of a job order."""
         self._db(
-            lambda s: workorders.set_state(
+            lambda s: work_orders.set_state(
                 s, change.job_order_id, change.state, change.actor, change.reason
             )
         )
@@ -139,7 +139,7 @@ class MesActivities:
     def change_job(self, change: JobChange) -> None:
         """Record a new priority or work unit (refused if the unit cannot run the job)."""
         self._db(
-            lambda s: workorders.change(
+            lambda s: work_orders.change(
                 s,
                 change.job_order_id,
                 change.actor,
@@ -155,7 +155,7 @@ class MesActivities:
         async with _plc(dispatch) as plc:
             response = await plc.job_response(dispatch.order.job_order_id)
         state, lots = await asyncio.to_thread(
-            self._db, lambda s: production.record_job_response(s, response)
+            self._db, lambda s: execution.record_job_response(s, response)
         )
         return JobOutcome(dispatch.order.job_order_id, state, lots)
 
@@ -213,12 +213,12 @@ class MesActivities:
     @activity.defn
     def abort_job(self, job_order_id: str, reason: str) -> None:
         """Record that a job could not run."""
-        self._db(lambda s: production.abort_job(s, job_order_id, reason))
+        self._db(lambda s: execution.abort_job(s, job_order_id, reason))
 
     @activity.defn
     def complete_order(self, order_id: int, state: str) -> tuple[str, bool]:
         """End the order in ``state``; returns the final state and whether it is late."""
-        return self._db(lambda s: production.complete_order(s, order_id, state))
+        return self._db(lambda s: execution.complete_order(s, order_id, state))
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,7 @@ job's ``job-<JobOrderID>``, so a duplicate post or a retried start cannot run an
 Every job workflow starts when the order is planned and waits for its turn (the order
 workflow releases the steps one after another), so a supervisor can steer any work order,
 queued or running, through the same Temporal updates: hold, resume, cancel, priority and
-equipment. Each update's validator checks ``mes.workorders.allowed_actions``; the handler
+equipment. Each update's validator checks ``mes.work_orders.allowed_actions``; the handler
 does the PLC's half (OPC UA job control) and then records the change.
 """
 
@@ -22,8 +22,8 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from adapters.jobcontrol import JobState
-    from mes.workorders import allowed_actions
+    from mes.machines import JobState
+    from mes.states import RequestState, allowed_actions, is_final
     from workflows.activities import MesActivities
     from workflows.types import (
         Dispatch,
@@ -39,9 +39,13 @@ with workflow.unsafe.imports_passed_through():
         WorkOrderStatus,
     )
 
-WAITING, READY, RUNNING, HELD = "Waiting", "Ready", "Running", "Held"
-COMPLETED, ABORTED, CANCELLED = "Completed", "Aborted", "Cancelled"
-FINAL = (COMPLETED, ABORTED, CANCELLED)
+WAITING, READY, RUNNING, HELD = (
+    RequestState.WAITING,
+    RequestState.READY,
+    RequestState.RUNNING,
+    RequestState.HELD,
+)
+COMPLETED, ABORTED, CANCELLED = RequestState.COMPLETED, RequestState.ABORTED, RequestState.CANCELLED
 
 #: Every step is short; a database or PLC that is away for a while is waited for with
 #: backoff (up to a minute between tries), never given up on by timeout alone.
@@ -68,8 +72,8 @@ class JobOrderWorkflow:
 
     def __init__(self) -> None:
         self._job_id = ""
-        self._state = WAITING
-        self._held_from = WAITING
+        self._state: str = WAITING
+        self._held_from: str = WAITING
         self._released = False
         self._dispatch: Dispatch | None = None
         # Known once the job is prepared for its PLC (the database has them before).
@@ -265,7 +269,7 @@ class JobOrderWorkflow:
                     await self._record(CANCELLED, cmd.actor, cmd.reason)
         if started:
             # The job ends Aborted when the PLC reports it and the response is recorded.
-            await workflow.wait_condition(lambda: self._state in FINAL)
+            await workflow.wait_condition(lambda: is_final(self._state))
         return self.status()
 
     @cancel.validator
@@ -366,7 +370,7 @@ class ProductionOrderWorkflow:
             )
             for job_id in job_ids
         ]
-        state = COMPLETED
+        state: str = COMPLETED
         lots: list[str] = []
         for step, job in enumerate(jobs, start=1):
             await job.signal(JobOrderWorkflow.release)

@@ -6,7 +6,7 @@ workflows (Temporal serialises them as JSON).
 
 from dataclasses import dataclass, field
 
-from adapters.jobcontrol import JobOrder
+from mes.machines import JobOrderData
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Dispatch:
     protocol: str
     url: str
     machine: str
-    order: JobOrder
+    order: JobOrderData
 
 
 @dataclass

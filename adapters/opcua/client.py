@@ -24,20 +24,6 @@ from asyncua.common.subscription import DataChangeNotif, Subscription
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
-from adapters.jobcontrol import (
-    InvalidJobOrderStatusError,
-    InvalidRequestError,
-    JobControlError,
-    JobOrder,
-    JobResponse,
-    JobState,
-    MachineUnreachableError,
-    MaterialActualData,
-    MeasuredValue,
-    ReturnStatus,
-    UnableToAcceptJobOrderError,
-    UnknownJobOrderError,
-)
 from adapters.opcua.model import (
     DEFECTIVE_COUNT,
     JOB_MANAGEMENT,
@@ -53,6 +39,20 @@ from adapters.opcua.model import (
     localized,
     parse_decimal,
     ua_type,
+)
+from mes.machines import (
+    InvalidJobOrderStatusError,
+    InvalidRequestError,
+    JobControlError,
+    JobOrderData,
+    JobResponseData,
+    JobState,
+    MachineUnreachableError,
+    MaterialActualData,
+    MeasuredValue,
+    ReturnStatus,
+    UnableToAcceptJobOrderError,
+    UnknownJobOrderError,
 )
 
 # Errors are tested in this order when a ReturnStatus carries several bits.
@@ -269,14 +269,14 @@ class JobControlClient:
 
     # -- job orders --------------------------------------------------------------------
 
-    async def store(self, order: JobOrder) -> None:
+    async def store(self, order: JobOrderData) -> None:
         """Store a job order without allowing it to start (NotAllowedToStart).
 
         Idempotent on JobOrderID: if the machine already has the job, nothing is sent.
         """
         await self._store(order, start=False)
 
-    async def store_and_start(self, order: JobOrder) -> None:
+    async def store_and_start(self, order: JobOrderData) -> None:
         """Store a job order and allow it to start (AllowedToStart).
 
         Idempotent on JobOrderID, so a retry after a lost reply is safe: if the machine
@@ -285,7 +285,7 @@ class JobControlClient:
         """
         await self._store(order, start=True)
 
-    async def _store(self, order: JobOrder, *, start: bool) -> None:
+    async def _store(self, order: JobOrderData, *, start: bool) -> None:
         job_order_id = order.job_order_id
         existing = await self._find_state(job_order_id)
         if existing is None:
@@ -305,7 +305,7 @@ class JobControlClient:
         if start and existing is JobState.NOT_ALLOWED_TO_START:
             await self._command("Start", job_order_id)
 
-    async def update(self, order: JobOrder) -> None:
+    async def update(self, order: JobOrderData) -> None:
         """Replace a job order that has not started yet."""
         status, _ = await self._call_for_status(
             self._controller(), "Update", _encode_order(order), empty_comment()
@@ -374,7 +374,7 @@ class JobControlClient:
     async def _find_state(self, job_order_id: str) -> JobState | None:
         return dict(await self.list_jobs()).get(job_order_id)
 
-    async def job_response(self, job_order_id: str) -> JobResponse:
+    async def job_response(self, job_order_id: str) -> JobResponseData:
         """The machine's job response (RequestJobResponseByJobOrderID), as plain data."""
         if self._results is None:
             self._require()
@@ -573,8 +573,8 @@ def _top_state(states: list[Any] | None) -> JobState:
         raise JobControlError(f"unknown job order state {states[0].StateNumber}") from None
 
 
-def _encode_order(order: JobOrder) -> Any:
-    """JobOrder → ISA95JobOrderDataType."""
+def _encode_order(order: JobOrderData) -> Any:
+    """JobOrderData → ISA95JobOrderDataType."""
     parameter = ua_type("ISA95ParameterDataType")
     material = ua_type("ISA95MaterialDataType")
     return ua_type("ISA95JobOrderDataType")(
@@ -609,8 +609,8 @@ def _encode_order(order: JobOrder) -> Any:
     )
 
 
-def _decode_response(response: Any, packml_state: int) -> JobResponse:
-    """ISA95JobResponseDataType → JobResponse."""
+def _decode_response(response: Any, packml_state: int) -> JobResponseData:
+    """ISA95JobResponseDataType → JobResponseData."""
     if response is None:
         raise JobControlError("RequestJobResponseByJobOrderID returned no JobResponse")
     actuals = [
@@ -634,7 +634,7 @@ def _decode_response(response: Any, packml_state: int) -> JobResponse:
         else:
             data.append(MeasuredValue(str(p.ID), float(value), eu_text(p.EngineeringUnits)))
     produced = sum(a.quantity for a in actuals if a.use.lower() == "produced")
-    return JobResponse(
+    return JobResponseData(
         job_order_id=str(response.JobOrderID),
         state=_top_state(response.JobState),
         start_time=response.StartTime,

@@ -16,7 +16,7 @@ from typing import Any
 
 from asyncua import ua
 
-from adapters.jobcontrol import JobState
+from mes.machines import JobState
 
 JOBCONTROL_NS_URI = "http://opcfoundation.org/UA/ISA95-JOBCONTROL_V2/"
 NODESET_FILE = "opc.ua.isa95-jobcontrol.nodeset2.xml"

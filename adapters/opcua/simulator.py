@@ -38,7 +38,6 @@ from asyncua.common.node import Node
 from asyncua.server.server import Server
 from asyncua.ua.object_ids import ObjectIds
 
-from adapters.jobcontrol import JobState, ReturnStatus
 from adapters.opcua.model import (
     DEFECTIVE_COUNT,
     JOB_MANAGEMENT,
@@ -66,6 +65,7 @@ from adapters.opcua.model import (
     string_node_id,
     ua_type,
 )
+from mes.machines import JobState, ReturnStatus
 
 SIM_NAMESPACE_URI = "urn:mes:plc-simulator"
 

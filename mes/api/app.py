@@ -17,8 +17,8 @@ from temporalio.client import Client
 
 from mes.api.deps import Services, services
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
-from mes.api.orders import ProductionOrderController
 from mes.api.problems import EXCEPTION_HANDLERS
+from mes.api.production_orders import ProductionOrderController
 from mes.api.records import (
     AuditController,
     GenealogyController,
@@ -26,7 +26,7 @@ from mes.api.records import (
     TokenController,
 )
 from mes.api.security import AUTH_MIDDLEWARE
-from mes.api.workorders import WorkCenterController, WorkOrderController
+from mes.api.work_orders import WorkCenterController, WorkOrderController
 from mes.settings import Settings
 
 

@@ -16,11 +16,12 @@ from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from mes import orders, workorders
+from mes import production_orders
 from mes.auth import Principal
 from mes.db import make_engine, make_sessionmaker
 from mes.errors import DomainError, FieldError
 from mes.settings import Settings
+from mes.states import allowed_actions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,11 +104,13 @@ class Services:
         A work order that moved on meanwhile (ended, or cancelled with its order) is skipped;
         refused only when no work order took the action.
         """
-        detail = await self.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
+        detail = await self.db(
+            lambda s: production_orders.order_out(s, production_orders.get_order(s, order_id))
+        )
         targets = [
             j
             for j in detail.job_orders
-            if action in workorders.allowed_actions(j.state, j.dispatched_at is not None)
+            if action in allowed_actions(j.state, j.dispatched_at is not None)
         ]
         refusal = DomainError(
             title="Not allowed in this state",

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from mes import b2mml, masterdata, orders, reporting
+from mes import b2mml, masterdata, production_orders, reporting
 from mes.api.deps import Services, caller, services
 from mes.api.security import ADMINISTER, B2MML_IN, READ_ORDERS, allow, roles_note
 from mes.auth import Principal
@@ -109,7 +109,7 @@ async def _process(
     svc: Services, message: b2mml.ProcessOperationsSchedule, who: Principal
 ) -> Response[bytes]:
     noun = "ProcessOperationsSchedule"
-    bodies: list[orders.ProductionOrderIn] = []
+    bodies: list[production_orders.ProductionOrderIn] = []
     errors: list[str] = []
     for request in message.requests:
         try:
@@ -121,8 +121,8 @@ async def _process(
         problems = []
         for body, request in zip(bodies, message.requests, strict=False):
             try:
-                orders.check_order(s, body)
-                routing = orders.routing_of(s, body.product)
+                production_orders.check_order(s, body)
+                routing = production_orders.routing_of(s, body.product)
                 if request.routing and request.routing != routing:
                     problems.append(
                         f"OperationsRequest {body.order_number}: OperationsDefinitionID "
@@ -140,9 +140,11 @@ async def _process(
     accepted = []
     for body in bodies:
 
-        def store(s: Session, body: orders.ProductionOrderIn = body) -> orders.ProductionOrderOut:
-            order, _ = orders.create_order(s, body, who.actor, who.name)
-            return orders.order_out(s, orders.get_order(s, order.id))
+        def store(
+            s: Session, body: production_orders.ProductionOrderIn = body
+        ) -> production_orders.ProductionOrderOut:
+            order, _ = production_orders.create_order(s, body, who.actor, who.name)
+            return production_orders.order_out(s, production_orders.get_order(s, order.id))
 
         out = await svc.db(store)
         await svc.start_order_workflow(out.id, out.order_number, out.workflow_id)
@@ -158,7 +160,7 @@ async def _change(
     results: list[tuple[str, bool, str | None]] = []
     for req in message.requests:
         accepted, reason = await svc.db(
-            lambda s, r=req: orders.change_order(  # type: ignore[misc]
+            lambda s, r=req: production_orders.change_order(  # type: ignore[misc]
                 s, r.order_number, who.actor, r.quantity, r.due, r.priority
             )
         )
@@ -173,7 +175,7 @@ async def _cancel(
     errors = []
     for number in message.order_ids:
         try:
-            order_id = await svc.db(lambda s, n=number: orders.order_id_by_number(s, n))  # type: ignore[misc]
+            order_id = await svc.db(lambda s, n=number: production_orders.order_id_by_number(s, n))  # type: ignore[misc]
             await svc.act_on_order(
                 order_id, "cancel", "cancel", {"actor": who.actor, "reason": "ERP cancel"}
             )
@@ -247,7 +249,7 @@ class PerformanceController(Controller):
         format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",
     ) -> Response[bytes]:
         def build(s: Session) -> tuple[str, str]:
-            order = orders.get_order(s, order_id)
+            order = production_orders.get_order(s, order_id)
             doc = reporting.performance(s, order)
             return reporting.render(
                 doc, format, f"MES-{order.external_id}-now-{uuid.uuid4().hex[:8]}"

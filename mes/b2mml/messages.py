@@ -60,7 +60,7 @@ from mes.b2mml.parsing import (
     text,
 )
 from mes.b2mml.sync import SYNC_NOUNS, plant_of
-from mes.orders import ProductionOrderIn
+from mes.production_orders import ProductionOrderIn
 
 __all__ = [
     "CancelOperationsSchedule",

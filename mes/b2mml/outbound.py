@@ -52,9 +52,9 @@ __all__ = [
 _REQUEST_STATES = {s.value for s in RequestState}
 #: ResponseStateType of V0701. It lacks Forecast, Released and Cancelled, which a request
 #: has: those go out as ``Other`` with the state in ``OtherValue``, the schema's way.
-_RESPONSE_STATES = {
-    "Waiting", "Ready", "Running", "Completed", "Aborted", "Held", "Paused", "Suspended", "Closed",
-}  # fmt: skip
+_RESPONSE_STATES = (_REQUEST_STATES - {
+    RequestState.FORECAST, RequestState.RELEASED, RequestState.CANCELLED,
+}) | {"Paused"}  # fmt: skip
 #: MaterialUse1Type of V0701 (the MES itself uses the first five).
 _MATERIAL_USES = {u.value for u in MaterialUse} | {
     "Yield Produced", "Material Consumed", "Material Produced", "Destructive Sample",

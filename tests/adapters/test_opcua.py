@@ -14,11 +14,14 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.uaerrors import UaStatusCodeError
 
-from adapters.jobcontrol import (
+from adapters.opcua.client import JobControlClient, raise_for_status
+from adapters.opcua.model import JOBCONTROL_NS_URI, PACKML_EXECUTE, PACKML_HELD, PACKML_IDLE
+from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit, run_simulator
+from mes.machines import (
     InvalidJobOrderStatusError,
     InvalidRequestError,
     JobControlError,
-    JobOrder,
+    JobOrderData,
     JobState,
     MachineUnreachableError,
     MaterialRequirement,
@@ -27,9 +30,6 @@ from adapters.jobcontrol import (
     UnableToAcceptJobOrderError,
     UnknownJobOrderError,
 )
-from adapters.opcua.client import JobControlClient, raise_for_status
-from adapters.opcua.model import JOBCONTROL_NS_URI, PACKML_EXECUTE, PACKML_HELD, PACKML_IDLE
-from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit, run_simulator
 
 CYCLE_S = 0.4
 MEASURED = {"Temperature": (180.0, "°C"), "Torque": (12.5, "N·m")}
@@ -64,8 +64,10 @@ async def plc() -> AsyncIterator[Plc]:
         yield Plc(sim.url, sim)
 
 
-def cake_order(job_order_id: str, *, lot: str = "", qty: float = 12, priority: int = 0) -> JobOrder:
-    return JobOrder(
+def cake_order(
+    job_order_id: str, *, lot: str = "", qty: float = 12, priority: int = 0
+) -> JobOrderData:
+    return JobOrderData(
         job_order_id=job_order_id,
         work_master_id="WM-BAKE",
         description="bake a tray",

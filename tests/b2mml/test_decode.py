@@ -15,7 +15,7 @@ from mes.b2mml import (
     SyncMasterData,
     decode,
 )
-from mes.orders import ProductionOrderIn
+from mes.production_orders import ProductionOrderIn
 from tests.b2mml.conftest import example
 
 CET = timezone(timedelta(hours=1))

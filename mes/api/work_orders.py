@@ -10,19 +10,19 @@ from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 
-from mes import workorders
+from mes import work_orders
 from mes.api.deps import Services, caller, services
-from mes.api.orders import Reason
+from mes.api.production_orders import Reason
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.errors import DomainError, FieldError
-from mes.models import RequestState
+from mes.states import RequestState, is_final
 
 API = "/api/v1"
 
 
 class WorkOrderPage(BaseModel):
-    items: list[workorders.WorkOrderOut]
+    items: list[work_orders.WorkOrderOut]
     total: int
     limit: int
     offset: int
@@ -39,10 +39,10 @@ class WorkOrderChange(BaseModel):
 
 async def _act(
     svc: Services, job_id: str, update: str, command: dict[str, Any]
-) -> workorders.WorkOrderOut:
-    job = await svc.db(lambda s: workorders.work_order_out(workorders.get_job(s, job_id)))
+) -> work_orders.WorkOrderOut:
+    job = await svc.db(lambda s: work_orders.work_order_out(work_orders.get_job(s, job_id)))
     await svc.update_job(job_id, update, command, job.state)
-    return await svc.db(lambda s: workorders.work_order_out(workorders.get_job(s, job_id)))
+    return await svc.db(lambda s: work_orders.work_order_out(work_orders.get_job(s, job_id)))
 
 
 class WorkOrderController(Controller):
@@ -75,7 +75,7 @@ class WorkOrderController(Controller):
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> WorkOrderPage:
         items, total = await services(state).db(
-            lambda s: workorders.list_work_orders(
+            lambda s: work_orders.list_work_orders(
                 s,
                 state=work_order_state,
                 production_order=production_order,
@@ -96,10 +96,10 @@ class WorkOrderController(Controller):
         summary="One work order: its recorded history and, while it runs, its live state",
         description=roles_note(READ_SHOP_FLOOR),
     )
-    async def detail(self, job_id: FromPath[str], state: State) -> workorders.WorkOrderDetail:
+    async def detail(self, job_id: FromPath[str], state: State) -> work_orders.WorkOrderDetail:
         svc = services(state)
-        out = await svc.db(lambda s: workorders.work_order_detail(s, job_id))
-        if out.state not in ("Completed", "Aborted", "Cancelled"):
+        out = await svc.db(lambda s: work_orders.work_order_detail(s, job_id))
+        if not is_final(out.state):
             out.live = await svc.query_job(job_id)
         return out
 
@@ -116,7 +116,7 @@ class WorkOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
         data: JSONBody[Reason | None] = None,
-    ) -> workorders.WorkOrderOut:
+    ) -> work_orders.WorkOrderOut:
         cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
         return await _act(services(state), job_id, "hold", cmd)
 
@@ -133,7 +133,7 @@ class WorkOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
         data: JSONBody[Reason | None] = None,
-    ) -> workorders.WorkOrderOut:
+    ) -> work_orders.WorkOrderOut:
         cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
         return await _act(services(state), job_id, "resume", cmd)
 
@@ -150,7 +150,7 @@ class WorkOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
         data: JSONBody[Reason | None] = None,
-    ) -> workorders.WorkOrderOut:
+    ) -> work_orders.WorkOrderOut:
         cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
         return await _act(services(state), job_id, "cancel", cmd)
 
@@ -166,7 +166,7 @@ class WorkOrderController(Controller):
         data: JSONBody[WorkOrderChange],
         state: State,
         request: Request[Principal, Any, Any],
-    ) -> workorders.WorkOrderOut:
+    ) -> work_orders.WorkOrderOut:
         if data.priority is None and data.equipment is None:
             raise DomainError(
                 title="Invalid request",
@@ -190,5 +190,5 @@ class WorkCenterController(Controller):
     )
     async def dispatch_list(
         self, work_center: FromPath[str], state: State
-    ) -> list[workorders.WorkOrderOut]:
-        return await services(state).db(lambda s: workorders.dispatch_list(s, work_center))
+    ) -> list[work_orders.WorkOrderOut]:
+        return await services(state).db(lambda s: work_orders.dispatch_list(s, work_center))

@@ -9,13 +9,12 @@ the workflow calls them (through activities) after the PLC has done its half.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, selectinload
 
-from mes import audit, production
+from mes import audit, execution
 from mes.errors import NotFound, invalid
 from mes.models import (
     AuditEvent,
@@ -27,32 +26,9 @@ from mes.models import (
     SegmentRequirement,
     WorkMasterEquipment,
 )
+from mes.states import OPEN_WORK_STATES, allowed_actions
 
-WAITING, READY, RUNNING, HELD = (
-    RequestState.WAITING,
-    RequestState.READY,
-    RequestState.RUNNING,
-    RequestState.HELD,
-)
-COMPLETED, ABORTED, CANCELLED = RequestState.COMPLETED, RequestState.ABORTED, RequestState.CANCELLED
-Action = Literal["hold", "resume", "cancel", "priority", "equipment"]
-
-
-def allowed_actions(state: str, dispatched: bool) -> list[str]:
-    """The supervisor actions a work order in ``state`` accepts.
-
-    ``dispatched`` tells whether the job was already sent to a PLC: its equipment is fixed
-    from then on.
-    """
-    if state == WAITING:
-        return ["hold", "cancel", "priority", "equipment"]
-    if state == READY:
-        return ["hold", "cancel", "priority"]
-    if state == RUNNING:
-        return ["hold", "cancel"]
-    if state == HELD:
-        return ["resume", "cancel", "priority"] + ([] if dispatched else ["equipment"])
-    return []
+WAITING, READY, RUNNING, HELD = OPEN_WORK_STATES
 
 
 class HistoryEntry(BaseModel):
@@ -237,7 +213,7 @@ def set_state(
     session: Session, job_order_id: str, state: str, actor: str, reason: str | None
 ) -> None:
     """Record a supervisor-driven state change of a work order (hold, resume, cancel)."""
-    production.change_state(session, get_job(session, job_order_id), state, actor, reason)
+    execution.change_state(session, get_job(session, job_order_id), state, actor, reason)
     session.commit()
 
 

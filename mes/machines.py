@@ -64,7 +64,7 @@ class MaterialRequirement:
 
 
 @dataclass(frozen=True)
-class JobOrder:
+class JobOrderData:
     """What one work unit is told to do (ISA95JobOrderDataType)."""
 
     job_order_id: str
@@ -97,7 +97,7 @@ class MeasuredValue:
 
 
 @dataclass(frozen=True)
-class JobResponse:
+class JobResponseData:
     """What the machine reports for a job (ISA95JobResponseDataType plus PackML counters)."""
 
     job_order_id: str

@@ -13,18 +13,14 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, selectinload
 
-from adapters.jobcontrol import (
-    JobOrder as PlcJobOrder,
-)
-from adapters.jobcontrol import (
-    JobResponse as PlcJobResponse,
-)
-from adapters.jobcontrol import (
+from mes import audit
+from mes.machines import (
+    JobOrderData,
+    JobResponseData,
     JobState,
     MaterialRequirement,
     RecipeParameter,
 )
-from mes import audit
 from mes.models import (
     FINAL_STATES,
     Equipment,
@@ -129,7 +125,7 @@ def _least_loaded(session: Session, work_master: WorkMaster) -> int:
     return min(candidates, key=lambda eq: open_jobs.get(eq, 0))
 
 
-def prepare_job(session: Session, job_order_id: str) -> tuple[Target, PlcJobOrder]:
+def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderData]:
     """Fix the job's material requirements (once) and return what to send where.
 
     Consumed material that an earlier step of the same order produced comes from that step's
@@ -145,7 +141,7 @@ def prepare_job(session: Session, job_order_id: str) -> tuple[Target, PlcJobOrde
     endpoint = job.equipment.endpoint
     if endpoint is None:
         raise ProductionError(f"work unit {job.equipment.external_id} has no controller endpoint")
-    plc_order = PlcJobOrder(
+    plc_order = JobOrderData(
         job_order_id=job.external_id,
         work_master_id=job.work_master.external_id,
         description=f"{order.external_id} step {req.sequence} "
@@ -323,7 +319,7 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
         session.commit()
 
 
-def record_job_response(session: Session, response: PlcJobResponse) -> tuple[str, list[str]]:
+def record_job_response(session: Session, response: JobResponseData) -> tuple[str, list[str]]:
     """Store what the machine reported: material actuals and genealogy, measured values and
     test results; end the job order. Returns the job's final ISA-95 state and produced lots.
 

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.jobcontrol import JobResponse, JobState, MaterialActualData, MeasuredValue
-from mes import production
+from mes import execution
+from mes.machines import JobOrderData, JobResponseData, JobState, MaterialActualData, MeasuredValue
 from mes.models import (
     JobOrder,
     MaterialActual,
@@ -20,7 +20,7 @@ from mes.models import (
     TestResult,
 )
 from mes.models import JobResponse as JobResponseRow
-from mes.orders import ProductionOrderIn, create_order
+from mes.production_orders import ProductionOrderIn, create_order
 
 pytestmark = pytest.mark.postgres
 
@@ -41,9 +41,9 @@ def _order(sessions: sessionmaker[Session], quantity: float = 10) -> tuple[int, 
         return order.id, number
 
 
-def _machine_response(plc_order: production.PlcJobOrder, temp: float) -> JobResponse:
+def _machine_response(plc_order: JobOrderData, temp: float) -> JobResponseData:
     now = datetime.now(UTC)
-    return JobResponse(
+    return JobResponseData(
         job_order_id=plc_order.job_order_id,
         state=JobState.ENDED,
         start_time=now - timedelta(seconds=5),
@@ -64,16 +64,16 @@ def _count(s: Session, model: type[object], *where: object) -> int:
 def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> None:
     order_id, number = _order(plant_pg)
     with plant_pg() as s:
-        first = production.plan_order(s, order_id)
+        first = execution.plan_order(s, order_id)
     with plant_pg() as s:
-        assert production.plan_order(s, order_id) == first
+        assert execution.plan_order(s, order_id) == first
         assert first == [f"{number}-01", f"{number}-02"]
         assert _count(s, JobOrder, JobOrder.external_id.in_(first)) == 2
 
     with plant_pg() as s:
-        target, plc_order = production.prepare_job(s, first[0])
+        target, plc_order = execution.prepare_job(s, first[0])
     with plant_pg() as s:
-        assert production.prepare_job(s, first[0]) == (target, plc_order)
+        assert execution.prepare_job(s, first[0]) == (target, plc_order)
     assert target.protocol == "opcua"
     assert [p.name for p in plc_order.parameters] == ["MixSpeed", "MixTime"]
     consumed = [m for m in plc_order.material_requirements if m.use == "Consumed"]
@@ -90,7 +90,7 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
     response = _machine_response(plc_order, temp=30.0)  # above the 22–28 °C limit
     for _ in range(2):
         with plant_pg() as s:
-            state, lots = production.record_job_response(s, response)
+            state, lots = execution.record_job_response(s, response)
             assert (state, lots) == ("Completed", [f"LOT-{first[0]}"])
 
     with plant_pg() as s:
@@ -112,19 +112,19 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
 
     # The next step consumes exactly the lot the first step produced.
     with plant_pg() as s:
-        _, bake = production.prepare_job(s, first[1])
+        _, bake = execution.prepare_job(s, first[1])
     dough = [m for m in bake.material_requirements if m.use == "Consumed"]
     assert [m.lot_id for m in dough] == [f"LOT-{first[0]}"]
 
     with plant_pg() as s:
-        assert production.complete_order(s, order_id, "Completed") == ("Completed", False)
+        assert execution.complete_order(s, order_id, "Completed") == ("Completed", False)
     with plant_pg() as s:
-        assert production.complete_order(s, order_id, "Aborted") == ("Completed", False)
+        assert execution.complete_order(s, order_id, "Aborted") == ("Completed", False)
 
 
 def test_not_enough_stock_is_a_production_error(plant_pg: sessionmaker[Session]) -> None:
     order_id, _ = _order(plant_pg, quantity=10_000_000)
     with plant_pg() as s:
-        ids = production.plan_order(s, order_id)
-    with plant_pg() as s, pytest.raises(production.ProductionError, match="not enough"):
-        production.prepare_job(s, ids[0])
+        ids = execution.plan_order(s, order_id)
+    with plant_pg() as s, pytest.raises(execution.ProductionError, match="not enough"):
+        execution.prepare_job(s, ids[0])

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from mes import audit, production
+from mes import audit, execution
 from mes.errors import Conflict, NotFound, invalid
 from mes.models import (
     FINAL_STATES,
@@ -292,7 +292,7 @@ def produced_lots(session: Session, order: OperationsRequest) -> list[LotOut]:
     """Lots of the order's product made by its job orders."""
     actuals = [
         a
-        for a in production.produced_actuals(session, order.id)
+        for a in execution.produced_actuals(session, order.id)
         if a.material_definition_id == order.material_definition_id
     ]
     return [
@@ -325,7 +325,7 @@ def set_order_state(
     if order is None:
         raise NotFound("production order", str(order_id))
     if order.state not in FINAL_STATES:
-        production.change_state(session, order, state, actor, reason)
+        execution.change_state(session, order, state, actor, reason)
         session.commit()
 
 

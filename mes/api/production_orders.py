@@ -12,7 +12,7 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from mes import orders
+from mes import production_orders
 from mes.api.deps import caller, services
 from mes.api.problems import problem
 from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
@@ -46,7 +46,7 @@ class Reason(BaseModel):
 
 
 class OrderChange(BaseModel):
-    """A new priority for a whole production order and its open work orders."""
+    """A new priority for a whole production order and its open work production_orders."""
 
     model_config = ConfigDict(extra="forbid")
     priority: Annotated[int, Field(ge=0, le=1_000_000, strict=True)]
@@ -75,10 +75,12 @@ async def _act(
     action: str,
     update: str,
     command: dict[str, Any],
-) -> orders.ProductionOrderOut:
+) -> production_orders.ProductionOrderOut:
     svc = services(state)
     await svc.act_on_order(order_id, action, update, {"actor": caller(request).actor} | command)
-    return await svc.db(lambda s: orders.order_out(s, orders.get_order(s, order_id)))
+    return await svc.db(
+        lambda s: production_orders.order_out(s, production_orders.get_order(s, order_id))
+    )
 
 
 async def _set_order_state(
@@ -87,12 +89,12 @@ async def _set_order_state(
     order_id: int,
     new_state: str,
     reason: str | None,
-) -> orders.ProductionOrderOut:
+) -> production_orders.ProductionOrderOut:
     actor = caller(request).actor
 
-    def write(s: Session) -> orders.ProductionOrderOut:
-        orders.set_order_state(s, order_id, new_state, actor, reason)
-        return orders.order_out(s, orders.get_order(s, order_id))
+    def write(s: Session) -> production_orders.ProductionOrderOut:
+        production_orders.set_order_state(s, order_id, new_state, actor, reason)
+        return production_orders.order_out(s, production_orders.get_order(s, order_id))
 
     svc = services(state)
     out = await svc.db(write)
@@ -119,18 +121,18 @@ class ProductionOrderController(Controller):
     )
     async def create(
         self,
-        data: JSONBody[orders.ProductionOrderIn],
+        data: JSONBody[production_orders.ProductionOrderIn],
         state: State,
         request: Request[Principal, Any, Any],
-    ) -> Response[orders.ProductionOrderOut]:
+    ) -> Response[production_orders.ProductionOrderOut]:
         svc = services(state)
         actor = caller(request).actor
 
         source = caller(request).name
 
-        def store(s: Session) -> tuple[orders.ProductionOrderOut, bool]:
-            order, created = orders.create_order(s, data, actor, source)
-            return orders.order_out(s, orders.get_order(s, order.id)), created
+        def store(s: Session) -> tuple[production_orders.ProductionOrderOut, bool]:
+            order, created = production_orders.create_order(s, data, actor, source)
+            return production_orders.order_out(s, production_orders.get_order(s, order.id)), created
 
         out, created = await svc.db(store)
         try:
@@ -165,7 +167,7 @@ class ProductionOrderController(Controller):
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> list[ProductionOrderSummary]:
         found = await services(state).db(
-            lambda s: orders.list_orders(s, order_state, limit, offset)
+            lambda s: production_orders.list_orders(s, order_state, limit, offset)
         )
         return [_summary(o) for o in found]
 
@@ -175,9 +177,11 @@ class ProductionOrderController(Controller):
         summary="One production order with its work orders and lots",
         description=roles_note(READ_ORDERS),
     )
-    async def detail(self, order_id: FromPath[int], state: State) -> orders.ProductionOrderOut:
+    async def detail(
+        self, order_id: FromPath[int], state: State
+    ) -> production_orders.ProductionOrderOut:
         return await services(state).db(
-            lambda s: orders.order_out(s, orders.get_order(s, order_id))
+            lambda s: production_orders.order_out(s, production_orders.get_order(s, order_id))
         )
 
     @post(
@@ -193,7 +197,7 @@ class ProductionOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
         data: JSONBody[Reason | None] = None,
-    ) -> orders.ProductionOrderOut:
+    ) -> production_orders.ProductionOrderOut:
         reason = data.reason if data else None
         await _act(state, request, order_id, "hold", "hold", {"reason": reason})
         return await _set_order_state(state, request, order_id, RequestState.HELD, reason)
@@ -211,7 +215,7 @@ class ProductionOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
         data: JSONBody[Reason | None] = None,
-    ) -> orders.ProductionOrderOut:
+    ) -> production_orders.ProductionOrderOut:
         reason = data.reason if data else None
         out = await _act(state, request, order_id, "resume", "resume", {"reason": reason})
         back = RequestState.RUNNING if out.started_at else RequestState.RELEASED
@@ -230,7 +234,7 @@ class ProductionOrderController(Controller):
         state: State,
         request: Request[Principal, Any, Any],
         data: JSONBody[Reason | None] = None,
-    ) -> orders.ProductionOrderOut:
+    ) -> production_orders.ProductionOrderOut:
         reason = data.reason if data else None
         return await _act(state, request, order_id, "cancel", "cancel", {"reason": reason})
 
@@ -246,10 +250,12 @@ class ProductionOrderController(Controller):
         data: JSONBody[OrderChange],
         state: State,
         request: Request[Principal, Any, Any],
-    ) -> orders.ProductionOrderOut:
+    ) -> production_orders.ProductionOrderOut:
         actor = caller(request).actor
         await services(state).db(
-            lambda s: orders.set_order_priority(s, order_id, data.priority, actor, data.reason)
+            lambda s: production_orders.set_order_priority(
+                s, order_id, data.priority, actor, data.reason
+            )
         )
         return await _act(
             state,
