@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+T = TypeVar("T")
 
 
 def normalise_url(url: str) -> str:
@@ -45,3 +49,21 @@ def make_engine(url: str) -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     """Sessions that keep loaded objects usable after commit."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+class Database:
+    """The API's way to the database: runs one unit of work in a worker thread.
+
+    The ORM is synchronous; ``run(fn)`` calls ``fn(session)`` in a thread with a fresh
+    session from the factory (its hooks included) and closes it afterwards.
+    """
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        def work() -> T:
+            with self.sessions() as session:
+                return fn(session)
+
+        return await asyncio.to_thread(work)

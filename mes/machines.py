@@ -1,12 +1,21 @@
-"""Plain data types shared by the job-control adapters (OPC UA, later Modbus) and the workflows.
+"""The machine port: what the MES asks of a work unit's controller, whatever its protocol.
 
-They mirror OPC 10031-4 (ISA-95 Job Control) structures closely enough to map 1:1, but are
-plain dataclasses so Temporal can serialise them and ``mes`` can use them without asyncua.
+``EquipmentAdapter`` is the one interface the workflow activities call (dispatch, read status,
+read result, pause / resume / cancel / abort / clear, capabilities); ``adapters/`` implements
+it per protocol (OPC UA job control first) and ``adapters.machines.connect`` picks the
+implementation from the work unit's endpoint. The data types mirror OPC 10031-4 (ISA-95 Job
+Control) structures closely enough to map 1:1, but are plain dataclasses so Temporal can
+serialise them and ``mes`` can use them without a protocol library.
 """
 
+from __future__ import annotations
+
 import enum
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Protocol
 
 
 class JobState(enum.IntEnum):
@@ -146,3 +155,76 @@ class MachineUnreachableError(JobControlError):
     """The controller could not be reached or the session broke; retry later."""
 
     retryable = True
+
+
+@dataclass(frozen=True)
+class MachineCapabilities:
+    """What a controller can take: how many job orders it holds at once (None: no limit
+    published) and how many it holds now."""
+
+    max_job_orders: int | None
+    job_orders_held: int
+
+
+class EquipmentAdapter(Protocol):
+    """A session with one work unit's controller: the machine port.
+
+    Every call raises a ``JobControlError`` subclass on failure; its ``retryable`` says
+    whether trying again may help. Storing is idempotent on JobOrderID.
+    """
+
+    async def store_and_start(self, order: JobOrderData) -> None:
+        """Send a job order and allow it to start (a retry finds it stored)."""
+        ...
+
+    async def update(self, order: JobOrderData) -> None:
+        """Change a stored job order (e.g. its priority)."""
+        ...
+
+    async def start(self, job_order_id: str) -> None: ...
+
+    async def revoke_start(self, job_order_id: str) -> None: ...
+
+    async def pause(self, job_order_id: str) -> None: ...
+
+    async def resume(self, job_order_id: str) -> None: ...
+
+    async def cancel(self, job_order_id: str) -> None:
+        """Remove a job that has not started."""
+        ...
+
+    async def abort(self, job_order_id: str) -> None:
+        """Stop a started job for good."""
+        ...
+
+    async def clear(self, job_order_id: str) -> None:
+        """Remove an ended or aborted job from the controller."""
+        ...
+
+    async def job_state(self, job_order_id: str) -> JobState:
+        """The job's state now; UnknownJobOrderError if the controller does not hold it."""
+        ...
+
+    async def wait_for_change(
+        self,
+        job_order_id: str,
+        known: JobState,
+        on_tick: Callable[[JobState], None] | None = None,
+        tick_s: float = 5.0,
+        publish_ms: int = 100,
+    ) -> JobState:
+        """Wait until the job's state differs from ``known``; ``on_tick`` sees the state
+        every ``tick_s`` seconds meanwhile (an activity heartbeats there)."""
+        ...
+
+    async def job_response(self, job_order_id: str) -> JobResponseData:
+        """What the machine reports it made, from what, and how well."""
+        ...
+
+    async def capabilities(self) -> MachineCapabilities:
+        """How many job orders the controller takes and holds."""
+        ...
+
+
+#: Opens a session with the controller at ``url`` for the unit ``machine``.
+MachineConnector = Callable[[str, str], AbstractAsyncContextManager[EquipmentAdapter]]

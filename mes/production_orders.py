@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -19,7 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from mes import audit, execution
-from mes.errors import Conflict, NotFound, invalid
+from mes.errors import Conflict, DomainError, NotFound, invalid
 from mes.models import (
     FINAL_STATES,
     JobOrder,
@@ -31,13 +32,15 @@ from mes.models import (
     SegmentRequirement,
     utcnow,
 )
+from workflows.types import order_workflow_id
+
+if TYPE_CHECKING:  # the workflow client imports the workflows, which import this module
+    from mes.db import Database
+    from mes.workflow_client import WorkflowClient
+
+log = logging.getLogger(__name__)
 
 ORDER_NUMBER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,99}$"
-
-
-def workflow_id_for(order_number: str) -> str:
-    """The Temporal workflow id of an order: its business key, so a repeat cannot start two."""
-    return f"order-{order_number}"
 
 
 class ProductionOrderIn(BaseModel):
@@ -126,6 +129,35 @@ class ProductionOrderOut(BaseModel):
     produced_lots: list[LotOut]
 
 
+async def accept_order(
+    db: Database, workflows: WorkflowClient, body: ProductionOrderIn, actor: str, source: str
+) -> tuple[ProductionOrderOut, bool]:
+    """Accept an ERP's production order: store it, then start its workflow.
+
+    The one way in for the JSON and the B2MML routes. Returns the order and whether it is
+    new; the same order posted again is found (and its workflow started if it was not).
+    A workflow engine that cannot be reached leaves the order stored and answers 503, so
+    the ERP posts it again.
+    """
+
+    def store(s: Session) -> tuple[ProductionOrderOut, bool]:
+        order, created = create_order(s, body, actor, source)
+        return order_out(s, get_order(s, order.id)), created
+
+    out, created = await db.run(store)
+    try:
+        await workflows.start_order(out.id, out.order_number)
+    except Exception as e:
+        log.exception("could not start workflow %s", out.workflow_id)
+        raise DomainError(
+            title="Workflow engine unavailable",
+            detail=f"order {out.order_number} is stored but could not be started yet; "
+            "post the same order again to retry",
+            status=503,
+        ) from e
+    return out, created
+
+
 def create_order(
     session: Session,
     body: ProductionOrderIn,
@@ -175,7 +207,7 @@ def create_order(
         # A due date already past is accepted (the ERP knows best) but flagged from the start.
         late=body.due < now,
         request_hash=fingerprint,
-        workflow_id=workflow_id_for(body.order_number),
+        workflow_id=order_workflow_id(body.order_number),
         created_at=now,
     )
     for segment in routing.segments:

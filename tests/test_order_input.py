@@ -7,7 +7,8 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from mes.production_orders import ProductionOrderIn, workflow_id_for
+from mes.production_orders import ProductionOrderIn
+from workflows.types import order_workflow_id
 
 GOOD = {
     "order_number": "PO-1",
@@ -69,4 +70,4 @@ def test_fingerprint_ignores_notation_not_content() -> None:
 
 
 def test_workflow_id_is_the_business_key() -> None:
-    assert workflow_id_for("PO-77") == "order-PO-77"
+    assert order_workflow_id("PO-77") == "order-PO-77"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import timedelta
 from functools import partial
 from typing import TypeVar
@@ -21,11 +21,11 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from adapters.erp.client import DeliveryError, deliver
-from adapters.opcua.client import JobControlClient
+from adapters.machines import CONNECTORS, connect
 from mes import execution, reporting, work_orders
 from mes.errors import DomainError
 from mes.execution import ProductionError
-from mes.machines import JobControlError, JobState
+from mes.machines import EquipmentAdapter, JobControlError, JobState, MachineConnector
 from workflows.types import Dispatch, JobChange, JobOutcome, JobStateChange, PlcCommand, WaitArgs
 
 T = TypeVar("T")
@@ -36,15 +36,25 @@ _HEARTBEAT_TICK_S = 5.0
 
 
 class MesActivities:
-    """The activities, bound to one database (a session factory) and PLC poll interval.
+    """The activities, bound to one database (a session factory), the PLC poll interval and
+    the machine adapters by protocol (``adapters.machines.CONNECTORS`` unless given).
 
     ``poll_seconds`` is how fresh the PLC's job states are: the publishing interval of
     the subscription ``await_job`` waits on.
     """
 
-    def __init__(self, session_factory: sessionmaker[Session], poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self,
+        session_factory: sessionmaker[Session],
+        poll_seconds: float = 0.5,
+        connectors: Mapping[str, MachineConnector] = CONNECTORS,
+    ) -> None:
         self._sessions = session_factory
         self._poll_seconds = poll_seconds
+        self._connectors = connectors
+
+    def _plc(self, dispatch: Dispatch) -> contextlib.AbstractAsyncContextManager[EquipmentAdapter]:
+        return _session(dispatch, self._connectors)
 
     def _db(self, fn: Callable[[Session], T]) -> T:
         with self._sessions() as session:
@@ -76,7 +86,7 @@ class MesActivities:
     @activity.defn
     async def dispatch_job(self, dispatch: Dispatch) -> None:
         """Send the job to its PLC (StoreAndStart; a retry finds it stored) and record it."""
-        async with _plc(dispatch) as plc:
+        async with self._plc(dispatch) as plc:
             await plc.store_and_start(dispatch.order)
         await asyncio.to_thread(
             self._db, lambda s: execution.mark_dispatched(s, dispatch.order.job_order_id)
@@ -95,7 +105,7 @@ class MesActivities:
         heartbeat timeout.
         """
         job_id = wait.dispatch.order.job_order_id
-        async with _plc(wait.dispatch) as plc:
+        async with self._plc(wait.dispatch) as plc:
             state = await plc.wait_for_change(
                 job_id,
                 JobState(wait.known),
@@ -112,7 +122,7 @@ class MesActivities:
         """Call one job-control method (pause, resume, start, revoke_start, cancel, abort,
         update) for the job on its PLC."""
         order = cmd.dispatch.order
-        async with _plc(cmd.dispatch) as plc:
+        async with self._plc(cmd.dispatch) as plc:
             if cmd.command == "update":
                 await plc.update(order)
                 return
@@ -152,7 +162,7 @@ class MesActivities:
     @activity.defn
     async def record_job_response(self, dispatch: Dispatch) -> JobOutcome:
         """Read the job response from the PLC and record it (genealogy, data, quality)."""
-        async with _plc(dispatch) as plc:
+        async with self._plc(dispatch) as plc:
             response = await plc.job_response(dispatch.order.job_order_id)
         state, lots = await asyncio.to_thread(
             self._db, lambda s: execution.record_job_response(s, response)
@@ -222,17 +232,15 @@ class MesActivities:
 
 
 @contextlib.asynccontextmanager
-async def _plc(dispatch: Dispatch) -> AsyncIterator[JobControlClient]:
-    """A job-control session with the work unit's PLC.
+async def _session(
+    dispatch: Dispatch, connectors: Mapping[str, MachineConnector]
+) -> AsyncIterator[EquipmentAdapter]:
+    """A session with the work unit's controller, through the machine port.
 
     Its typed errors (connecting included) become retryable or final activity failures.
     """
-    if dispatch.protocol != "opcua":
-        raise ApplicationError(
-            f"protocol {dispatch.protocol!r} is not supported yet", non_retryable=True
-        )
     try:
-        async with JobControlClient(dispatch.url, dispatch.machine) as client:
-            yield client
+        async with connect(dispatch.protocol, dispatch.url, dispatch.machine, connectors) as plc:
+            yield plc
     except JobControlError as e:
         raise ApplicationError(str(e), type=type(e).__name__, non_retryable=not e.retryable) from e

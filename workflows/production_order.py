@@ -37,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         WaitArgs,
         WorkOrderCommand,
         WorkOrderStatus,
+        job_workflow_id,
     )
 
 WAITING, READY, RUNNING, HELD = (
@@ -366,7 +367,7 @@ class ProductionOrderWorkflow:
         # Every step's workflow exists from now on, so any work order can be steered.
         jobs = [
             await workflow.start_child_workflow(
-                JobOrderWorkflow.run, JobInput(order.order_id, job_id), id=f"job-{job_id}"
+                JobOrderWorkflow.run, JobInput(order.order_id, job_id), id=job_workflow_id(job_id)
             )
             for job_id in job_ids
         ]

@@ -1,4 +1,5 @@
-"""Arguments and results of the order workflows and their activities.
+"""The order workflows' contract: their ids, and the arguments and results of the workflows,
+their updates and their activities.
 
 One dataclass per argument, so fields can be added later without breaking running
 workflows (Temporal serialises them as JSON).
@@ -113,3 +114,16 @@ class JobChange:
     reason: str | None = None
     priority: int | None = None
     equipment: str | None = None
+
+
+# --- workflow ids: business keys, built here and nowhere else -------------------------------
+
+
+def order_workflow_id(order_number: str) -> str:
+    """The id of a production order's workflow: a second post of the order finds it."""
+    return f"order-{order_number}"
+
+
+def job_workflow_id(job_order_id: str) -> str:
+    """The id of a work order's (job order's) workflow."""
+    return f"job-{job_order_id}"

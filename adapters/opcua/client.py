@@ -47,6 +47,7 @@ from mes.machines import (
     JobOrderData,
     JobResponseData,
     JobState,
+    MachineCapabilities,
     MachineUnreachableError,
     MaterialActualData,
     MeasuredValue,
@@ -345,6 +346,21 @@ class JobControlClient:
         await self._command("Clear", job_order_id)
 
     # -- state and results -------------------------------------------------------------
+
+    async def capabilities(self) -> MachineCapabilities:
+        """MaxDownloadableJobOrders (optional in OPC 10031-4: None when absent) and how
+        many job orders the machine holds now."""
+        held = len(await self.list_jobs())
+        control = self._controller()
+        with self._guard("read MaxDownloadableJobOrders"):
+            try:
+                node = await control.get_child(
+                    ua.QualifiedName("MaxDownloadableJobOrders", self._jc_ns)
+                )
+            except UaStatusCodeError:
+                return MachineCapabilities(None, held)
+            value = await node.read_value()
+        return MachineCapabilities(int(value) if value is not None else None, held)
 
     async def list_jobs(self) -> list[tuple[str, JobState]]:
         """Every job the machine holds (JobOrderList), with its top-level state."""

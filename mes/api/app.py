@@ -7,7 +7,6 @@ client can be handed in (tests, ``mes demo``) or are made from the settings on f
 from __future__ import annotations
 
 from litestar import Litestar, Response, get
-from litestar.datastructures import State
 from litestar.logging.config import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
@@ -15,7 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
-from mes.api.deps import Services, services
+from mes.api.deps import DEPENDENCIES, app_state
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
 from mes.api.problems import EXCEPTION_HANDLERS
 from mes.api.production_orders import ProductionOrderController
@@ -27,7 +26,9 @@ from mes.api.records import (
 )
 from mes.api.security import AUTH_MIDDLEWARE
 from mes.api.work_orders import WorkCenterController, WorkOrderController
+from mes.db import Database, make_engine, make_sessionmaker
 from mes.settings import Settings
+from mes.workflow_client import WorkflowClient
 
 
 @get(
@@ -36,9 +37,9 @@ from mes.settings import Settings
     tags=["health"],
     security=[],
 )
-async def health(state: State) -> Response[dict[str, str]]:
+async def health(db: Database) -> Response[dict[str, str]]:
     try:
-        await services(state).db(lambda s: s.execute(text("SELECT 1")))
+        await db.run(lambda s: s.execute(text("SELECT 1")))
     except Exception as e:
         return Response({"status": "unavailable", "database": str(e)[:200]}, status_code=503)
     return Response({"status": "ok", "database": "ok"})
@@ -66,7 +67,11 @@ def create_app(
             health,
         ],
         middleware=[AUTH_MIDDLEWARE],
-        state=State({"services": Services(settings, sessions, temporal)}),
+        state=app_state(
+            Database(sessions or make_sessionmaker(make_engine(settings.database_url))),
+            WorkflowClient(settings, temporal),
+        ),
+        dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(

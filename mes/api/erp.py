@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from functools import partial
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, get, post, put
-from litestar.datastructures import State
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mes import b2mml, masterdata, production_orders, reporting
-from mes.api.deps import Services, caller, services
 from mes.api.security import ADMINISTER, B2MML_IN, READ_ORDERS, allow, roles_note
 from mes.auth import Principal
+from mes.db import Database
 from mes.errors import DomainError
 from mes.models import B2mmlMessage
+from mes.steering import Steering
+from mes.workflow_client import WorkflowClient
 
 log = logging.getLogger(__name__)
 API = "/api/v1"
@@ -61,8 +63,14 @@ class B2mmlController(Controller):
         request_body_media_type=XML,
         media_type=XML,
     )
-    async def receive(self, request: Request[Principal, Any, Any], state: State) -> Response[bytes]:
-        svc = services(state)
+    async def receive(
+        self,
+        request: Request[Principal, Any, Any],
+        db: Database,
+        workflows: WorkflowClient,
+        steering: Steering,
+        caller: Principal,
+    ) -> Response[bytes]:
         body = await request.body()
         try:
             message = b2mml.decode(body)
@@ -70,21 +78,24 @@ class B2mmlController(Controller):
             return _refuse(e.bod_id, "B2MML", list(e.reasons), 400)
 
         bod_id = message.bod_id or f"anonymous-{uuid.uuid4()}"
-        seen = await svc.db(
+        seen = await db.run(
             lambda s: s.scalar(select(B2mmlMessage).where(B2mmlMessage.bod_id == bod_id))
         )
         if seen is not None:
             return _xml(seen.response.encode(), seen.status)
 
-        who = caller(request)
+        who = caller
         if isinstance(message, b2mml.ProcessOperationsSchedule):
-            response = await _process(svc, message, who)
+            response = await _process(db, workflows, message, who)
         elif isinstance(message, b2mml.ChangeOperationsSchedule):
-            response = await _change(svc, message, who)
+            response = await _change(db, message, who)
         elif isinstance(message, b2mml.CancelOperationsSchedule):
-            response = await _cancel(svc, message, who)
+            response = await _cancel(steering, message, who)
         else:
-            response = await _sync(svc, message, who)
+            response = await _sync(db, message, who)
+
+        if (response.status_code or 200) >= 500:
+            return response  # not an answer to keep: the same BODID again is tried afresh
 
         def remember(s: Session) -> None:
             s.add(
@@ -101,12 +112,15 @@ class B2mmlController(Controller):
             except IntegrityError:
                 s.rollback()  # the same BODID handled concurrently: its first answer stands
 
-        await svc.db(remember)
+        await db.run(remember)
         return response
 
 
 async def _process(
-    svc: Services, message: b2mml.ProcessOperationsSchedule, who: Principal
+    db: Database,
+    workflows: WorkflowClient,
+    message: b2mml.ProcessOperationsSchedule,
+    who: Principal,
 ) -> Response[bytes]:
     noun = "ProcessOperationsSchedule"
     bodies: list[production_orders.ProductionOrderIn] = []
@@ -133,21 +147,16 @@ async def _process(
         return problems
 
     if not errors:
-        errors = await svc.db(check)
+        errors = await db.run(check)
     if errors:
         return _refuse(message.bod_id, noun, errors, 422)
 
     accepted = []
     for body in bodies:
-
-        def store(
-            s: Session, body: production_orders.ProductionOrderIn = body
-        ) -> production_orders.ProductionOrderOut:
-            order, _ = production_orders.create_order(s, body, who.actor, who.name)
-            return production_orders.order_out(s, production_orders.get_order(s, order.id))
-
-        out = await svc.db(store)
-        await svc.start_order_workflow(out.id, out.order_number, out.workflow_id)
+        try:
+            out, _ = await production_orders.accept_order(db, workflows, body, who.actor, who.name)
+        except DomainError as e:
+            return _refuse(message.bod_id, noun, [e.detail], e.status)
         accepted.append((out.order_number, out.state))
     if message.acknowledge_code is None and message.confirmation_code == "Always":
         return _refuse(message.bod_id, noun, [], 200)  # a ConfirmBOD "Accepted"
@@ -155,13 +164,18 @@ async def _process(
 
 
 async def _change(
-    svc: Services, message: b2mml.ChangeOperationsSchedule, who: Principal
+    db: Database, message: b2mml.ChangeOperationsSchedule, who: Principal
 ) -> Response[bytes]:
     results: list[tuple[str, bool, str | None]] = []
     for req in message.requests:
-        accepted, reason = await svc.db(
-            lambda s, r=req: production_orders.change_order(  # type: ignore[misc]
-                s, r.order_number, who.actor, r.quantity, r.due, r.priority
+        accepted, reason = await db.run(
+            partial(
+                production_orders.change_order,
+                order_number=req.order_number,
+                actor=who.actor,
+                quantity=req.quantity,
+                due=req.due,
+                priority=req.priority,
             )
         )
         results.append((req.order_number, accepted, reason))
@@ -170,21 +184,18 @@ async def _change(
 
 
 async def _cancel(
-    svc: Services, message: b2mml.CancelOperationsSchedule, who: Principal
+    steering: Steering, message: b2mml.CancelOperationsSchedule, who: Principal
 ) -> Response[bytes]:
     errors = []
     for number in message.order_ids:
         try:
-            order_id = await svc.db(lambda s, n=number: production_orders.order_id_by_number(s, n))  # type: ignore[misc]
-            await svc.act_on_order(
-                order_id, "cancel", "cancel", {"actor": who.actor, "reason": "ERP cancel"}
-            )
+            await steering.cancel_order_by_number(number, who.actor, "ERP cancel")
         except DomainError as e:
             errors.append(f"OperationsRequest {number}: {e.detail}")
     return _refuse(message.bod_id, "CancelOperationsSchedule", errors, 409 if errors else 200)
 
 
-async def _sync(svc: Services, message: b2mml.SyncMasterData, who: Principal) -> Response[bytes]:
+async def _sync(db: Database, message: b2mml.SyncMasterData, who: Principal) -> Response[bytes]:
     noun = f"Sync{message.noun}"
     try:
         plant = masterdata.parse_plant(message.plant, partial=True)
@@ -194,7 +205,7 @@ async def _sync(svc: Services, message: b2mml.SyncMasterData, who: Principal) ->
             s.commit()
             return report
 
-        report = await svc.db(load)
+        report = await db.run(load)
     except masterdata.MasterDataError as e:
         return _refuse(message.bod_id, noun, list(e.problems), 422)
     log.info("%s from %s: %s", noun, who.name, report)
@@ -215,11 +226,12 @@ class ErpClientController(Controller):
         self,
         name: FromPath[str],
         data: JSONBody[reporting.ErpClientIn],
-        state: State,
-        request: Request[Principal, Any, Any],
+        db: Database,
+        caller: Principal,
     ) -> reporting.ErpClientOut:
-        actor = caller(request).actor
-        return await services(state).db(lambda s: reporting.set_erp_client(s, name, data, actor))
+        return await db.run(
+            partial(reporting.set_erp_client, name=name, body=data, actor=caller.actor)
+        )
 
     @get(
         "/{name:str}",
@@ -227,8 +239,8 @@ class ErpClientController(Controller):
         summary="An ERP client's callback settings",
         description=roles_note(ADMINISTER),
     )
-    async def get_client(self, name: FromPath[str], state: State) -> reporting.ErpClientOut:
-        return await services(state).db(lambda s: reporting.get_erp_client(s, name))
+    async def get_client(self, name: FromPath[str], db: Database) -> reporting.ErpClientOut:
+        return await db.run(partial(reporting.get_erp_client, name=name))
 
 
 class PerformanceController(Controller):
@@ -245,7 +257,7 @@ class PerformanceController(Controller):
     async def performance(
         self,
         order_id: FromPath[int],
-        state: State,
+        db: Database,
         format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",
     ) -> Response[bytes]:
         def build(s: Session) -> tuple[str, str]:
@@ -255,7 +267,7 @@ class PerformanceController(Controller):
                 doc, format, f"MES-{order.external_id}-now-{uuid.uuid4().hex[:8]}"
             )
 
-        content_type, body = await services(state).db(build)
+        content_type, body = await db.run(build)
         if content_type != XML:
             body = json.dumps(json.loads(body)["operations_performance"], indent=2)
         return Response(body.encode(), media_type=content_type)

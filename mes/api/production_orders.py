@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
-from typing import Annotated, Any
+from functools import partial
+from typing import Annotated
 
-from litestar import Controller, Request, Response, get, patch, post
-from litestar.datastructures import State
+from litestar import Controller, Response, get, patch, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from mes import production_orders
-from mes.api.deps import caller, services
-from mes.api.problems import problem
 from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
 from mes.auth import Principal
+from mes.db import Database
 from mes.models import OperationsRequest, RequestState
+from mes.steering import Steering
+from mes.workflow_client import WorkflowClient
 
-log = logging.getLogger(__name__)
 API = "/api/v1"
 
 
@@ -46,7 +45,7 @@ class Reason(BaseModel):
 
 
 class OrderChange(BaseModel):
-    """A new priority for a whole production order and its open work production_orders."""
+    """A new priority for a whole production order and its open work orders."""
 
     model_config = ConfigDict(extra="forbid")
     priority: Annotated[int, Field(ge=0, le=1_000_000, strict=True)]
@@ -66,40 +65,6 @@ def _summary(o: OperationsRequest) -> ProductionOrderSummary:
         late=o.late,
         links={"self": f"{API}/production-orders/{o.id}"},
     )
-
-
-async def _act(
-    state: State,
-    request: Request[Principal, Any, Any],
-    order_id: int,
-    action: str,
-    update: str,
-    command: dict[str, Any],
-) -> production_orders.ProductionOrderOut:
-    svc = services(state)
-    await svc.act_on_order(order_id, action, update, {"actor": caller(request).actor} | command)
-    return await svc.db(
-        lambda s: production_orders.order_out(s, production_orders.get_order(s, order_id))
-    )
-
-
-async def _set_order_state(
-    state: State,
-    request: Request[Principal, Any, Any],
-    order_id: int,
-    new_state: str,
-    reason: str | None,
-) -> production_orders.ProductionOrderOut:
-    actor = caller(request).actor
-
-    def write(s: Session) -> production_orders.ProductionOrderOut:
-        production_orders.set_order_state(s, order_id, new_state, actor, reason)
-        return production_orders.order_out(s, production_orders.get_order(s, order_id))
-
-    svc = services(state)
-    out = await svc.db(write)
-    await svc.report(out.workflow_id)
-    return out
 
 
 class ProductionOrderController(Controller):
@@ -122,30 +87,13 @@ class ProductionOrderController(Controller):
     async def create(
         self,
         data: JSONBody[production_orders.ProductionOrderIn],
-        state: State,
-        request: Request[Principal, Any, Any],
+        db: Database,
+        workflows: WorkflowClient,
+        caller: Principal,
     ) -> Response[production_orders.ProductionOrderOut]:
-        svc = services(state)
-        actor = caller(request).actor
-
-        source = caller(request).name
-
-        def store(s: Session) -> tuple[production_orders.ProductionOrderOut, bool]:
-            order, created = production_orders.create_order(s, data, actor, source)
-            return production_orders.order_out(s, production_orders.get_order(s, order.id)), created
-
-        out, created = await svc.db(store)
-        try:
-            await svc.start_order_workflow(out.id, out.order_number, out.workflow_id)
-        except Exception:
-            log.exception("could not start workflow %s", out.workflow_id)
-            # The order is stored; the same post again starts the workflow (idempotent).
-            return problem(  # type: ignore[return-value]
-                503,
-                "Workflow engine unavailable",
-                f"order {out.order_number} is stored but could not be started yet; "
-                "post the same order again to retry",
-            )
+        out, created = await production_orders.accept_order(
+            db, workflows, data, caller.actor, caller.name
+        )
         return Response(
             out, status_code=202 if created else 200, headers={"Location": out.links["self"]}
         )
@@ -158,7 +106,7 @@ class ProductionOrderController(Controller):
     )
     async def list_orders(
         self,
-        state: State,
+        db: Database,
         order_state: Annotated[
             RequestState | None,
             QueryParameter(name="state", description="Only orders in this state"),
@@ -166,8 +114,8 @@ class ProductionOrderController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> list[ProductionOrderSummary]:
-        found = await services(state).db(
-            lambda s: production_orders.list_orders(s, order_state, limit, offset)
+        found = await db.run(
+            partial(production_orders.list_orders, state=order_state, limit=limit, offset=offset)
         )
         return [_summary(o) for o in found]
 
@@ -178,11 +126,12 @@ class ProductionOrderController(Controller):
         description=roles_note(READ_ORDERS),
     )
     async def detail(
-        self, order_id: FromPath[int], state: State
+        self, order_id: FromPath[int], db: Database
     ) -> production_orders.ProductionOrderOut:
-        return await services(state).db(
-            lambda s: production_orders.order_out(s, production_orders.get_order(s, order_id))
-        )
+        def read(s: Session) -> production_orders.ProductionOrderOut:
+            return production_orders.order_out(s, production_orders.get_order(s, order_id))
+
+        return await db.run(read)
 
     @post(
         "/{order_id:int}/hold",
@@ -194,13 +143,11 @@ class ProductionOrderController(Controller):
     async def hold(
         self,
         order_id: FromPath[int],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
         data: JSONBody[Reason | None] = None,
     ) -> production_orders.ProductionOrderOut:
-        reason = data.reason if data else None
-        await _act(state, request, order_id, "hold", "hold", {"reason": reason})
-        return await _set_order_state(state, request, order_id, RequestState.HELD, reason)
+        return await steering.hold_order(order_id, caller.actor, data.reason if data else None)
 
     @post(
         "/{order_id:int}/resume",
@@ -212,14 +159,11 @@ class ProductionOrderController(Controller):
     async def resume(
         self,
         order_id: FromPath[int],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
         data: JSONBody[Reason | None] = None,
     ) -> production_orders.ProductionOrderOut:
-        reason = data.reason if data else None
-        out = await _act(state, request, order_id, "resume", "resume", {"reason": reason})
-        back = RequestState.RUNNING if out.started_at else RequestState.RELEASED
-        return await _set_order_state(state, request, order_id, back, reason)
+        return await steering.resume_order(order_id, caller.actor, data.reason if data else None)
 
     @post(
         "/{order_id:int}/cancel",
@@ -231,12 +175,11 @@ class ProductionOrderController(Controller):
     async def cancel(
         self,
         order_id: FromPath[int],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
         data: JSONBody[Reason | None] = None,
     ) -> production_orders.ProductionOrderOut:
-        reason = data.reason if data else None
-        return await _act(state, request, order_id, "cancel", "cancel", {"reason": reason})
+        return await steering.cancel_order(order_id, caller.actor, data.reason if data else None)
 
     @patch(
         "/{order_id:int}",
@@ -248,20 +191,7 @@ class ProductionOrderController(Controller):
         self,
         order_id: FromPath[int],
         data: JSONBody[OrderChange],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
     ) -> production_orders.ProductionOrderOut:
-        actor = caller(request).actor
-        await services(state).db(
-            lambda s: production_orders.set_order_priority(
-                s, order_id, data.priority, actor, data.reason
-            )
-        )
-        return await _act(
-            state,
-            request,
-            order_id,
-            "priority",
-            "change",
-            {"priority": data.priority, "reason": data.reason},
-        )
+        return await steering.reprioritise_order(order_id, data.priority, caller.actor, data.reason)

@@ -8,6 +8,7 @@ access matrix; each route names one of them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from litestar.connection import ASGIConnection
@@ -20,6 +21,7 @@ from litestar.middleware import (
 )
 
 from mes.auth import Principal, authenticate
+from mes.db import Database
 from mes.models import Role
 
 ERP, SUPERVISOR, AUDITOR, ADMIN = Role.ERP, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN
@@ -50,8 +52,8 @@ class TokenAuthentication(AbstractAuthenticationMiddleware):
             raise NotAuthorizedException(
                 "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
             )
-        services = connection.app.state.services
-        principal = await services.db(lambda s: authenticate(s, token.strip()))
+        db: Database = connection.app.state.db
+        principal = await db.run(partial(authenticate, token=token.strip()))
         if principal is None:
             raise NotAuthorizedException(
                 "unknown or revoked token",

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from functools import partial
+from typing import Annotated, Literal
 
-from litestar import Controller, Request, get, patch, post
-from litestar.datastructures import State
+from litestar import Controller, get, patch, post
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 
 from mes import work_orders
-from mes.api.deps import Services, caller, services
 from mes.api.production_orders import Reason
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
+from mes.db import Database
 from mes.errors import DomainError, FieldError
-from mes.states import RequestState, is_final
+from mes.states import Action, RequestState
+from mes.steering import Steering
+from workflows.types import WorkOrderCommand
 
 API = "/api/v1"
 
@@ -37,14 +39,6 @@ class WorkOrderChange(BaseModel):
     reason: Annotated[str | None, Field(max_length=500)] = None
 
 
-async def _act(
-    svc: Services, job_id: str, update: str, command: dict[str, Any]
-) -> work_orders.WorkOrderOut:
-    job = await svc.db(lambda s: work_orders.work_order_out(work_orders.get_job(s, job_id)))
-    await svc.update_job(job_id, update, command, job.state)
-    return await svc.db(lambda s: work_orders.work_order_out(work_orders.get_job(s, job_id)))
-
-
 class WorkOrderController(Controller):
     path = f"{API}/work-orders"
     tags = ["work orders"]
@@ -57,7 +51,7 @@ class WorkOrderController(Controller):
     )
     async def list_work_orders(
         self,
-        state: State,
+        db: Database,
         work_order_state: Annotated[
             RequestState | None, QueryParameter(name="state", description="Only in this state")
         ] = None,
@@ -74,9 +68,9 @@ class WorkOrderController(Controller):
         limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> WorkOrderPage:
-        items, total = await services(state).db(
-            lambda s: work_orders.list_work_orders(
-                s,
+        items, total = await db.run(
+            partial(
+                work_orders.list_work_orders,
                 state=work_order_state,
                 production_order=production_order,
                 work_center=work_center,
@@ -96,12 +90,10 @@ class WorkOrderController(Controller):
         summary="One work order: its recorded history and, while it runs, its live state",
         description=roles_note(READ_SHOP_FLOOR),
     )
-    async def detail(self, job_id: FromPath[str], state: State) -> work_orders.WorkOrderDetail:
-        svc = services(state)
-        out = await svc.db(lambda s: work_orders.work_order_detail(s, job_id))
-        if not is_final(out.state):
-            out.live = await svc.query_job(job_id)
-        return out
+    async def detail(
+        self, job_id: FromPath[str], steering: Steering
+    ) -> work_orders.WorkOrderDetail:
+        return await steering.work_order_detail(job_id)
 
     @post(
         "/{job_id:str}/hold",
@@ -113,12 +105,12 @@ class WorkOrderController(Controller):
     async def hold(
         self,
         job_id: FromPath[str],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
         data: JSONBody[Reason | None] = None,
     ) -> work_orders.WorkOrderOut:
-        cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
-        return await _act(services(state), job_id, "hold", cmd)
+        command = WorkOrderCommand(caller.actor, data.reason if data else None)
+        return await steering.act_on_work_order(job_id, "hold", command)
 
     @post(
         "/{job_id:str}/resume",
@@ -130,12 +122,12 @@ class WorkOrderController(Controller):
     async def resume(
         self,
         job_id: FromPath[str],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
         data: JSONBody[Reason | None] = None,
     ) -> work_orders.WorkOrderOut:
-        cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
-        return await _act(services(state), job_id, "resume", cmd)
+        command = WorkOrderCommand(caller.actor, data.reason if data else None)
+        return await steering.act_on_work_order(job_id, "resume", command)
 
     @post(
         "/{job_id:str}/cancel",
@@ -147,12 +139,12 @@ class WorkOrderController(Controller):
     async def cancel(
         self,
         job_id: FromPath[str],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
         data: JSONBody[Reason | None] = None,
     ) -> work_orders.WorkOrderOut:
-        cmd = {"actor": caller(request).actor, "reason": data.reason if data else None}
-        return await _act(services(state), job_id, "cancel", cmd)
+        command = WorkOrderCommand(caller.actor, data.reason if data else None)
+        return await steering.act_on_work_order(job_id, "cancel", command)
 
     @patch(
         "/{job_id:str}",
@@ -164,8 +156,8 @@ class WorkOrderController(Controller):
         self,
         job_id: FromPath[str],
         data: JSONBody[WorkOrderChange],
-        state: State,
-        request: Request[Principal, Any, Any],
+        steering: Steering,
+        caller: Principal,
     ) -> work_orders.WorkOrderOut:
         if data.priority is None and data.equipment is None:
             raise DomainError(
@@ -174,8 +166,9 @@ class WorkOrderController(Controller):
                 status=400,
                 errors=[FieldError("priority", "one of priority, equipment is required")],
             )
-        cmd = {"actor": caller(request).actor} | data.model_dump()
-        return await _act(services(state), job_id, "change", cmd)
+        command = WorkOrderCommand(caller.actor, data.reason, data.priority, data.equipment)
+        action: Action = "priority" if data.equipment is None else "equipment"
+        return await steering.act_on_work_order(job_id, action, command)
 
 
 class WorkCenterController(Controller):
@@ -189,6 +182,6 @@ class WorkCenterController(Controller):
         description=roles_note(READ_SHOP_FLOOR),
     )
     async def dispatch_list(
-        self, work_center: FromPath[str], state: State
+        self, work_center: FromPath[str], db: Database
     ) -> list[work_orders.WorkOrderOut]:
-        return await services(state).db(lambda s: work_orders.dispatch_list(s, work_center))
+        return await db.run(partial(work_orders.dispatch_list, work_center=work_center))

@@ -1,0 +1,135 @@
+"""The MES's side of Temporal: start an order's workflow, steer a work order's, ask its state.
+
+Every call names the workflow method it reaches (``ProductionOrderWorkflow.run``,
+``JobOrderWorkflow.hold``, …) and passes a typed argument, so a rename breaks the type
+check, not production; workflow ids come from ``workflows.types``. A refusal by a workflow
+(its update validator, or a step it could not take) comes back as a ``DomainError`` the API
+answers with (409 naming the state and the allowed actions, or the status the domain gave).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from mes.errors import DomainError, FieldError
+from mes.settings import Settings
+from mes.states import Action
+from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
+from workflows.types import (
+    OrderInput,
+    WorkOrderCommand,
+    WorkOrderStatus,
+    job_workflow_id,
+    order_workflow_id,
+)
+
+
+class WorkflowClient:
+    """The Temporal client (connected on first use) and the calls the MES makes with it."""
+
+    def __init__(self, settings: Settings, client: Client | None = None) -> None:
+        self._settings = settings
+        self._client = client
+        self._lock = asyncio.Lock()
+
+    async def client(self) -> Client:
+        async with self._lock:
+            if self._client is None:
+                self._client = await Client.connect(
+                    self._settings.temporal_address, namespace=self._settings.temporal_namespace
+                )
+            return self._client
+
+    async def start_order(self, order_id: int, order_number: str) -> None:
+        """Start the order's workflow unless it already runs or ran (its id is the order's)."""
+        client = await self.client()
+        # A workflow that already runs or ran for this order is the order's workflow.
+        with contextlib.suppress(WorkflowAlreadyStartedError):
+            await client.start_workflow(
+                ProductionOrderWorkflow.run,
+                OrderInput(order_id, order_number),
+                id=order_workflow_id(order_number),
+                task_queue=self._settings.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            )
+
+    async def report(self, order_number: str) -> None:
+        """Tell an order's workflow that its state changed (it reports to the ERP)."""
+        client = await self.client()
+        handle: WorkflowHandle[Any, Any] = client.get_workflow_handle(
+            order_workflow_id(order_number)
+        )
+        with contextlib.suppress(RPCError):  # an ended workflow has nothing left to report
+            await handle.signal(ProductionOrderWorkflow.report)
+
+    async def steer(
+        self, job_order_id: str, action: Action, command: WorkOrderCommand, state_now: str
+    ) -> WorkOrderStatus:
+        """Send a supervisor action to the work order's workflow as a Temporal update.
+
+        ``state_now`` is the recorded state, for the answer when the workflow has ended.
+        """
+        client = await self.client()
+        handle: WorkflowHandle[JobOrderWorkflow, Any] = client.get_workflow_handle_for(
+            JobOrderWorkflow.run, job_workflow_id(job_order_id)
+        )
+        try:
+            if action == "hold":
+                return await handle.execute_update(JobOrderWorkflow.hold, command)
+            if action == "resume":
+                return await handle.execute_update(JobOrderWorkflow.resume, command)
+            if action == "cancel":
+                return await handle.execute_update(JobOrderWorkflow.cancel, command)
+            return await handle.execute_update(JobOrderWorkflow.change, command)
+        except WorkflowUpdateFailedError as e:
+            raise _problem_from_failure(e.cause, action) from e
+        except RPCError as e:
+            if e.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+                raise DomainError(
+                    title="Not allowed",
+                    detail=f"work order {job_order_id} is {state_now}; it takes no {action}",
+                    status=409,
+                ) from e
+            raise
+
+    async def job_status(self, job_order_id: str) -> WorkOrderStatus | None:
+        """The work order workflow's live status, or None when it does not run (any more)."""
+        client = await self.client()
+        handle: WorkflowHandle[JobOrderWorkflow, Any] = client.get_workflow_handle_for(
+            JobOrderWorkflow.run, job_workflow_id(job_order_id)
+        )
+        try:
+            return await handle.query(JobOrderWorkflow.status)
+        except Exception:
+            return None
+
+
+def _problem_from_failure(cause: BaseException | None, action: str) -> DomainError:
+    # A handler's activity failure arrives wrapped: ActivityError → ApplicationError.
+    while isinstance(cause, ActivityError) and cause.cause is not None:
+        cause = cause.cause
+    if isinstance(cause, ApplicationError):
+        details = cause.details[0] if cause.details else {}
+        if cause.type == "NotAllowed" and isinstance(details, dict):
+            allowed = details.get("allowed_actions", [])
+            return DomainError(
+                title="Not allowed in this state",
+                detail=f"{cause.message}; allowed now: {', '.join(allowed) or 'nothing'}",
+                status=409,
+                errors=[FieldError("state", str(details.get("state")))],
+            )
+        if cause.type == "DomainError" and isinstance(details, dict):
+            return DomainError(
+                title=str(details.get("title", "Refused")),
+                detail=cause.message,
+                status=int(details.get("status", 422)),
+            )
+        return DomainError(title="Refused", detail=f"{action}: {cause.message}", status=409)
+    return DomainError(title="Refused", detail=f"{action} failed: {cause}", status=409)
