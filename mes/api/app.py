@@ -15,17 +15,15 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from mes.api.audit_trail import AuditController
 from mes.api.deps import Services, services
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
+from mes.api.genealogy import GenealogyController
+from mes.api.master_data import MasterDataController
 from mes.api.problems import EXCEPTION_HANDLERS
 from mes.api.production_orders import ProductionOrderController
-from mes.api.records import (
-    AuditController,
-    GenealogyController,
-    MasterDataController,
-    TokenController,
-)
 from mes.api.security import AUTH_MIDDLEWARE
+from mes.api.tokens import TokenController
 from mes.api.work_orders import WorkCenterController, WorkOrderController
 from mes.settings import Settings
 
