@@ -7,6 +7,7 @@ client can be handed in (tests, ``mes demo``) or are made from the settings on f
 from __future__ import annotations
 
 from litestar import Litestar, Response, get
+from litestar.di import NamedDependency
 from litestar.logging.config import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme, Tag
@@ -14,17 +15,15 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
+from mes.api.audit_trail import AuditController
 from mes.api.deps import DEPENDENCIES, app_state
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
+from mes.api.genealogy import GenealogyController
+from mes.api.master_data import MasterDataController
 from mes.api.problems import EXCEPTION_HANDLERS
 from mes.api.production_orders import ProductionOrderController
-from mes.api.records import (
-    AuditController,
-    GenealogyController,
-    MasterDataController,
-    TokenController,
-)
 from mes.api.security import AUTH_MIDDLEWARE
+from mes.api.tokens import TokenController
 from mes.api.work_orders import WorkCenterController, WorkOrderController
 from mes.db import Database, make_engine, make_sessionmaker
 from mes.settings import Settings
@@ -37,7 +36,7 @@ from mes.workflow_client import WorkflowClient
     tags=["health"],
     security=[],
 )
-async def health(db: Database) -> Response[dict[str, str]]:
+async def health(db: NamedDependency[Database]) -> Response[dict[str, str]]:
     try:
         await db.run(lambda s: s.execute(text("SELECT 1")))
     except Exception as e:

@@ -7,13 +7,11 @@ One ``Database``, one ``WorkflowClient`` and one ``Steering`` per app, made in
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from litestar import Request
 from litestar.datastructures import State
 from litestar.di import Provide
-from sqlalchemy.orm import Session
 
 from mes.auth import Principal
 from mes.db import Database
@@ -52,23 +50,3 @@ DEPENDENCIES = {
     "steering": Provide(_steering, sync_to_thread=False),
     "caller": Provide(_caller, sync_to_thread=False),
 }
-
-
-T = TypeVar("T")
-
-
-# TODO(split): records.py still reaches the database through this; removed with its split.
-class _Services:
-    def __init__(self, db: Database) -> None:
-        self._db = db
-
-    async def db(self, fn: Callable[[Session], T]) -> T:
-        return await self._db.run(fn)
-
-
-def services(state: State) -> _Services:
-    return _Services(state.db)
-
-
-def caller(request: Request[Principal, Any, Any]) -> Principal:
-    return request.user

@@ -15,6 +15,7 @@ from functools import partial
 from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, get, post, put
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -66,10 +67,10 @@ class B2mmlController(Controller):
     async def receive(
         self,
         request: Request[Principal, Any, Any],
-        db: Database,
-        workflows: WorkflowClient,
-        steering: Steering,
-        caller: Principal,
+        db: NamedDependency[Database],
+        workflows: NamedDependency[WorkflowClient],
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
     ) -> Response[bytes]:
         body = await request.body()
         try:
@@ -226,8 +227,8 @@ class ErpClientController(Controller):
         self,
         name: FromPath[str],
         data: JSONBody[reporting.ErpClientIn],
-        db: Database,
-        caller: Principal,
+        db: NamedDependency[Database],
+        caller: NamedDependency[Principal],
     ) -> reporting.ErpClientOut:
         return await db.run(
             partial(reporting.set_erp_client, name=name, body=data, actor=caller.actor)
@@ -239,7 +240,9 @@ class ErpClientController(Controller):
         summary="An ERP client's callback settings",
         description=roles_note(ADMINISTER),
     )
-    async def get_client(self, name: FromPath[str], db: Database) -> reporting.ErpClientOut:
+    async def get_client(
+        self, name: FromPath[str], db: NamedDependency[Database]
+    ) -> reporting.ErpClientOut:
         return await db.run(partial(reporting.get_erp_client, name=name))
 
 
@@ -257,7 +260,7 @@ class PerformanceController(Controller):
     async def performance(
         self,
         order_id: FromPath[int],
-        db: Database,
+        db: NamedDependency[Database],
         format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",
     ) -> Response[bytes]:
         def build(s: Session) -> tuple[str, str]:

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Annotated
 
 from litestar import Controller, Response, get, patch, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
@@ -87,9 +88,9 @@ class ProductionOrderController(Controller):
     async def create(
         self,
         data: JSONBody[production_orders.ProductionOrderIn],
-        db: Database,
-        workflows: WorkflowClient,
-        caller: Principal,
+        db: NamedDependency[Database],
+        workflows: NamedDependency[WorkflowClient],
+        caller: NamedDependency[Principal],
     ) -> Response[production_orders.ProductionOrderOut]:
         out, created = await production_orders.accept_order(
             db, workflows, data, caller.actor, caller.name
@@ -106,7 +107,7 @@ class ProductionOrderController(Controller):
     )
     async def list_orders(
         self,
-        db: Database,
+        db: NamedDependency[Database],
         order_state: Annotated[
             RequestState | None,
             QueryParameter(name="state", description="Only orders in this state"),
@@ -126,7 +127,7 @@ class ProductionOrderController(Controller):
         description=roles_note(READ_ORDERS),
     )
     async def detail(
-        self, order_id: FromPath[int], db: Database
+        self, order_id: FromPath[int], db: NamedDependency[Database]
     ) -> production_orders.ProductionOrderOut:
         def read(s: Session) -> production_orders.ProductionOrderOut:
             return production_orders.order_out(s, production_orders.get_order(s, order_id))
@@ -143,8 +144,8 @@ class ProductionOrderController(Controller):
     async def hold(
         self,
         order_id: FromPath[int],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
     ) -> production_orders.ProductionOrderOut:
         return await steering.hold_order(order_id, caller.actor, data.reason if data else None)
@@ -159,8 +160,8 @@ class ProductionOrderController(Controller):
     async def resume(
         self,
         order_id: FromPath[int],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
     ) -> production_orders.ProductionOrderOut:
         return await steering.resume_order(order_id, caller.actor, data.reason if data else None)
@@ -175,8 +176,8 @@ class ProductionOrderController(Controller):
     async def cancel(
         self,
         order_id: FromPath[int],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
     ) -> production_orders.ProductionOrderOut:
         return await steering.cancel_order(order_id, caller.actor, data.reason if data else None)
@@ -191,7 +192,7 @@ class ProductionOrderController(Controller):
         self,
         order_id: FromPath[int],
         data: JSONBody[OrderChange],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
     ) -> production_orders.ProductionOrderOut:
         return await steering.reprioritise_order(order_id, data.priority, caller.actor, data.reason)

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Annotated, Literal
 
 from litestar import Controller, get, patch, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,7 +52,7 @@ class WorkOrderController(Controller):
     )
     async def list_work_orders(
         self,
-        db: Database,
+        db: NamedDependency[Database],
         work_order_state: Annotated[
             RequestState | None, QueryParameter(name="state", description="Only in this state")
         ] = None,
@@ -91,7 +92,7 @@ class WorkOrderController(Controller):
         description=roles_note(READ_SHOP_FLOOR),
     )
     async def detail(
-        self, job_id: FromPath[str], steering: Steering
+        self, job_id: FromPath[str], steering: NamedDependency[Steering]
     ) -> work_orders.WorkOrderDetail:
         return await steering.work_order_detail(job_id)
 
@@ -105,8 +106,8 @@ class WorkOrderController(Controller):
     async def hold(
         self,
         job_id: FromPath[str],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
     ) -> work_orders.WorkOrderOut:
         command = WorkOrderCommand(caller.actor, data.reason if data else None)
@@ -122,8 +123,8 @@ class WorkOrderController(Controller):
     async def resume(
         self,
         job_id: FromPath[str],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
     ) -> work_orders.WorkOrderOut:
         command = WorkOrderCommand(caller.actor, data.reason if data else None)
@@ -139,8 +140,8 @@ class WorkOrderController(Controller):
     async def cancel(
         self,
         job_id: FromPath[str],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
     ) -> work_orders.WorkOrderOut:
         command = WorkOrderCommand(caller.actor, data.reason if data else None)
@@ -156,8 +157,8 @@ class WorkOrderController(Controller):
         self,
         job_id: FromPath[str],
         data: JSONBody[WorkOrderChange],
-        steering: Steering,
-        caller: Principal,
+        steering: NamedDependency[Steering],
+        caller: NamedDependency[Principal],
     ) -> work_orders.WorkOrderOut:
         if data.priority is None and data.equipment is None:
             raise DomainError(
@@ -182,6 +183,6 @@ class WorkCenterController(Controller):
         description=roles_note(READ_SHOP_FLOOR),
     )
     async def dispatch_list(
-        self, work_center: FromPath[str], db: Database
+        self, work_center: FromPath[str], db: NamedDependency[Database]
     ) -> list[work_orders.WorkOrderOut]:
         return await db.run(partial(work_orders.dispatch_list, work_center=work_center))

@@ -1,0 +1,169 @@
+"""The plant file schema: the pydantic models of one plant file, entry by entry.
+
+Validating against these models checks shapes, types and lengths only; whether the entries
+agree with each other and with the database is ``mes.masterdata.checks``'s job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mes.models import EquipmentLevel, MaterialUse
+
+# Lengths follow the columns in mes/models.py, so a valid file never fails in the database.
+
+Id = Annotated[str, Field(min_length=1, max_length=100)]
+Description = Annotated[str, Field(max_length=500)]
+Unit = Annotated[str, Field(min_length=1, max_length=20)]
+OptionalUnit = Annotated[str, Field(max_length=20)]
+
+
+class _Entry(BaseModel):
+    # A misspelt key must fail loudly, not be dropped: "defualt: 300" would otherwise load.
+    model_config = ConfigDict(extra="forbid")
+
+
+class EndpointEntry(_Entry):
+    """How the MES reaches a work unit's controller."""
+
+    protocol: Literal["opcua", "modbus"]
+    url: Annotated[str, Field(min_length=1, max_length=500)]
+    #: The machine object on the server (OPC UA) or the unit id (Modbus); default: equipment id.
+    machine: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    security: Annotated[str, Field(max_length=50)] = "None"
+    settings: dict[str, Any] = {}
+
+
+class EquipmentEntry(_Entry):
+    """One node of the equipment hierarchy, with its children nested."""
+
+    id: Id
+    level: EquipmentLevel
+    description: Description = ""
+    endpoint: EndpointEntry | None = None
+    children: list[EquipmentEntry] = []
+    #: Partial loads only, top-level entries only: the stored equipment this one hangs under.
+    parent: Id | None = None
+
+
+class MaterialClassEntry(_Entry):
+    id: Id
+    description: Description = ""
+
+
+class MaterialEntry(_Entry):
+    """A material definition: raw material, intermediate or product."""
+
+    id: Id
+    description: Description = ""
+    material_class: Id | None = None
+    unit: Unit
+
+
+class LotEntry(_Entry):
+    """A stock lot; ``quantity`` is the opening stock, used only when the lot is created."""
+
+    id: Id
+    material: Id
+    quantity: Annotated[float, Field(ge=0)]
+    unit: Unit | None = None
+
+
+class ProcessSegmentEntry(_Entry):
+    id: Id
+    description: Description = ""
+
+
+class ParameterEntry(_Entry):
+    """A recipe parameter: the default sent to the machine and its allowed range."""
+
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    default: float
+    min: float | None = None
+    max: float | None = None
+    unit: OptionalUnit = ""
+
+
+class WorkUnitEntry(_Entry):
+    """A work unit able to run the work master, with its ideal time per unit of product."""
+
+    equipment: Id
+    ideal_cycle_time_s: Annotated[float, Field(gt=0)]
+
+
+class TestSpecEntry(_Entry):
+    """Limits on a value the machine measures; ``property`` is the measured value's name."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    id: Id
+    property: Annotated[str, Field(min_length=1, max_length=100)]
+    low: float
+    high: float
+    unit: OptionalUnit = ""
+
+
+class WorkMasterEntry(_Entry):
+    """A recipe: what one kind of work unit runs for one segment of one product."""
+
+    id: Id
+    description: Description = ""
+    process_segment: Id
+    parameters: list[ParameterEntry] = []
+    work_units: list[WorkUnitEntry] = []
+    test_specifications: list[TestSpecEntry] = []
+
+
+class MaterialSpecEntry(_Entry):
+    """Material a step uses or makes, per 1 unit of the routing's product."""
+
+    material: Id
+    use: MaterialUse
+    quantity: Annotated[float, Field(gt=0)]
+    unit: Unit | None = None
+
+
+class StepEntry(_Entry):
+    """One routing step (ISA-95 operations segment); its process segment is its work master's."""
+
+    id: Id
+    description: Description = ""
+    work_master: Id
+    materials: list[MaterialSpecEntry] = []
+
+
+class RoutingEntry(_Entry):
+    """How to make one product (ISA-95 operations definition): steps in the order they run."""
+
+    id: Id
+    product: Id
+    description: Description = ""
+    steps: Annotated[list[StepEntry], Field(min_length=1)]
+
+
+class Plant(_Entry):
+    """A whole plant file."""
+
+    equipment: list[EquipmentEntry] = []
+    material_classes: list[MaterialClassEntry] = []
+    materials: list[MaterialEntry] = []
+    lots: list[LotEntry] = []
+    process_segments: list[ProcessSegmentEntry] = []
+    work_masters: list[WorkMasterEntry] = []
+    routings: list[RoutingEntry] = []
+
+
+def walk_equipment(
+    nodes: list[EquipmentEntry], prefix: str = "equipment", parent: str | None = None
+) -> Iterator[tuple[str, EquipmentEntry, str | None, int]]:
+    """Every equipment entry with its path, its parent's id and its depth, parents first."""
+    for i, node in enumerate(nodes):
+        path = f"{prefix}[{i}] ({node.id})"
+        yield path, node, parent, 0
+        for sub_path, sub, sub_parent, depth in walk_equipment(
+            node.children, f"{path}.children", node.id
+        ):
+            yield sub_path, sub, sub_parent, depth + 1
