@@ -28,8 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mes.embedded import embedded_stack  # noqa: E402
-from mes.settings import Settings  # noqa: E402
+from mes.embedded import embedded_stack
+from mes.settings import Settings
 
 
 async def main(orders: int, database_url: str | None) -> None:

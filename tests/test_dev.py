@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from asyncua import Client
+from asyncua.client.client import Client
 
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
@@ -26,17 +26,16 @@ pytestmark = pytest.mark.postgres
 MES = str(Path(sys.executable).parent / "mes")
 
 
-async def _read_until(stream: asyncio.StreamReader, marker: str, timeout: float) -> list[str]:
+async def _read_until(stream: asyncio.StreamReader, marker: str) -> list[str]:
     lines: list[str] = []
-    async with asyncio.timeout(timeout):
-        while True:
-            raw = await stream.readline()
-            if not raw:
-                raise AssertionError(f"mes dev ended before {marker!r}: {lines}")
-            line = raw.decode().rstrip()
-            lines.append(line)
-            if line == marker:
-                return lines
+    while True:
+        raw = await stream.readline()
+        if not raw:
+            raise AssertionError(f"mes dev ended before {marker!r}: {lines}")
+        line = raw.decode().rstrip()
+        lines.append(line)
+        if line == marker:
+            return lines
 
 
 async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
@@ -53,13 +52,15 @@ async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
         )
         assert proc.stdout is not None
         try:
-            lines = await _read_until(proc.stdout, "ready", 90)
+            async with asyncio.timeout(90):
+                lines = await _read_until(proc.stdout, "ready")
             text = "\n".join(lines)
             assert f"http://127.0.0.1:{port}/api/v1" in text
             assert f"http://127.0.0.1:{port}/schema" in text
             plc = re.search(r"PLCs\s+(opc\.tcp://\S+)", text)
             temporal_ui = re.search(r"UI: (http://\S+)", text)
-            assert plc and temporal_ui, text
+            assert plc, text
+            assert temporal_ui, text
 
             tokens = dict(
                 re.findall(r"^\s+(erp|supervisor|auditor|admin)\s+(mes_\S+)$", text, re.M)
@@ -126,5 +127,6 @@ async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
         assert code == 0, rest.decode()
         assert b"stopped" in rest
         # The embedded Temporal server (a child of mes dev) is gone with it.
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(temporal_ui.group(1), timeout=2)
+        async with httpx.AsyncClient(timeout=2) as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.get(temporal_ui.group(1))

@@ -28,7 +28,10 @@ pytestmark = pytest.mark.postgres
 PROBLEM = "application/problem+json"
 
 
-def new_order(product: str = "BREAD-WHITE", quantity: float = 10, **extra: Any) -> dict[str, Any]:
+def new_order(
+    product: str = "BREAD-WHITE", quantity: float | str = 10, **extra: Any
+) -> dict[str, Any]:
+    """An order body; a ``str`` quantity (like any ``extra``) builds a malformed one."""
     return {
         "order_number": f"T-{uuid.uuid4().hex[:8]}",
         "product": product,
@@ -114,13 +117,15 @@ async def test_order_runs_to_completion_with_genealogy(stack: Stack) -> None:
             results = s.scalars(
                 select(TestResult).where(TestResult.job_response_id.in_(resp_ids))
             ).all()
-            assert results and all(t.passed for t in results)
+            assert results
+            assert all(t.passed for t in results)
             edges = s.scalar(
                 select(func.count())
                 .select_from(MaterialLotAssembly)
                 .where(MaterialLotAssembly.job_response_id.in_(resp_ids))
             )
-            assert edges and edges >= len(consumed_raw)
+            assert edges
+            assert edges >= len(consumed_raw)
             audit_actions = set(
                 s.scalars(
                     select(AuditEvent.action).where(AuditEvent.object_id == body["order_number"])
@@ -144,7 +149,7 @@ async def test_order_runs_to_completion_with_genealogy(stack: Stack) -> None:
 
 
 async def test_same_order_twice_is_one_order_one_workflow(stack: Stack) -> None:
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         body = new_order()
         first = await http.post("/api/v1/production-orders", json=body)
         again = await http.post("/api/v1/production-orders", json=body)
@@ -181,7 +186,7 @@ async def test_same_order_twice_is_one_order_one_workflow(stack: Stack) -> None:
 
 
 async def test_past_due_order_is_accepted_and_late_from_the_start(stack: Stack) -> None:
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         body = new_order(due=(datetime.now(UTC) - timedelta(days=1)).isoformat())
         r = await http.post("/api/v1/production-orders", json=body)
         assert r.status_code == 202
@@ -214,13 +219,14 @@ async def test_malformed_orders_are_refused_and_create_nothing(
     stack: Stack, body: Any, status: int, field: str | None
 ) -> None:
     before = order_count(stack)
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         r = await http.post("/api/v1/production-orders", json=body)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith(PROBLEM)
     problem = r.json()
     assert problem["status"] == status
-    assert problem["title"] and problem["detail"]
+    assert problem["title"]
+    assert problem["detail"]
     if field is not None:
         assert field in {e["field"] for e in problem["errors"]}, problem
     assert order_count(stack) == before
@@ -256,7 +262,7 @@ async def test_bad_json_and_huge_bodies_are_refused(stack: Stack) -> None:
 
 
 async def test_master_data_and_health(stack: Stack) -> None:
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         health = await http.get("/health")
         assert health.status_code == 200
         assert health.json()["status"] == "ok"

@@ -78,7 +78,8 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
     assert [p.name for p in plc_order.parameters] == ["MixSpeed", "MixTime"]
     consumed = [m for m in plc_order.material_requirements if m.use == "Consumed"]
     produced = [m for m in plc_order.material_requirements if m.use == "Produced"]
-    assert consumed and all(m.lot_id for m in consumed)
+    assert consumed
+    assert all(m.lot_id for m in consumed)
     assert [m.lot_id for m in produced] == [f"LOT-{first[0]}"]
 
     lot_id = consumed[0].lot_id
@@ -87,7 +88,7 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
             select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id)
         )
 
-    response = _machine_response(plc_order, temp=30.0)  # above the 22–28 °C limit
+    response = _machine_response(plc_order, temp=30.0)  # above the 22-28 °C limit
     for _ in range(2):
         with plant_pg() as s:
             state, lots = execution.record_job_response(s, response)
@@ -107,7 +108,8 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
         stock_after = s.scalar(
             select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id)
         )
-        assert stock_before is not None and stock_after is not None
+        assert stock_before is not None
+        assert stock_after is not None
         assert stock_after == pytest.approx(stock_before - consumed[0].quantity)
 
     # The next step consumes exactly the lot the first step produced.

@@ -83,7 +83,7 @@ def _url(path: str) -> str:
 async def test_every_route_by_every_role(stack: Stack, method: str, path: str) -> None:
     url = _url(path)
     # An empty JSON object: invalid for every body, so an allowed call writes nothing.
-    body = {} if method in ("POST", "PATCH", "PUT") else None
+    body: dict[str, object] | None = {} if method in ("POST", "PATCH", "PUT") else None
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
         anonymous = await http.request(method, url, json=body)
         assert anonymous.status_code == 401, (method, path, anonymous.text)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from asyncua import Client
+from asyncua.client.client import Client
 from temporalio.testing import WorkflowEnvironment
 
 from adapters.opcua.model import JOBCONTROL_NS_URI

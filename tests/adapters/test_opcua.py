@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 from asyncua import ua
 from asyncua.client.client import Client
+from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaStatusCodeError
 
 from adapters.opcua.client import JobControlClient, raise_for_status
@@ -364,7 +365,8 @@ async def test_wait_for_change_polls_a_server_without_subscriptions(
     plc: Plc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def refuse(*_args: object, **_kwargs: object) -> None:
-        raise UaStatusCodeError(ua.StatusCodes.BadServiceUnsupported)
+        # asyncua leaves UaStatusCodeError.__init__ unannotated.
+        raise UaStatusCodeError(StatusCodes.BadServiceUnsupported)  # type: ignore[no-untyped-call]
 
     baseline = server_subscriptions(plc)
     async with JobControlClient(plc.url, "Cooler") as client:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from lxml import etree
+from lxml import etree  # type: ignore[import-untyped, unused-ignore]  # lxml: no type hints
 
 import mes.b2mml.parsing as parsing
 from mes.b2mml.parsing import XSD_DIR, parse_xml, schema, schema_files
