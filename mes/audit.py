@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import event, inspect, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from mes.models import (
     AuditChainHead,
@@ -41,6 +41,7 @@ SYSTEM = "system"
 GENESIS = "0" * 64
 _PENDING = "mes.audit.pending"
 _ACTOR = "mes.audit.actor"
+_WIRED = "mes.audit.wired"
 
 
 def record(
@@ -54,7 +55,13 @@ def record(
     actor: str = SYSTEM,
     reason: str | None = None,
 ) -> AuditEvent:
-    """Queue an audit event; it is chained and written when the session commits."""
+    """Queue an audit event; it is chained and written when the session commits.
+
+    The session must come from a factory wired by ``install`` (``mes.db.make_sessionmaker``):
+    elsewhere the event could never be written, so it is refused.
+    """
+    if not session.info.get(_WIRED):
+        raise RuntimeError("audit.record needs a session from mes.db.make_sessionmaker")
     # Begin the database transaction now, so that a rollback of it drops the queued event.
     session.connection()
     ev = AuditEvent(
@@ -129,7 +136,6 @@ def _row_id(obj: Base) -> str:
     return str(key if key is not None else getattr(obj, "id", ""))[:120]
 
 
-@event.listens_for(Session, "before_flush")
 def _audit_master_data(session: Session, _context: object, _instances: object) -> None:
     actor = session.info.get(_ACTOR, SYSTEM)
 
@@ -174,7 +180,6 @@ def _audit_master_data(session: Session, _context: object, _instances: object) -
             add("deleted", obj, before=_row(obj))
 
 
-@event.listens_for(Session, "before_commit")
 def _chain_pending(session: Session) -> None:
     # The changed rows first (their flush may queue events); the chain head is the last lock
     # the transaction takes.
@@ -199,15 +204,27 @@ def _chain_pending(session: Session) -> None:
     session.flush()
 
 
-@event.listens_for(Session, "after_soft_rollback")
 def _drop_pending(session: Session, _previous: object) -> None:
     session.info.pop(_PENDING, None)
     session.info.pop(_ACTOR, None)
 
 
-@event.listens_for(Session, "after_commit")
 def _forget_actor(session: Session) -> None:
     session.info.pop(_ACTOR, None)
+
+
+def install(factory: sessionmaker[Session]) -> None:
+    """Wire the audit trail into every session ``factory`` makes.
+
+    At each flush, master data and lot changes queue their events; at commit, the queued
+    events are chained (the chain head is the last row the transaction locks); a rollback
+    drops them.
+    """
+    factory.kw.setdefault("info", {})[_WIRED] = True
+    event.listen(factory, "before_flush", _audit_master_data)
+    event.listen(factory, "before_commit", _chain_pending)
+    event.listen(factory, "after_soft_rollback", _drop_pending)
+    event.listen(factory, "after_commit", _forget_actor)
 
 
 @dataclass

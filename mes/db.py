@@ -11,6 +11,8 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from mes import audit, reporting
+
 T = TypeVar("T")
 
 
@@ -47,8 +49,14 @@ def make_engine(url: str) -> Engine:
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    """Sessions that keep loaded objects usable after commit."""
-    return sessionmaker(engine, expire_on_commit=False)
+    """The MES's sessions: loaded objects stay usable after commit, and two side effects
+    ride along with every write, in its transaction: the audit trail (master data, lots,
+    and the events services record) and the ERP outbox (a message per order state change).
+    """
+    factory = sessionmaker(engine, expire_on_commit=False)
+    audit.install(factory)
+    reporting.install(factory)
+    return factory
 
 
 class Database:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy import event, func, inspect, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from mes import audit
 from mes.b2mml import (
@@ -140,7 +140,6 @@ def render(perf: OperationsPerformanceData, fmt: str, message_id: str) -> tuple[
     return JSON, json.dumps(body, sort_keys=True)
 
 
-@event.listens_for(Session, "before_flush")
 def _outbox(session: Session, _context: object, _instances: object) -> None:
     """Add an ERP message for every order whose state this flush changes (or creates)."""
     changed = [
@@ -258,3 +257,10 @@ def messages(session: Session, order_id: int) -> list[dict[str, Any]]:
         }
         for m in rows
     ]
+
+
+def install(factory: sessionmaker[Session]) -> None:
+    """Write an ERP outbox row with every order state change made in a session of
+    ``factory`` (in the same transaction, so the message exists exactly when the change
+    does)."""
+    event.listen(factory, "before_flush", _outbox)

@@ -1,0 +1,44 @@
+"""The machine port: the activities open every controller session through
+``adapters.machines.connect``, which picks the adapter by the endpoint's protocol."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+import pytest
+
+from adapters.machines import CONNECTORS, connect
+from adapters.opcua.client import JobControlClient
+from mes.machines import EquipmentAdapter, InvalidRequestError, MachineConnector
+
+
+def test_opcua_is_the_first_protocol_and_its_client_is_an_equipment_adapter() -> None:
+    session = connect("opcua", "opc.tcp://127.0.0.1:1/", "Line1/Mixer")
+    assert isinstance(session, JobControlClient)
+    adapter: EquipmentAdapter = session  # the type checker holds the client to the port
+    assert adapter is session
+    assert set(CONNECTORS) == {"opcua"}
+
+
+def test_an_unknown_protocol_is_refused_for_good() -> None:
+    with pytest.raises(InvalidRequestError, match="'modbus' is not supported") as caught:
+        connect("modbus", "modbus://127.0.0.1:502", "Press")
+    assert caught.value.retryable is False
+
+
+async def test_a_connector_given_for_a_protocol_is_the_one_used() -> None:
+    opened: list[tuple[str, str]] = []
+
+    @asynccontextmanager
+    async def fake(url: str, machine: str) -> AsyncIterator[EquipmentAdapter]:
+        opened.append((url, machine))
+        yield JobControlClient(url, machine)
+
+    connectors: dict[str, MachineConnector] = {"test": fake}
+    session: AbstractAsyncContextManager[EquipmentAdapter] = connect(
+        "test", "test://here", "Oven", connectors
+    )
+    async with session as adapter:
+        assert isinstance(adapter, JobControlClient)
+    assert opened == [("test://here", "Oven")]
