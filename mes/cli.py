@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     opcua.add_argument("--port", type=int, default=4840)
     opcua.add_argument("--cycle", type=float, default=2.0, help="seconds a job runs")
     opcua.add_argument("--names", help="comma-separated unit names (default Unit1..N)")
+    opcua.add_argument(
+        "--max-jobs",
+        type=int,
+        default=100,
+        help="MaxDownloadableJobOrders of every unit: jobs its JobOrderList holds (1-65535)",
+    )
     erp = sim_sub.add_parser(
         "erp", help="an ERP callback receiver that records and shows callbacks"
     )
@@ -108,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
 
         names = args.names.split(",") if args.names else None
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_simulator(args.units, args.port, args.cycle, names))
+            asyncio.run(
+                run_simulator(
+                    args.units, args.port, args.cycle, names, max_job_orders=args.max_jobs
+                )
+            )
         return 0
     if args.command == "erp-client":
         from mes.db import make_engine, make_sessionmaker

@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -31,6 +31,7 @@ from adapters.opcua.model import (
     JOB_ORDER_LIST,
     JOB_ORDER_RESULTS,
     JOBCONTROL_NS_URI,
+    MAX_DOWNLOADABLE_JOB_ORDERS,
     PROCESSED_COUNT,
     decimal_string,
     empty_comment,
@@ -88,6 +89,34 @@ _UNREACHABLE_CODES = frozenset(
 
 _INT16_MIN, _INT16_MAX = -32768, 32767
 
+# The severity and sub-code of a StatusCode; the low 16 bits are info bits (OPC 10000-4 7.39).
+_STATUS_CODE_MASK = 0xFFFF0000
+
+
+def _status_name(code: ua.StatusCode) -> str:
+    """The StatusCode's symbolic name, e.g. ``BadTypeMismatch`` (info bits ignored)."""
+    return ua.StatusCode(ua.UInt32(code.value & _STATUS_CODE_MASK)).name
+
+
+class JobCapacity(NamedTuple):
+    """Room in a machine's JobOrderList: ``(max_job_orders, job_orders)``.
+
+    ``max_job_orders`` is the receiver's MaxDownloadableJobOrders, None when the server does
+    not expose it; ``job_orders`` counts every job in JobOrderList, ended and aborted ones
+    included (they take room until cleared).
+    """
+
+    max_job_orders: int | None
+    job_orders: int
+
+    @property
+    def free(self) -> int | None:
+        """How many more jobs the machine takes now (None: no limit published)."""
+        if self.max_job_orders is None:
+            return None
+        return max(0, self.max_job_orders - self.job_orders)
+
+
 # Without subscriptions wait_for_change re-reads the job list at most this often.
 _FALLBACK_POLL_S = 0.5
 
@@ -135,6 +164,7 @@ class JobControlClient:
         self._control: Node | None = None
         self._results: Node | None = None
         self._job_order_list: Node | None = None
+        self._max_job_orders: Node | None = None
         self._packml_state: Node | None = None
         self._methods: dict[tuple[str, str], ua.NodeId] = {}
 
@@ -192,6 +222,12 @@ class JobControlClient:
         self._job_order_list = await self._control.get_child(
             ua.QualifiedName(JOB_ORDER_LIST, self._jc_ns)
         )
+        # Mandatory in ISA95JobOrderReceiverObjectType, but a capacity check must not stop a
+        # machine that leaves it out from taking jobs.
+        with contextlib.suppress(UaStatusCodeError):
+            self._max_job_orders = await self._control.get_child(
+                ua.QualifiedName(MAX_DOWNLOADABLE_JOB_ORDERS, self._jc_ns)
+            )
         # PackML tags are optional: not every job-control machine is a PackML machine.
         with contextlib.suppress(JobControlError):
             packml = await self._child(node, "PackML", self.machine)
@@ -229,8 +265,12 @@ class JobControlClient:
     async def _call(self, obj: Node, method: str, *args: Any) -> list[Any]:
         """Call a job-control method and return its output values.
 
-        asyncua's ``call_method`` raises on any status but Good; OPC 10031-4 B.2 lets a
-        server answer Uncertain together with a ReturnStatus, so the call is made here.
+        asyncua's ``call_method`` raises on any status but Good; OPC 10031-4 B.2 has a
+        server answer Uncertain together with a ReturnStatus when a call is not carried out
+        (older servers answer Good with the error bits), so the call is made here and both
+        return the outputs. A Bad result of the call itself (Bad_ArgumentsMissing,
+        Bad_TypeMismatch, Bad_MethodInvalid …, Annex B.1) carries no outputs: it is an
+        InvalidRequestError naming the code, unless the code says the link is down.
         """
         client = self._require()
         with self._guard(method):
@@ -245,9 +285,27 @@ class JobControlClient:
                 a if isinstance(a, ua.Variant) else ua.Variant(a) for a in args
             ]
             result = (await client.uaclient.call([request]))[0]
-            if not (result.StatusCode.is_good() or result.StatusCode.is_uncertain()):
-                result.StatusCode.check()
+            if result.StatusCode.is_bad():
+                raise self._bad_result(method, result)
             return [v.Value for v in result.OutputArguments or []]
+
+    def _bad_result(self, method: str, result: ua.CallMethodResult) -> JobControlError:
+        """The error for a method call the server answered Bad (no outputs, no ReturnStatus)."""
+        code = result.StatusCode
+        name = _status_name(code)
+        if code.value & _STATUS_CODE_MASK in _UNREACHABLE_CODES:
+            error: JobControlError = MachineUnreachableError(f"{self.url} {method}: {name}")
+        else:
+            wrong = [
+                f"argument {i + 1}: {_status_name(r)}"
+                for i, r in enumerate(result.InputArgumentResults or [])
+                if r.is_bad()
+            ]
+            detail = f" ({', '.join(wrong)})" if wrong else ""
+            error = InvalidRequestError(
+                f"{self.url} {method}: {name}{detail}", int(ReturnStatus.INVALID_REQUEST)
+            )
+        return error
 
     async def _call_for_status(self, obj: Node, method: str, *args: Any) -> tuple[int, list[Any]]:
         """Call a method whose last output is the ReturnStatus; return it and the others."""
@@ -344,6 +402,20 @@ class JobControlClient:
     async def clear(self, job_order_id: str) -> None:
         """Remove an ended or aborted job from the machine's list."""
         await self._command("Clear", job_order_id)
+
+    async def capacity(self) -> JobCapacity:
+        """MaxDownloadableJobOrders and how many jobs JobOrderList holds now.
+
+        A dispatcher waits for ``free`` > 0 (clearing ended jobs makes room) instead of
+        having a Store refused with UnableToAcceptJobOrder.
+        """
+        jobs = await self.list_jobs()
+        limit: int | None = None
+        if self._max_job_orders is not None:
+            with self._guard("read MaxDownloadableJobOrders"):
+                value = await self._max_job_orders.read_value()
+            limit = int(value) if isinstance(value, int) else None
+        return JobCapacity(limit, len(jobs))
 
     # -- state and results -------------------------------------------------------------
 

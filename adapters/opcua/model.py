@@ -33,6 +33,7 @@ JOB_ORDER_CONTROL = "JobOrderControl"
 JOB_ORDER_RESULTS = "JobOrderResults"
 JOB_ORDER_LIST = "JobOrderList"
 JOB_ORDER_RESPONSE_LIST = "JobOrderResponseList"
+MAX_DOWNLOADABLE_JOB_ORDERS = "MaxDownloadableJobOrders"
 
 STATE_NAMES: dict[JobState, str] = {
     JobState.NOT_ALLOWED_TO_START: "NotAllowedToStart",

@@ -15,6 +15,14 @@ A unit runs one job at a time: the AllowedToStart job with the highest priority 
 earliest) starts when the unit is free, runs for ``cycle_time_s`` of Running time and ends
 Completed with a job response. Browse names below ``Objects`` are in the simulator's own
 namespace (:data:`SIM_NAMESPACE_URI`); everything the nodeset defines keeps its own.
+
+Method results follow OPC 10031-4 Annex B: a call that is carried out answers Good with
+ReturnStatus NoError; one that is refused (unknown job, wrong state, no room, invalid
+request) answers Uncertain with the ReturnStatus bits in its output (B.2: a Bad StatusCode
+would carry no outputs); a call whose arguments do not match the method's InputArguments
+answers Bad_ArgumentsMissing, Bad_TooManyArguments or Bad_TypeMismatch (B.1), without
+outputs. Each unit's JobOrderList holds at most ``MaxDownloadableJobOrders`` jobs, ended
+ones included until they are cleared.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from asyncua.common.instantiate_util import instantiate
 from asyncua.common.node import Node
 from asyncua.server.server import Server
 from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.status_codes import StatusCodes
 
 from adapters.opcua.model import (
     DEFECTIVE_COUNT,
@@ -46,6 +55,7 @@ from adapters.opcua.model import (
     JOB_ORDER_RESPONSE_LIST,
     JOB_ORDER_RESULTS,
     JOBCONTROL_NS_URI,
+    MAX_DOWNLOADABLE_JOB_ORDERS,
     PACKML_EXECUTE,
     PACKML_HELD,
     PACKML_IDLE,
@@ -91,15 +101,16 @@ class SimUnit:
     ``measured`` maps a JobResponseData name to its (nominal value, unit); every job reports
     each one with up to ±2 % noise that depends only on the unit and the JobOrderID, so a
     rerun gives the same numbers. ``defect_rate`` is the share of processed items counted as
-    defective; ``max_job_orders`` caps the JobOrderList (Store answers
-    UnableToAcceptJobOrder beyond it).
+    defective; ``max_job_orders`` is the unit's MaxDownloadableJobOrders, the most jobs its
+    JobOrderList holds (Store answers UnableToAcceptJobOrder beyond it); None takes the
+    simulator's ``max_job_orders``.
     """
 
     name: str
     cycle_time_s: float = 2.0
     measured: dict[str, tuple[float, str]] = field(default_factory=lambda: dict(DEFAULT_MEASURED))
     defect_rate: float = 0.0
-    max_job_orders: int = 100
+    max_job_orders: int | None = None
 
 
 @dataclass
@@ -137,14 +148,82 @@ class _UnitNodes:
     defective: Node
 
 
-_Handler = Callable[..., Awaitable[list[ua.Variant]]]
+_Handler = Callable[..., Awaitable[ua.CallMethodResult]]
+
+DEFAULT_MAX_JOB_ORDERS = 100
+_UINT16_MAX = 65535
+
+# Variant types that stand for a DataType NodeId of namespace 0 (the built-in types).
+_BUILTIN_TYPES: dict[int, ua.VariantType] = {t.value: t for t in ua.VariantType if t.value > 0}
+_BASE_DATA_TYPE = ObjectIds.BaseDataType
+
+
+def _status(code: int) -> ua.StatusCode:
+    return ua.StatusCode(ua.UInt32(code))
+
+
+def _method_result(outputs: list[ua.Variant], status: ReturnStatus) -> ua.CallMethodResult:
+    """Good with NoError, otherwise Uncertain; the outputs (ReturnStatus last) either way."""
+    code = StatusCodes.Good if status & _OK else StatusCodes.Uncertain
+    return ua.CallMethodResult(StatusCode=_status(code), OutputArguments=outputs)
+
+
+def _argument_fits(argument: ua.Argument, given: ua.Variant) -> bool:
+    """Whether a Variant matches a method argument's DataType and ValueRank.
+
+    A null Variant stands for an empty array (never for a scalar); structures must be
+    the class asyncua registered for the argument's DataType (or a null ExtensionObject).
+    """
+    # ValueRank -1 is a scalar, 0 and above an array, -2 and -3 either (OPC 10000-3 5.6.2).
+    scalar_only, array_only = argument.ValueRank == -1, argument.ValueRank >= 0
+    if given.VariantType == ua.VariantType.Null:
+        return not scalar_only
+    is_list = isinstance(given.Value, list)
+    if (scalar_only and is_list) or (array_only and not is_list):
+        return False
+    data_type = argument.DataType
+    if data_type.NamespaceIndex == 0 and data_type.Identifier == _BASE_DATA_TYPE:
+        return True
+    if data_type.NamespaceIndex == 0 and data_type.Identifier in _BUILTIN_TYPES:
+        return given.VariantType == _BUILTIN_TYPES[data_type.Identifier]
+    if given.VariantType != ua.VariantType.ExtensionObject:
+        return False
+    expected = ua.uatypes.extension_objects_by_datatype.get(data_type)
+    values = given.Value if isinstance(given.Value, list) else [given.Value]
+    return all(v is None or (expected is not None and isinstance(v, expected)) for v in values)
+
+
+def _checked(arguments: list[ua.Argument], handler: _Handler) -> _Handler:
+    """Answer Bad_ArgumentsMissing / Bad_TooManyArguments / Bad_TypeMismatch before ``handler``.
+
+    asyncua's server passes whatever Variants the client sent, so the method's declared
+    InputArguments (from the nodeset) are enforced here, as OPC 10000-4 Call requires.
+    """
+
+    async def call(parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+        if len(args) < len(arguments):
+            return ua.CallMethodResult(StatusCode=_status(StatusCodes.BadArgumentsMissing))
+        if len(args) > len(arguments):
+            return ua.CallMethodResult(StatusCode=_status(StatusCodes.BadTooManyArguments))
+        fits = [_argument_fits(a, v) for a, v in zip(arguments, args, strict=True)]
+        if not all(fits):
+            return ua.CallMethodResult(
+                StatusCode=_status(StatusCodes.BadTypeMismatch),
+                InputArgumentResults=[
+                    _status(StatusCodes.Good if ok else StatusCodes.BadTypeMismatch) for ok in fits
+                ],
+            )
+        return await handler(parent, *args)
+
+    return call
 
 
 class _UnitRuntime:
     """The job list, the machine loop and the method implementations of one unit."""
 
-    def __init__(self, spec: SimUnit, nodes: _UnitNodes, jc_ns: int) -> None:
+    def __init__(self, spec: SimUnit, nodes: _UnitNodes, jc_ns: int, max_job_orders: int) -> None:
         self.spec = spec
+        self.max_job_orders = max_job_orders
         self.nodes = nodes
         self.jc_ns = jc_ns
         self.jobs: dict[str, _Job] = {}
@@ -367,12 +446,12 @@ class _UnitRuntime:
         return handlers
 
     def _command(self, apply: Callable[[Any], ReturnStatus]) -> _Handler:
-        async def call(_parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
-            # link_method hands over raw Variants; a missing argument is the caller's error.
-            status = apply(args[0].Value) if args else _INVALID
+        async def call(_parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
+            # _checked has matched the arguments to the method's InputArguments already.
+            status = apply(args[0].Value)
             self._changed.set()
             await self.publish()
-            return [ua.Variant(int(status), ua.VariantType.UInt64)]
+            return _method_result([ua.Variant(int(status), ua.VariantType.UInt64)], status)
 
         return call
 
@@ -392,7 +471,7 @@ class _UnitRuntime:
         # A JobOrderID names one job for its whole life; a second Store of it (a retry, or
         # a clash) must not create a twin, and the spec's bit for "cannot be accepted" is
         # the one that says so.
-        if job_order_id in self.jobs or len(self.jobs) >= self.spec.max_job_orders:
+        if job_order_id in self.jobs or len(self.jobs) >= self.max_job_orders:
             return _REFUSED
         state = JobState.ALLOWED_TO_START if start else JobState.NOT_ALLOWED_TO_START
         self.jobs[job_order_id] = _Job(order=order, arrival=next(self._arrivals), state=state)
@@ -466,36 +545,40 @@ class _UnitRuntime:
         del self.jobs[job.job_order_id]
         return _OK
 
-    async def request_by_id(self, _parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
+    async def request_by_id(self, _parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
         """RequestJobResponseByJobOrderID: the job's response so far, and a ReturnStatus."""
-        job_order_id = args[0].Value if args else None
-        job = self.jobs.get(job_order_id) if isinstance(job_order_id, str) else None
+        job_order_id = args[0].Value
+        job = self.jobs.get(job_order_id) if job_order_id else None
         if job is None:
-            status = _INVALID if not isinstance(job_order_id, str) else _UNKNOWN
-            return [
+            status = _UNKNOWN if job_order_id else _INVALID
+            outputs = [
                 ua.Variant(None, ua.VariantType.ExtensionObject),
                 ua.Variant(int(status), ua.VariantType.UInt64),
             ]
-        return [
+            return _method_result(outputs, status)
+        outputs = [
             ua.Variant(self._response(job), ua.VariantType.ExtensionObject),
             ua.Variant(int(_OK), ua.VariantType.UInt64),
         ]
+        return _method_result(outputs, _OK)
 
-    async def request_by_state(self, _parent: ua.NodeId, *args: ua.Variant) -> list[ua.Variant]:
+    async def request_by_state(self, _parent: ua.NodeId, *args: ua.Variant) -> ua.CallMethodResult:
         """RequestJobResponseByJobOrderState: responses of jobs in the given top-level state."""
-        wanted = args[0].Value if args else None
+        wanted = args[0].Value
         first = wanted[0] if isinstance(wanted, list) and wanted else None
         number = getattr(first, "StateNumber", None)
         if number is None:
-            return [
+            outputs = [
                 ua.Variant([], ua.VariantType.ExtensionObject),
                 ua.Variant(int(_INVALID), ua.VariantType.UInt64),
             ]
+            return _method_result(outputs, _INVALID)
         responses = [self._response(j) for j in self.jobs.values() if j.state.value == number]
-        return [
+        outputs = [
             ua.Variant(responses, ua.VariantType.ExtensionObject),
             ua.Variant(int(_OK), ua.VariantType.UInt64),
         ]
+        return _method_result(outputs, _OK)
 
 
 def _pro_rata(quantity: float, progress: float) -> float:
@@ -522,13 +605,24 @@ class PlcSimulator:
     each unit's job control is at ``Objects/<unit>/JobManagement/JobOrderControl``.
     """
 
-    def __init__(self, units: Sequence[SimUnit], host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self,
+        units: Sequence[SimUnit],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        max_job_orders: int = DEFAULT_MAX_JOB_ORDERS,
+    ) -> None:
         names = [u.name for u in units]
         if not names:
             raise ValueError("a simulator needs at least one unit")
         if len(set(names)) != len(names):
             raise ValueError(f"unit names must be unique: {names}")
+        for limit in [max_job_orders, *(u.max_job_orders for u in units)]:
+            # MaxDownloadableJobOrders is a UInt16; a unit that takes no job is no unit.
+            if limit is not None and not 1 <= limit <= _UINT16_MAX:
+                raise ValueError(f"max_job_orders must be 1..{_UINT16_MAX}, not {limit}")
         self._specs = list(units)
+        self._max_job_orders = max_job_orders
         self._host = host
         self._port = port
         self._server: Server | None = None
@@ -563,7 +657,10 @@ class PlcSimulator:
         await server.load_data_type_definitions()
         jc_ns = await server.get_namespace_index(JOBCONTROL_NS_URI)
         own_ns = await server.register_namespace(SIM_NAMESPACE_URI)
-        self._units = [await _build_unit(server, spec, own_ns, jc_ns) for spec in self._specs]
+        self._units = [
+            await _build_unit(server, spec, own_ns, jc_ns, self._max_job_orders)
+            for spec in self._specs
+        ]
         await server.start()
         self._server = server
         self._tasks = [
@@ -594,7 +691,9 @@ class PlcSimulator:
         await self.stop()
 
 
-async def _build_unit(server: Server, spec: SimUnit, ns: int, jc_ns: int) -> _UnitRuntime:
+async def _build_unit(
+    server: Server, spec: SimUnit, ns: int, jc_ns: int, default_max_job_orders: int
+) -> _UnitRuntime:
     """Create ``Objects/<unit>`` with its job management and PackML nodes, linked to code."""
 
     async def child_object(parent: Node, path: list[str]) -> Node:
@@ -639,16 +738,21 @@ async def _build_unit(server: Server, spec: SimUnit, ns: int, jc_ns: int) -> _Un
         processed=await int32(admin, ["Admin", "ProdProcessedCount"], 0),
         defective=await int32(admin, ["Admin", "ProdDefectiveCount"], 0),
     )
-    max_orders = await control.get_child(in_jc("MaxDownloadableJobOrders"))
-    await max_orders.write_value(ua.Variant(spec.max_job_orders, ua.VariantType.UInt16))
+    limit = spec.max_job_orders if spec.max_job_orders is not None else default_max_job_orders
+    max_orders = await control.get_child(in_jc(MAX_DOWNLOADABLE_JOB_ORDERS))
+    await max_orders.write_value(ua.Variant(limit, ua.VariantType.UInt16))
 
-    runtime = _UnitRuntime(spec, nodes, jc_ns)
+    async def link(parent: Node, name: str, handler: _Handler) -> None:
+        method = await parent.get_child(in_jc(name))
+        declared = await method.get_child(ua.QualifiedName("InputArguments", 0))
+        arguments: list[ua.Argument] = list(await declared.read_value() or [])
+        server.link_method(method, _checked(arguments, handler))
+
+    runtime = _UnitRuntime(spec, nodes, jc_ns, limit)
     for name, handler in runtime.handlers().items():
-        server.link_method(await control.get_child(in_jc(name)), handler)
-    by_id = await results.get_child(in_jc("RequestJobResponseByJobOrderID"))
-    server.link_method(by_id, runtime.request_by_id)
-    by_state = await results.get_child(in_jc("RequestJobResponseByJobOrderState"))
-    server.link_method(by_state, runtime.request_by_state)
+        await link(control, name, handler)
+    await link(results, "RequestJobResponseByJobOrderID", runtime.request_by_id)
+    await link(results, "RequestJobResponseByJobOrderState", runtime.request_by_state)
     await runtime.publish()
     return runtime
 
@@ -666,17 +770,28 @@ async def run_simulator(
     cycle_time_s: float,
     names: list[str] | None = None,
     host: str = "127.0.0.1",
+    max_job_orders: int = DEFAULT_MAX_JOB_ORDERS,
 ) -> None:
     """Run a simulator until cancelled, printing its URL and units (``mes sim opcua``).
 
     ``names`` name the units in order; when fewer than ``units`` are given the rest are
-    called ``Unit<n>``. ``port`` 0 picks a free port.
+    called ``Unit<n>``. ``port`` 0 picks a free port. ``max_job_orders`` is every unit's
+    MaxDownloadableJobOrders.
     """
-    async with PlcSimulator(_unit_specs(units, cycle_time_s, names), host=host, port=port) as sim:
+    specs = _unit_specs(units, cycle_time_s, names)
+    async with PlcSimulator(specs, host=host, port=port, max_job_orders=max_job_orders) as sim:
         print(f"OPC UA PLC simulator (OPC 10031-4 job control) at {sim.url}", flush=True)
+        print(f"  MaxDownloadableJobOrders per unit: {max_job_orders}", flush=True)
         for name in sim.unit_names:
             print(f"  {name}: Objects/{name}/{JOB_MANAGEMENT}/{JOB_ORDER_CONTROL}", flush=True)
         await asyncio.Event().wait()
 
 
-__all__ = ["DEFAULT_MEASURED", "SIM_NAMESPACE_URI", "PlcSimulator", "SimUnit", "run_simulator"]
+__all__ = [
+    "DEFAULT_MAX_JOB_ORDERS",
+    "DEFAULT_MEASURED",
+    "SIM_NAMESPACE_URI",
+    "PlcSimulator",
+    "SimUnit",
+    "run_simulator",
+]

@@ -433,12 +433,22 @@ async def test_a_plain_asyncua_client_finds_the_job_by_the_standard_browse_names
         ]
         assert entry.JobOrder.WorkMasterID[0].ID == "WM-BAKE"
 
-        # Storing a known JobOrderID again is refused with UnableToAcceptJobOrder (bit 4)
-        # and leaves a single job.
-        status = await control.call_method(
-            f"{jc}:Store", entry.JobOrder, ua.Variant([], ua.VariantType.LocalizedText)
+        # Storing a known JobOrderID again is refused: Uncertain (asyncua's call_method
+        # raises on anything but Good) with UnableToAcceptJobOrder (bit 4), one job left.
+        store = await control.get_child(f"{jc}:Store")
+        request = ua.CallMethodRequest(
+            ObjectId=control.nodeid,
+            MethodId=store.nodeid,
+            InputArguments=[
+                ua.Variant(entry.JobOrder, ua.VariantType.ExtensionObject),
+                ua.Variant([], ua.VariantType.LocalizedText),
+            ],
         )
-        assert status == ReturnStatus.UNABLE_TO_ACCEPT_JOB_ORDER
+        (result,) = await raw.uaclient.call([request])
+        assert result.StatusCode.is_uncertain()
+        assert [v.Value for v in result.OutputArguments] == [
+            ReturnStatus.UNABLE_TO_ACCEPT_JOB_ORDER
+        ]
         ids = [e.JobOrder.JobOrderID for e in await job_order_list.read_value()]
         assert ids.count("JO-RAW") == 1
 
