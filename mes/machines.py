@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
 class JobState(enum.IntEnum):
@@ -157,13 +157,23 @@ class MachineUnreachableError(JobControlError):
     retryable = True
 
 
-@dataclass(frozen=True)
-class MachineCapabilities:
-    """What a controller can take: how many job orders it holds at once (None: no limit
-    published) and how many it holds now."""
+class JobCapacity(NamedTuple):
+    """Room in a machine's JobOrderList: ``(max_job_orders, job_orders)``.
+
+    ``max_job_orders`` is the receiver's MaxDownloadableJobOrders, None when the server does
+    not expose it; ``job_orders`` counts every job in JobOrderList, ended and aborted ones
+    included (they take room until cleared).
+    """
 
     max_job_orders: int | None
-    job_orders_held: int
+    job_orders: int
+
+    @property
+    def free(self) -> int | None:
+        """How many more jobs the machine takes now (None: no limit published)."""
+        if self.max_job_orders is None:
+            return None
+        return max(0, self.max_job_orders - self.job_orders)
 
 
 class EquipmentAdapter(Protocol):
@@ -221,8 +231,8 @@ class EquipmentAdapter(Protocol):
         """What the machine reports it made, from what, and how well."""
         ...
 
-    async def capabilities(self) -> MachineCapabilities:
-        """How many job orders the controller takes and holds."""
+    async def capacity(self) -> JobCapacity:
+        """How many job orders the controller takes and holds now."""
         ...
 
 

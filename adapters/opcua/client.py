@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, Self
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -44,11 +44,11 @@ from adapters.opcua.model import (
 from mes.machines import (
     InvalidJobOrderStatusError,
     InvalidRequestError,
+    JobCapacity,
     JobControlError,
     JobOrderData,
     JobResponseData,
     JobState,
-    MachineCapabilities,
     MachineUnreachableError,
     MaterialActualData,
     MeasuredValue,
@@ -96,25 +96,6 @@ _STATUS_CODE_MASK = 0xFFFF0000
 def _status_name(code: ua.StatusCode) -> str:
     """The StatusCode's symbolic name, e.g. ``BadTypeMismatch`` (info bits ignored)."""
     return ua.StatusCode(ua.UInt32(code.value & _STATUS_CODE_MASK)).name
-
-
-class JobCapacity(NamedTuple):
-    """Room in a machine's JobOrderList: ``(max_job_orders, job_orders)``.
-
-    ``max_job_orders`` is the receiver's MaxDownloadableJobOrders, None when the server does
-    not expose it; ``job_orders`` counts every job in JobOrderList, ended and aborted ones
-    included (they take room until cleared).
-    """
-
-    max_job_orders: int | None
-    job_orders: int
-
-    @property
-    def free(self) -> int | None:
-        """How many more jobs the machine takes now (None: no limit published)."""
-        if self.max_job_orders is None:
-            return None
-        return max(0, self.max_job_orders - self.job_orders)
 
 
 # Without subscriptions wait_for_change re-reads the job list at most this often.
@@ -418,21 +399,6 @@ class JobControlClient:
         return JobCapacity(limit, len(jobs))
 
     # -- state and results -------------------------------------------------------------
-
-    async def capabilities(self) -> MachineCapabilities:
-        """MaxDownloadableJobOrders (optional in OPC 10031-4: None when absent) and how
-        many job orders the machine holds now."""
-        held = len(await self.list_jobs())
-        control = self._controller()
-        with self._guard("read MaxDownloadableJobOrders"):
-            try:
-                node = await control.get_child(
-                    ua.QualifiedName("MaxDownloadableJobOrders", self._jc_ns)
-                )
-            except UaStatusCodeError:
-                return MachineCapabilities(None, held)
-            value = await node.read_value()
-        return MachineCapabilities(int(value) if value is not None else None, held)
 
     async def list_jobs(self) -> list[tuple[str, JobState]]:
         """Every job the machine holds (JobOrderList), with its top-level state."""

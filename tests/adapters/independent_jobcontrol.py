@@ -166,7 +166,7 @@ class IndependentJobControlServer:
         self._jc = await server.get_namespace_index(JOBCONTROL_URI)
         own = await server.register_namespace(OWN_URI)
 
-        receiver_type = server.get_node(ua.NodeId(_RECEIVER_TYPE, self._jc))
+        receiver_type = server.get_node(ua.NodeId(ua.Int32(_RECEIVER_TYPE), ua.Int16(self._jc)))
         for name in STATES:
             number = await receiver_type.get_child([f"{self._jc}:{name}", "0:StateNumber"])
             self._numbers[name] = int(await number.read_value())
@@ -175,10 +175,14 @@ class IndependentJobControlServer:
         machine = await folder.add_object(own, self.machine_name)
         management = await machine.add_folder(own, "JobManagement")
         control = await management.add_object(
-            own, "JobOrderControl", objecttype=ua.NodeId(_RECEIVER_TYPE, self._jc)
+            own,
+            "JobOrderControl",
+            objecttype=ua.NodeId(ua.Int32(_RECEIVER_TYPE), ua.Int16(self._jc)),
         )
         results = await management.add_object(
-            own, "JobOrderResults", objecttype=ua.NodeId(_PROVIDER_TYPE, self._jc)
+            own,
+            "JobOrderResults",
+            objecttype=ua.NodeId(ua.Int32(_PROVIDER_TYPE), ua.Int16(self._jc)),
         )
         limit = await control.get_child(f"{self._jc}:MaxDownloadableJobOrders")
         await limit.write_value(ua.Variant(self.max_job_orders, ua.VariantType.UInt16))
@@ -340,7 +344,9 @@ class IndependentJobControlServer:
 
     def _struct(self, data_type: int) -> Any:
         """The class asyncua generated for one of the nodeset's structures, by DataType id."""
-        return ua.uatypes.extension_objects_by_datatype[ua.NodeId(data_type, self._jc)]
+        return ua.uatypes.extension_objects_by_datatype[
+            ua.NodeId(ua.Int32(data_type), ua.Int16(self._jc))
+        ]
 
     def _state(self, job: Job) -> list[Any]:
         state = self._struct(_STATE_DATA_TYPE)

@@ -16,12 +16,13 @@ from asyncua.client.client import Client
 from asyncua.common.node import Node
 from asyncua.ua.status_codes import StatusCodes
 
-from adapters.opcua.client import JobCapacity, JobControlClient
+from adapters.opcua.client import JobControlClient
 from adapters.opcua.model import JOBCONTROL_NS_URI, empty_comment
 from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit
 from mes.machines import (
     InvalidJobOrderStatusError,
     InvalidRequestError,
+    JobCapacity,
     JobOrderData,
     JobState,
     MaterialRequirement,
@@ -66,7 +67,7 @@ class Raw:
 
     async def job_order(self, job_order_id: str) -> Any:
         """An ISA95JobOrderDataType (the generated class, found through the type's id)."""
-        cls = ua.uatypes.extension_objects_by_datatype[ua.NodeId(3008, self.jc)]
+        cls = ua.uatypes.extension_objects_by_datatype[ua.NodeId(ua.Int32(3008), ua.Int16(self.jc))]
         return cls(JobOrderID=job_order_id)
 
 
