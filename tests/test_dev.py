@@ -19,7 +19,7 @@ from asyncua import Client
 
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
-from mes.embedded import free_port
+from mes.launch import free_port
 from tests.conftest import fresh_pg_database
 
 pytestmark = pytest.mark.postgres
@@ -126,5 +126,6 @@ async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
         assert code == 0, rest.decode()
         assert b"stopped" in rest
         # The embedded Temporal server (a child of mes dev) is gone with it.
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(temporal_ui.group(1), timeout=2)
+        async with httpx.AsyncClient(timeout=2) as http:
+            with pytest.raises(httpx.ConnectError):
+                await http.get(temporal_ui.group(1))
