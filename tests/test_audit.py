@@ -3,6 +3,7 @@ writers keep one unbroken chain, and a row changed behind the guard's back is fo
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +42,7 @@ def test_postgres_guard_chain_and_tamper_detection() -> None:
         sessions = make_sessionmaker(engine)
         try:
             with ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda a: _write(sessions, 25, a), ["a", "b", "c", "d"]))
+                list(pool.map(functools.partial(_write, sessions, 25), ["a", "b", "c", "d"]))
             with sessions() as s:
                 report = audit.verify(s)
                 assert report.intact and report.events == 100

@@ -144,7 +144,7 @@ async def test_order_runs_to_completion_with_genealogy(stack: Stack) -> None:
 
 
 async def test_same_order_twice_is_one_order_one_workflow(stack: Stack) -> None:
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         body = new_order()
         first = await http.post("/api/v1/production-orders", json=body)
         again = await http.post("/api/v1/production-orders", json=body)
@@ -181,7 +181,7 @@ async def test_same_order_twice_is_one_order_one_workflow(stack: Stack) -> None:
 
 
 async def test_past_due_order_is_accepted_and_late_from_the_start(stack: Stack) -> None:
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         body = new_order(due=(datetime.now(UTC) - timedelta(days=1)).isoformat())
         r = await http.post("/api/v1/production-orders", json=body)
         assert r.status_code == 202
@@ -214,7 +214,7 @@ async def test_malformed_orders_are_refused_and_create_nothing(
     stack: Stack, body: Any, status: int, field: str | None
 ) -> None:
     before = order_count(stack)
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         r = await http.post("/api/v1/production-orders", json=body)
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith(PROBLEM)
@@ -256,7 +256,7 @@ async def test_bad_json_and_huge_bodies_are_refused(stack: Stack) -> None:
 
 
 async def test_master_data_and_health(stack: Stack) -> None:
-    async with api(stack) as http, api(stack, "auditor") as audit:
+    async with api(stack) as http:
         health = await http.get("/health")
         assert health.status_code == 200
         assert health.json()["status"] == "ok"

@@ -87,7 +87,7 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
             select(MaterialLot.quantity).where(MaterialLot.external_id == lot_id)
         )
 
-    response = _machine_response(plc_order, temp=30.0)  # above the 22–28 °C limit
+    response = _machine_response(plc_order, temp=30.0)  # above the 22-28 °C limit
     for _ in range(2):
         with plant_pg() as s:
             state, lots = execution.record_job_response(s, response)
