@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mes.embedded import embedded_stack
+from mes.launch import embedded_stack
 from mes.settings import Settings
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import logging
 import sys
@@ -12,7 +11,17 @@ from pathlib import Path
 
 from mes.settings import Settings
 
-OPENAPI_FILE = Path(__file__).resolve().parent.parent / "openapi" / "openapi.json"
+
+def _openapi_file() -> Path:
+    """``openapi/openapi.json`` of the source checkout this runs from; from an installed wheel
+    (no checkout around it) the one under the current directory."""
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "openapi" / "openapi.json"
+    return Path("openapi") / "openapi.json"
+
+
+OPENAPI_FILE = _openapi_file()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,23 +93,6 @@ def main(argv: list[str] | None = None) -> int:
         from mes.demo import run_demo
 
         return asyncio.run(run_demo())
-    if args.command == "dev":
-        from mes.demo import run_dev
-
-        return asyncio.run(run_dev(settings, args.port))
-    if args.command == "serve":
-        import uvicorn
-
-        from mes.api.app import create_app
-
-        uvicorn.run(
-            create_app(settings),
-            host=args.host or settings.api_host,
-            port=args.port or settings.api_port,
-        )
-        return 0
-    if args.command == "worker":
-        return asyncio.run(_worker(settings))
     if args.command == "db":
         from mes.migrate import upgrade
 
@@ -109,70 +101,73 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "load":
         return _load(settings, args.file, args.opcua_url)
-    if args.command == "sim":
-        from adapters.opcua.simulator import run_simulator
-
-        names = args.names.split(",") if args.names else None
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(
-                run_simulator(
-                    args.units, args.port, args.cycle, names, max_job_orders=args.max_jobs
-                )
-            )
-        return 0
-    if args.command == "erp-client":
-        from mes.db import make_engine, make_sessionmaker
-        from mes.reporting import ErpClientIn, set_erp_client
-
-        sessions = make_sessionmaker(make_engine(settings.database_url))
-        body = ErpClientIn.model_validate({"callback_url": args.url, "format": args.format})
-        with sessions() as s:
-            print(set_erp_client(s, args.name, body, actor="cli").model_dump_json())
-        return 0
     if args.command == "token":
         return _token(settings, args)
+    if args.command == "erp-client":
+        return _erp_client(settings, args.name, args.url, args.format)
     if args.command == "openapi":
         return _openapi(args.output, args.check)
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return _run_service(settings, args)
 
 
-async def _worker(settings: Settings) -> int:
-    from temporalio.client import Client
+def _run_service(settings: Settings, args: argparse.Namespace) -> int:
+    """The long-running commands: each runs until Ctrl-C or SIGTERM (see ``mes.launch``)."""
 
-    from mes.db import make_engine, make_sessionmaker
-    from workflows.worker import build_worker
+    try:
+        return asyncio.run(_service(settings, args))
+    except KeyboardInterrupt:  # Ctrl-C while still starting
+        return 130
 
-    client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
-    sessions = make_sessionmaker(make_engine(settings.database_url))
-    worker = build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds)
-    print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}")
-    await worker.run()
-    return 0
+
+async def _service(settings: Settings, args: argparse.Namespace) -> int:
+    from mes import launch
+
+    if args.command == "dev":
+        return await launch.run_dev(settings, args.port)
+    if args.command == "serve":
+        host = args.host or settings.api_host
+        return await launch.serve_api(settings, host, args.port or settings.api_port)
+    if args.command == "worker":
+        return await launch.run_worker(settings)
+    if args.command == "sim" and args.sim_command == "opcua":
+        names = args.names.split(",") if args.names else None
+        return await launch.run_plc_simulator(
+            args.units, args.port, args.cycle, names, max_job_orders=args.max_jobs
+        )
+    if args.command == "sim" and args.sim_command == "erp":
+        return await launch.run_erp_receiver(args.port, args.store)
+    raise AssertionError(f"unhandled command {args}")
 
 
 def _load(settings: Settings, file: Path, opcua_url: str | None) -> int:
-    from mes.db import make_engine, make_sessionmaker
-    from mes.masterdata import MasterDataError, load_plant_file
+    from mes.launch import load_plant, open_database
+    from mes.masterdata import MasterDataError
 
-    sessions = make_sessionmaker(make_engine(settings.database_url))
-    try:
-        report = load_plant_file(sessions, file, opcua_url, actor="cli")
-    except (MasterDataError, OSError) as e:
-        print(f"error: {file}: {e}", file=sys.stderr)
-        print("nothing was written", file=sys.stderr)
-        return 1
+    with open_database(settings.database_url) as sessions:
+        try:
+            report = load_plant(sessions, file, opcua_url, actor="cli")
+        except (MasterDataError, OSError) as e:
+            print(f"error: {file}: {e}", file=sys.stderr)
+            print("nothing was written", file=sys.stderr)
+            return 1
     print(f"{file}: {report}")
+    return 0
+
+
+def _erp_client(settings: Settings, name: str, url: str, fmt: str) -> int:
+    from mes.launch import open_database, point_erp_client
+
+    with open_database(settings.database_url) as sessions:
+        print(point_erp_client(sessions, name, url, fmt, actor="cli").model_dump_json())
     return 0
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
     from mes import auth
-    from mes.db import make_engine, make_sessionmaker
     from mes.errors import DomainError
+    from mes.launch import open_database
 
-    sessions = make_sessionmaker(make_engine(settings.database_url))
-    with sessions() as s:
+    with open_database(settings.database_url) as sessions, sessions() as s:
         try:
             if args.token_command == "create":
                 print(auth.create_token(s, args.name, args.role, actor="cli"))

@@ -1,7 +1,9 @@
-"""``mes demo`` and ``mes dev``: the whole product on embedded defaults.
+"""``mes demo``: the whole product once, on embedded defaults.
 
-The demo acts as the ERP: it posts orders over HTTP, follows them through the API until they
-end, then prints each order's outcome and the genealogy trace of one produced lot.
+The services are started by :func:`mes.launch.embedded_stack` (on a fresh SQLite database in a
+temporary directory, with the packaged sample plant). The demo then acts as the ERP: it posts
+orders over HTTP, follows them through the API until they end, then prints each order's
+outcome, what the ERP received and the genealogy trace of one produced lot.
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import asyncio
 import contextlib
 import json
 import re
-import signal
-import sys
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from mes.embedded import embedded_stack
+from mes.launch import embedded_stack, print_tokens
 from mes.settings import Settings
 from mes.states import RequestState, is_final
 
@@ -74,7 +74,7 @@ async def run_demo(timeout_s: float = 100) -> int:
         print(f"  Temporal       {stack.temporal_address}")
         print(f"  PLC simulator  {stack.plc_url}  units: {', '.join(stack.units)}")
         print(f"  database       {settings.database_url}")
-        _print_tokens(stack.tokens)
+        print_tokens(stack.tokens)
         erp = {"Authorization": f"Bearer {stack.tokens['erp']}"}
         auditor = {"Authorization": f"Bearer {stack.tokens['auditor']}"}
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=30, headers=erp) as http:
@@ -176,12 +176,6 @@ def _performance_state(body: str) -> str:
     return "?"
 
 
-def _print_tokens(tokens: dict[str, str]) -> None:
-    print("  API tokens (Authorization: Bearer <token>):")
-    for role, token in tokens.items():
-        print(f"    {role:<11}{token}")
-
-
 def _print_tree(trace: dict[str, Any], lot: str, indent: str) -> None:
     lots = {node["lot"]: node for node in trace["lots"]}
 
@@ -193,26 +187,3 @@ def _print_tree(trace: dict[str, Any], lot: str, indent: str) -> None:
                 show(edge["component"], depth + 1)
 
     show(lot, 0)
-
-
-async def run_dev(settings: Settings, port: int) -> int:
-    """Run the embedded services until Ctrl-C or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with embedded_stack(settings, api_port=port, token_prefix="dev") as stack:
-        print(f"API        {stack.api_url}/api/v1")
-        print(f"API docs   {stack.api_url}/schema")
-        print(f"Temporal   {stack.temporal_address}  UI: {stack.temporal_ui}")
-        print(f"PLCs       {stack.plc_url}  units: {', '.join(stack.units)}")
-        if stack.erp is not None:
-            print(f"ERP        {stack.erp.base_url}/messages  (callbacks: {stack.erp.url})")
-        print(f"Database   {settings.database_url}")
-        _print_tokens(stack.tokens)
-        print("ready", flush=True)
-        await stop.wait()
-        print("stopping ...", flush=True)
-    print("stopped", flush=True)
-    sys.stdout.flush()
-    return 0

@@ -18,8 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
 from mes.db import make_engine, make_sessionmaker
-from mes.embedded import SAMPLE_PLANT, Stack, embedded_stack, temporal_binary
-from mes.masterdata import load_plant_file
+from mes.launch import Stack, embedded_stack, load_plant, temporal_binary
 from mes.migrate import upgrade
 from mes.settings import Settings
 
@@ -73,7 +72,7 @@ def plant_pg() -> Iterator[sessionmaker[Session]]:
         upgrade(url)
         engine = make_engine(url)
         sessions = make_sessionmaker(engine)
-        load_plant_file(sessions, SAMPLE_PLANT, "opc.tcp://127.0.0.1:4840/")
+        load_plant(sessions, None, "opc.tcp://127.0.0.1:4840/")
         yield sessions
         engine.dispose()
 

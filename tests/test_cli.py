@@ -11,8 +11,8 @@ import yaml
 from sqlalchemy import func, select
 
 from mes.db import make_engine, make_sessionmaker
-from mes.embedded import SAMPLE_PLANT
 from mes.models import Base
+from mes.samples import plant_file, plant_text
 
 MES = str(Path(sys.executable).parent / "mes")
 
@@ -36,19 +36,21 @@ def row_counts(tmp: Path) -> dict[str, int]:
 def test_upgrade_load_twice_and_a_bad_file(tmp_path: Path) -> None:
     assert run(tmp_path, "db", "upgrade").returncode == 0
 
-    first = run(tmp_path, "load", str(SAMPLE_PLANT))
+    with plant_file() as sample:
+        first = run(tmp_path, "load", str(sample))
     assert first.returncode == 0, first.stderr
     assert "created" in first.stdout
     counts = row_counts(tmp_path)
     assert counts["equipment"] >= 5
     assert counts["operations_definition"] >= 2
 
-    again = run(tmp_path, "load", str(SAMPLE_PLANT))
+    with plant_file() as sample:
+        again = run(tmp_path, "load", str(sample))
     assert again.returncode == 0
     assert "created 0, updated 0" in again.stdout
     assert row_counts(tmp_path) == counts
 
-    plant = yaml.safe_load(SAMPLE_PLANT.read_text())
+    plant = yaml.safe_load(plant_text())
     plant["materials"].append({"id": "NEW-THING", "unit": "kg", "material_class": "Raw"})
     plant["work_masters"][0]["parameters"][0]["default"] = 10_000
     bad = tmp_path / "bad.yaml"

@@ -19,7 +19,7 @@ from asyncua.client.client import Client
 
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
-from mes.embedded import free_port
+from mes.launch import free_port
 from tests.conftest import fresh_pg_database
 
 pytestmark = pytest.mark.postgres

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from mes.embedded import Stack
+from mes.launch import Stack
 from mes.models import (
     AuditEvent,
     JobOrder,

@@ -16,7 +16,7 @@ from lxml import etree  # type: ignore[import-untyped, unused-ignore]  # lxml: n
 from sqlalchemy import func, select
 
 from mes.b2mml import schema
-from mes.embedded import Stack
+from mes.launch import Stack
 from mes.models import ErpMessage, OperationsRequest
 
 pytestmark = pytest.mark.postgres

@@ -35,8 +35,10 @@ from mes.models import (
     TestSpecification,
     WorkMaster,
 )
+from mes.samples import plant_resource
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "plant.yaml"
+# The packaged sample plant; the tests run from the source tree, where it is a plain file.
+EXAMPLE = Path(str(plant_resource()))
 WORK_UNITS = ["WU-MIXER-1", "WU-MIXER-2", "WU-OVEN-1", "WU-OVEN-2", "WU-PACKER-2"]
 
 Data = dict[str, Any]

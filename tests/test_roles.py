@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from mes.cli import OPENAPI_FILE
-from mes.embedded import Stack
+from mes.launch import Stack
 
 pytestmark = pytest.mark.postgres
 

@@ -22,8 +22,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
-from mes.embedded import SAMPLE_PLANT, Stack, embedded_stack
+from mes.launch import Stack, embedded_stack
 from mes.migrate import upgrade
+from mes.samples import plant_text
 from mes.settings import Settings
 from tests.conftest import fresh_pg_database
 
@@ -35,7 +36,7 @@ MIXER = "WU-MIXER-1"
 async def line(
     temporal_env: WorkflowEnvironment, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stack]:
-    plant = yaml.safe_load(SAMPLE_PLANT.read_text())
+    plant = yaml.safe_load(plant_text())
     for wm in plant["work_masters"]:
         if wm["id"] == "WM-MIX-ROLL":
             wm["work_units"] = [u for u in wm["work_units"] if u["equipment"] == MIXER]

@@ -1,4 +1,4 @@
-"""A small ERP that receives report-back callbacks (``mes sim erp``).
+"""A small ERP that receives report-back callbacks (``mes sim erp``, via ``mes.launch``).
 
 :class:`ErpReceiver` is a real HTTP server (a Litestar app run by uvicorn inside the caller's
 event loop) with three routes:
@@ -364,37 +364,6 @@ def format_message(message: ReceivedMessage) -> str:
     )
 
 
-async def run_receiver(port: int, store: Path | None, host: str = "127.0.0.1") -> None:
-    """Run an ERP receiver until cancelled, printing one line per callback (``mes sim erp``).
-
-    ``store`` keeps the history in a JSON-lines file across restarts; ``port`` 0 picks a
-    free port. The callback URL is printed first.
-    """
-
-    banner_shown = False
-
-    def show_banner() -> None:
-        nonlocal banner_shown
-        if banner_shown:
-            return
-        banner_shown = True
-        print(f"ERP receiver: callbacks to {erp.url}", flush=True)
-        print(f"  received so far: {erp.base_url}{MESSAGES_PATH}[?order=<n>]", flush=True)
-        if store is not None:
-            print(f"  history in {store}", flush=True)
-
-    def show(message: ReceivedMessage) -> None:
-        # A sender already waiting for the port can get its callback in before start()
-        # returns; the banner still comes first.
-        show_banner()
-        print(format_message(message), flush=True)
-
-    erp = ErpReceiver(host=host, port=port, store=store, on_message=show)
-    async with erp:
-        show_banner()
-        await asyncio.Event().wait()
-
-
 __all__ = [
     "CALLBACK_PATH",
     "MAX_BODY_BYTES",
@@ -402,5 +371,4 @@ __all__ = [
     "ErpReceiver",
     "ReceivedMessage",
     "format_message",
-    "run_receiver",
 ]

@@ -757,41 +757,10 @@ async def _build_unit(
     return runtime
 
 
-def _unit_specs(units: int, cycle_time_s: float, names: list[str] | None) -> list[SimUnit]:
-    given = list(names or [])
-    count = max(units, len(given))
-    all_names = given + [f"Unit{i}" for i in range(len(given) + 1, count + 1)]
-    return [SimUnit(name=n, cycle_time_s=cycle_time_s) for n in all_names]
-
-
-async def run_simulator(
-    units: int,
-    port: int,
-    cycle_time_s: float,
-    names: list[str] | None = None,
-    host: str = "127.0.0.1",
-    max_job_orders: int = DEFAULT_MAX_JOB_ORDERS,
-) -> None:
-    """Run a simulator until cancelled, printing its URL and units (``mes sim opcua``).
-
-    ``names`` name the units in order; when fewer than ``units`` are given the rest are
-    called ``Unit<n>``. ``port`` 0 picks a free port. ``max_job_orders`` is every unit's
-    MaxDownloadableJobOrders.
-    """
-    specs = _unit_specs(units, cycle_time_s, names)
-    async with PlcSimulator(specs, host=host, port=port, max_job_orders=max_job_orders) as sim:
-        print(f"OPC UA PLC simulator (OPC 10031-4 job control) at {sim.url}", flush=True)
-        print(f"  MaxDownloadableJobOrders per unit: {max_job_orders}", flush=True)
-        for name in sim.unit_names:
-            print(f"  {name}: Objects/{name}/{JOB_MANAGEMENT}/{JOB_ORDER_CONTROL}", flush=True)
-        await asyncio.Event().wait()
-
-
 __all__ = [
     "DEFAULT_MAX_JOB_ORDERS",
     "DEFAULT_MEASURED",
     "SIM_NAMESPACE_URI",
     "PlcSimulator",
     "SimUnit",
-    "run_simulator",
 ]

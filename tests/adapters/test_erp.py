@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -18,7 +17,7 @@ import httpx
 import pytest
 
 from adapters.erp.client import DeliveryError, deliver, parse_retry_after
-from adapters.erp.receiver import MAX_BODY_BYTES, ErpReceiver, run_receiver
+from adapters.erp.receiver import MAX_BODY_BYTES, ErpReceiver
 
 XML = "application/xml"
 DOC = b'<?xml version="1.0"?><SyncOperationsPerformance releaseID="7.1"/>'
@@ -28,26 +27,6 @@ DOC = b'<?xml version="1.0"?><SyncOperationsPerformance releaseID="7.1"/>'
 async def erp(tmp_path: Path) -> AsyncIterator[ErpReceiver]:
     async with ErpReceiver(store=tmp_path / "erp.jsonl") as receiver:
         yield receiver
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-async def _wait_for_port(port: int, timeout_s: float = 5) -> None:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                _, writer = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                await asyncio.sleep(0.02)
-                continue
-            writer.close()
-            await writer.wait_closed()
-            return
 
 
 # --- deliver against the receiver -------------------------------------------------------------
@@ -203,32 +182,6 @@ async def test_store_with_a_cut_short_last_line_still_loads(tmp_path: Path) -> N
         await deliver(again.url, DOC, XML, "m2", "PO-1")
     async with ErpReceiver(port=erp.port, store=store) as third:
         assert [(m.seq, m.message_id) for m in third.messages] == [(1, "m1"), (2, "m2")]
-
-
-async def test_run_receiver_prints_one_line_per_callback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/callbacks"
-    task = asyncio.create_task(run_receiver(port, tmp_path / "erp.jsonl"))
-    try:
-        await _wait_for_port(port)
-        await deliver(url, DOC, XML, "BOD-42", "PO-9")
-        await deliver(url, DOC, XML, "BOD-42", "PO-9")
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-    out = capsys.readouterr().out.splitlines()
-    assert url in out[0]
-    callbacks = [line for line in out if line.startswith("#")]
-    assert len(callbacks) == 2
-    assert callbacks[0].startswith("#1 ")
-    for part in ("order=PO-9", "id=BOD-42", XML, "<?xml", "SyncOperationsPerformance"):
-        assert part in callbacks[0]
-    assert "DUPLICATE" in callbacks[1]
-    assert "DUPLICATE" not in callbacks[0]
 
 
 # --- canned answers from a tiny HTTP server ---------------------------------------------------

@@ -17,7 +17,7 @@ from asyncua.ua.uaerrors import UaStatusCodeError
 
 from adapters.opcua.client import JobControlClient, raise_for_status
 from adapters.opcua.model import JOBCONTROL_NS_URI, PACKML_EXECUTE, PACKML_HELD, PACKML_IDLE
-from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit, run_simulator
+from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit
 from mes.machines import (
     InvalidJobOrderStatusError,
     InvalidRequestError,
@@ -502,21 +502,3 @@ def test_raise_for_status_maps_return_status_bits(status: int, error: type[Excep
     raise_for_status(ReturnStatus.NO_ERROR)
     with pytest.raises(error):
         raise_for_status(status)
-
-
-async def test_run_simulator_serves_named_units_until_cancelled(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    task = asyncio.create_task(run_simulator(2, 0, CYCLE_S, ["Kiln"]))
-    out = ""
-    async with asyncio.timeout(10):
-        while "Unit2" not in out:
-            await asyncio.sleep(0.05)
-            out += capsys.readouterr().out
-    url = next(word for word in out.split() if word.startswith("opc.tcp://"))
-    for machine in ("Kiln", "Unit2"):
-        async with JobControlClient(url, machine) as client:
-            assert await client.list_jobs() == []
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task

@@ -12,10 +12,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from mes.db import make_engine, make_sessionmaker
 from mes.masterdata import load_plant_file
 from mes.migrate import upgrade
+from mes.samples import plant_resource
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "b2mml"
-PLANT = ROOT / "examples" / "plant.yaml"
+PLANT = Path(str(plant_resource()))
 
 
 def example(name: str) -> bytes:

