@@ -127,6 +127,11 @@ class ProductionOrderOut(BaseModel):
     links: dict[str, str]
     job_orders: list[JobOrderOut]
     produced_lots: list[LotOut]
+    pending: list[str] = Field(
+        default_factory=list,
+        description="Actions decided and answered, still being carried out (e.g. a cancel "
+        "waiting for a machine)",
+    )
 
 
 async def accept_order(
@@ -359,6 +364,18 @@ def set_order_state(
     if order.state not in FINAL_STATES:
         execution.change_state(session, order, state, actor, reason)
         session.commit()
+
+
+def cancel_unstarted(session: Session, order_id: int, actor: str, reason: str | None) -> None:
+    """Cancel an order whose workflow never started (stored while Temporal was away)."""
+    order = session.get(OperationsRequest, order_id)
+    if order is None:
+        raise NotFound("production order", str(order_id))
+    if order.state != RequestState.RELEASED:
+        raise Conflict(f"order {order.external_id} is {order.state}; it takes no cancel")
+    execution.change_state(session, order, RequestState.CANCELLED, actor, reason)
+    order.completed_at = utcnow()
+    session.commit()
 
 
 def set_order_priority(

@@ -21,7 +21,7 @@ from mes.production_orders import ProductionOrderOut
 from mes.states import Action, RequestState, allowed_actions, is_final
 from mes.work_orders import WorkOrderDetail, WorkOrderOut
 from mes.workflow_client import WorkflowClient
-from workflows.types import WorkOrderCommand
+from workflows.types import OrderCommand, WorkOrderCommand
 
 
 def _work_order(s: Session, job_id: str) -> WorkOrderOut:
@@ -46,7 +46,11 @@ class Steering:
         out = await self.db.run(partial(work_orders.work_order_detail, job_order_id=job_id))
         if not is_final(out.state):
             live = await self.workflows.job_status(job_id)
-            out.live = dataclasses.asdict(live) if live is not None else None
+            if live is not None:
+                out.live = dataclasses.asdict(live) | {
+                    "retrying": await self.workflows.machine_retries(job_id)
+                }
+                out.pending_on_machine = live.pending_on_machine
         return out
 
     async def act_on_work_order(
@@ -54,8 +58,10 @@ class Steering:
     ) -> WorkOrderOut:
         """Hold, resume, cancel or change one work order; 409 when its state refuses."""
         before = await self.db.run(partial(_work_order, job_id=job_id))
-        await self.workflows.steer(job_id, action, command, before.state)
-        return await self.db.run(partial(_work_order, job_id=job_id))
+        status = await self.workflows.steer(job_id, action, command, before.state)
+        out = await self.db.run(partial(_work_order, job_id=job_id))
+        out.pending_on_machine = status.pending_on_machine
+        return out
 
     # --- production orders --------------------------------------------------------------
 
@@ -75,8 +81,31 @@ class Steering:
     async def cancel_order(
         self, order_id: int, actor: str, reason: str | None
     ) -> ProductionOrderOut:
-        """Cancel the order's open work orders (a started one aborts on its PLC)."""
-        return await self._act_on_order(order_id, "cancel", WorkOrderCommand(actor, reason))
+        """Cancel the order: answered at once, carried out by its workflow (the step on a
+        machine is withdrawn or aborted, the later ones never run). An order whose
+        workflow never started is cancelled in the database alone."""
+        order = await self.db.run(partial(_order, order_id=order_id))
+        if is_final(order.state):
+            raise DomainError(
+                title="Not allowed in this state",
+                detail=f"order {order.order_number} is {order.state}; it takes no cancel",
+                status=409,
+            )
+        command = OrderCommand(actor, reason)
+        if not await self.workflows.cancel_order(order.order_number, command):
+            await self.db.run(
+                partial(
+                    production_orders.cancel_unstarted,
+                    order_id=order_id,
+                    actor=actor,
+                    reason=reason,
+                )
+            )
+            await self.workflows.report(order.order_number)
+            return await self.db.run(partial(_order, order_id=order_id))
+        out = await self.db.run(partial(_order, order_id=order_id))
+        out.pending = ["cancel"] if not is_final(out.state) else []
+        return out
 
     async def cancel_order_by_number(self, order_number: str, actor: str, reason: str) -> None:
         """The ERP's cancel names the order by its number."""

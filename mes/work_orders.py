@@ -59,6 +59,11 @@ class WorkOrderOut(BaseModel):
     ended_at: datetime | None
     allowed_actions: list[str]
     links: dict[str, str]
+    pending_on_machine: list[str] = Field(
+        default_factory=list,
+        description="Decided and answered, still to be carried out on the machine "
+        "(e.g. a cancel while its PLC cannot be reached)",
+    )
 
 
 class WorkOrderDetail(WorkOrderOut):

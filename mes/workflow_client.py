@@ -23,6 +23,7 @@ from mes.settings import Settings
 from mes.states import Action
 from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
 from workflows.types import (
+    OrderCommand,
     OrderInput,
     WorkOrderCommand,
     WorkOrderStatus,
@@ -69,6 +70,34 @@ class WorkflowClient:
         with contextlib.suppress(RPCError):  # an ended workflow has nothing left to report
             await handle.signal(ProductionOrderWorkflow.report)
 
+    async def cancel_order(self, order_number: str, command: OrderCommand) -> bool:
+        """Cancel an order through its workflow (answered at once; the machines follow).
+
+        False when the order has no workflow (stored while Temporal was away, never
+        started); a workflow that has ended, or is already cancelling, answers 409.
+        """
+        client = await self.client()
+        handle: WorkflowHandle[ProductionOrderWorkflow, Any] = client.get_workflow_handle_for(
+            ProductionOrderWorkflow.run, order_workflow_id(order_number)
+        )
+        try:
+            await handle.execute_update(ProductionOrderWorkflow.cancel, command)
+        except WorkflowUpdateFailedError as e:
+            raise _problem_from_failure(e.cause, "cancel") from e
+        except RPCError as e:
+            if e.status != RPCStatusCode.NOT_FOUND:
+                raise
+            with contextlib.suppress(RPCError):
+                await handle.describe()
+                # It exists but takes no update: it has ended.
+                raise DomainError(
+                    title="Not allowed",
+                    detail=f"order {order_number} has ended; it takes no cancel",
+                    status=409,
+                ) from e
+            return False
+        return True
+
     async def steer(
         self, job_order_id: str, action: Action, command: WorkOrderCommand, state_now: str
     ) -> WorkOrderStatus:
@@ -109,6 +138,30 @@ class WorkflowClient:
             return await handle.query(JobOrderWorkflow.status)
         except Exception:
             return None
+
+    async def machine_retries(self, job_order_id: str) -> list[dict[str, object]]:
+        """The work order workflow's activities that are being retried (a PLC or database
+        that cannot be reached): which, how many attempts, the last error and since when."""
+        client = await self.client()
+        try:
+            described = await client.get_workflow_handle(job_workflow_id(job_order_id)).describe()
+        except RPCError:
+            return []
+        retries: list[dict[str, object]] = []
+        for pending in described.raw_description.pending_activities:
+            if pending.attempt <= 1 and not pending.HasField("last_failure"):
+                continue
+            retries.append(
+                {
+                    "activity": pending.activity_type.name,
+                    "attempt": pending.attempt,
+                    "last_error": pending.last_failure.message,
+                    "since": pending.last_attempt_complete_time.ToJsonString()
+                    if pending.HasField("last_attempt_complete_time")
+                    else None,
+                }
+            )
+        return retries
 
 
 def _problem_from_failure(cause: BaseException | None, action: str) -> DomainError:

@@ -25,8 +25,24 @@ from adapters.machines import CONNECTORS, connect
 from mes import execution, reporting, work_orders
 from mes.errors import DomainError
 from mes.execution import ProductionError
-from mes.machines import EquipmentAdapter, JobControlError, JobState, MachineConnector
-from workflows.types import Dispatch, JobChange, JobOutcome, JobStateChange, PlcCommand, WaitArgs
+from mes.machines import (
+    EquipmentAdapter,
+    InvalidJobOrderStatusError,
+    JobControlError,
+    JobState,
+    MachineConnector,
+    UnknownJobOrderError,
+)
+from workflows.types import (
+    GONE,
+    Dispatch,
+    JobChange,
+    JobOutcome,
+    JobStateChange,
+    PlcCommand,
+    PlcRoom,
+    WaitArgs,
+)
 
 T = TypeVar("T")
 
@@ -84,9 +100,22 @@ class MesActivities:
         return Dispatch(target.protocol, target.url, target.machine, order)
 
     @activity.defn
-    async def dispatch_job(self, dispatch: Dispatch) -> None:
-        """Send the job to its PLC (StoreAndStart; a retry finds it stored) and record it."""
+    async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
+        """How many job orders the work unit's PLC takes (None: no limit) and holds now."""
         async with self._plc(dispatch) as plc:
+            room = await plc.capacity()
+        return PlcRoom(room.max_job_orders, room.job_orders)
+
+    @activity.defn
+    async def dispatch_job(self, dispatch: Dispatch) -> None:
+        """Send the job to its PLC (StoreAndStart; a retry finds it stored) and record it.
+
+        Heartbeats before the PLC call, so a cancel reaches it (the workflow then waits for
+        the attempt to end and withdraws whatever reached the machine).
+        """
+        activity.heartbeat()
+        async with self._plc(dispatch) as plc:
+            activity.heartbeat()
             await plc.store_and_start(dispatch.order)
         await asyncio.to_thread(
             self._db, lambda s: execution.mark_dispatched(s, dispatch.order.job_order_id)
@@ -118,23 +147,38 @@ class MesActivities:
             return int(state)
 
     @activity.defn
-    async def plc_command(self, cmd: PlcCommand) -> None:
+    async def plc_command(self, cmd: PlcCommand) -> int:
         """Call one job-control method (pause, resume, start, revoke_start, cancel, abort,
-        update) for the job on its PLC."""
+        update, clear) for the job on its PLC; return the job's state afterwards (``GONE``,
+        0, when the PLC does not hold it).
+
+        A method the job's state refuses (InvalidJobOrderStatus: it moved on meanwhile) is
+        not an error: the state returned tells the workflow what to do instead. A PLC that
+        cannot be reached is retried.
+        """
         order = cmd.dispatch.order
+        job_id = order.job_order_id
         async with self._plc(cmd.dispatch) as plc:
-            if cmd.command == "update":
-                await plc.update(order)
-                return
-            method = {
-                "pause": plc.pause,
-                "resume": plc.resume,
-                "start": plc.start,
-                "revoke_start": plc.revoke_start,
-                "cancel": plc.cancel,
-                "abort": plc.abort,
-            }[cmd.command]
-            await method(order.job_order_id)
+            try:
+                if cmd.command == "update":
+                    await plc.update(order)
+                else:
+                    method = {
+                        "pause": plc.pause,
+                        "resume": plc.resume,
+                        "start": plc.start,
+                        "revoke_start": plc.revoke_start,
+                        "cancel": plc.cancel,
+                        "abort": plc.abort,
+                        "clear": plc.clear,
+                    }[cmd.command]
+                    await method(job_id)
+            except (InvalidJobOrderStatusError, UnknownJobOrderError):
+                pass
+            try:
+                return int(await plc.job_state(job_id))
+            except UnknownJobOrderError:
+                return GONE
 
     @activity.defn
     def set_job_state(self, change: JobStateChange) -> None:

@@ -1,14 +1,26 @@
 """The workflows of one production order: the order, and one child per job order.
 
 Workflow code is deterministic: every side effect (database, PLC) is an activity in
-``workflows.activities``. The order's workflow id is ``order-<ERP order number>`` and each
-job's ``job-<JobOrderID>``, so a duplicate post or a retried start cannot run anything twice.
+``workflows.activities``. Workflow ids come from ``workflows.types`` (``order-<ERP order
+number>``, ``job-<JobOrderID>``), so a duplicate post or a retried start cannot run anything
+twice.
 
 Every job workflow starts when the order is planned and waits for its turn (the order
-workflow releases the steps one after another), so a supervisor can steer any work order,
-queued or running, through the same Temporal updates: hold, resume, cancel, priority and
-equipment. Each update's validator checks ``mes.work_orders.allowed_actions``; the handler
-does the PLC's half (OPC UA job control) and then records the change.
+workflow releases the steps one after another, and ends each one it does not release with
+``cancel_remaining``), so a supervisor can steer any work order, queued or running, through
+the same Temporal updates: hold, resume, cancel, priority and equipment.
+
+**Steering never waits on a machine.** An update checks ``mes.states.allowed_actions``,
+records the decision (the work order's state, with its audit event) and answers; the job's
+main line carries the decision out on the PLC when it can, reconciling what the supervisor
+wants with what the PLC reports: a queued job is revoked or removed, a running one paused or
+aborted, a cancel that finds the job started becomes Abort. What is decided but not yet done
+on the machine is in the status (``pending_on_machine``).
+
+**Nothing is stranded.** A job that its PLC lost (a restart), or whose step failed for good,
+is put on hold with the reason; a supervisor's resume sends it again, a cancel ends it. A
+finished job is cleared from its PLC once its response is recorded, and dispatch waits while
+the PLC is full.
 """
 
 from __future__ import annotations
@@ -16,24 +28,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import timedelta
+from functools import partial
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from mes.machines import JobState
     from mes.states import RequestState, allowed_actions, is_final
     from workflows.activities import MesActivities
     from workflows.types import (
+        GONE,
         Dispatch,
         JobChange,
         JobInput,
         JobOutcome,
         JobStateChange,
+        OrderCommand,
         OrderInput,
         OrderOutcome,
+        OrderStatus,
         PlcCommand,
+        PlcRoom,
         WaitArgs,
         WorkOrderCommand,
         WorkOrderStatus,
@@ -49,9 +68,16 @@ WAITING, READY, RUNNING, HELD = (
 COMPLETED, ABORTED, CANCELLED = RequestState.COMPLETED, RequestState.ABORTED, RequestState.CANCELLED
 
 #: Every step is short; a database or PLC that is away for a while is waited for with
-#: backoff (up to a minute between tries), never given up on by timeout alone.
+#: backoff (up to 30 s between tries), never given up on by timeout alone.
 STEP_TIMEOUT = timedelta(seconds=60)
-RETRY = RetryPolicy(maximum_interval=timedelta(minutes=1))
+RETRY = RetryPolicy(maximum_interval=timedelta(seconds=30))
+#: Activities that talk to a PLC heartbeat, so a lost worker is noticed in seconds.
+PLC_HEARTBEAT = timedelta(seconds=30)
+#: How often a job waiting for room on a full PLC looks again (grows to the maximum).
+ROOM_POLL = (timedelta(seconds=1), timedelta(seconds=10))
+
+#: The PLC states in which the job has not started (it can still be removed by Cancel).
+_NOT_STARTED = (JobState.NOT_ALLOWED_TO_START, JobState.ALLOWED_TO_START)
 
 
 class NotAllowed(ApplicationError):
@@ -66,26 +92,33 @@ class NotAllowed(ApplicationError):
         )
 
 
+class _Attention(Exception):
+    """A step failed for good: the job is held with this reason until a supervisor acts."""
+
+
 @workflow.defn
 class JobOrderWorkflow:
     """One job order on one work unit: wait for its turn, dispatch, follow the machine,
-    record; steered meanwhile by supervisor updates."""
+    record, clear; steered meanwhile by supervisor updates that never wait on the machine."""
 
     def __init__(self) -> None:
         self._job_id = ""
-        self._state: str = WAITING
+        self._state: str = WAITING  # the work order's ISA-95 state, as recorded
         self._held_from: str = WAITING
-        self._released = False
+        self._released = False  # the order workflow said: your turn
+        self._parent_word = False  # the order workflow said release or cancel_remaining
+        self._cancel_reason: str | None = None  # a cancel decided, not yet carried out
+        self._cancel_actor = "system"
         self._dispatch: Dispatch | None = None
+        self._on_plc = False  # the job was stored on its PLC (and not withdrawn since)
+        self._plc_state = JobState.NOT_ALLOWED_TO_START
+        self._update_plc = False  # a new priority to send to the PLC
+        self._refused: tuple[str, int] | None = None  # a command the PLC refused in that state
+        self._intent = 0  # bumped by every decision, so waits notice
+        self._note = ""
         # Known once the job is prepared for its PLC (the database has them before).
         self._priority: int | None = None
         self._equipment: str | None = None
-        self._plc_state = JobState.NOT_ALLOWED_TO_START
-        self._waiting: workflow.ActivityHandle[int] | None = None
-        self._cancel_reason = ""
-        self._cancelling = False
-        # Handlers and the main line take turns around PLC calls.
-        self._lock = asyncio.Lock()
 
     # --- the main line --------------------------------------------------------------------
 
@@ -94,70 +127,193 @@ class JobOrderWorkflow:
         self._job_id = job.job_order_id
         outcome = await self._run()
         self._state = outcome.state
+        self._note = ""
         await workflow.wait_condition(workflow.all_handlers_finished)
         return outcome
 
     async def _run(self) -> JobOutcome:
-        while self._dispatch is None:
+        while True:
+            # Off the PLC: wait for our turn (not held), or a cancel.
             await workflow.wait_condition(
-                lambda: self._state == CANCELLED or (self._released and self._state == WAITING)
+                lambda: (
+                    self._cancel_reason is not None or (self._released and self._state == WAITING)
+                )
             )
-            async with self._lock:
-                if self._state == CANCELLED:
-                    return JobOutcome(self._job_id, CANCELLED, [], self._cancel_reason)
-                if self._state != WAITING:
-                    continue  # held while we waited for the lock
-                try:
-                    dispatch = await self._prepare()
-                    await workflow.execute_activity_method(
-                        MesActivities.dispatch_job,
-                        dispatch,
-                        start_to_close_timeout=STEP_TIMEOUT,
-                        retry_policy=RETRY,
-                    )
-                except ActivityError as e:
-                    reason = _reason(e)
-                    await workflow.execute_activity_method(
-                        MesActivities.abort_job,
-                        args=[self._job_id, reason],
-                        start_to_close_timeout=STEP_TIMEOUT,
-                        retry_policy=RETRY,
-                    )
-                    return JobOutcome(self._job_id, ABORTED, [], reason)
-                self._dispatch = dispatch
-                self._state = READY
-                self._plc_state = JobState.ALLOWED_TO_START
-            await self._tell_order()
-
-        while not self._plc_state.is_final:
-            if self._state == CANCELLED:
-                return JobOutcome(self._job_id, CANCELLED, [], self._cancel_reason)
-            self._waiting = workflow.start_activity_method(
-                MesActivities.await_job,
-                WaitArgs(self._dispatch, int(self._plc_state)),
-                # A job may run for days; the heartbeat, not the timeout, detects a lost worker.
-                start_to_close_timeout=timedelta(days=7),
-                heartbeat_timeout=timedelta(seconds=30),
-                retry_policy=RETRY,
-            )
+            if self._cancel_reason is not None:
+                return await self._cancelled()
             try:
-                self._plc_state = JobState(await self._waiting)
-            except ActivityError:
-                if not self._cancelling:
-                    raise
-                # The cancel handler stopped the wait; see whether the cancel went through.
-                await workflow.wait_condition(lambda: not self._cancelling)
+                if not await self._send():
+                    continue  # held or cancelled before it reached the PLC
+                outcome = await self._follow()
+            except _Attention as e:
+                await self._needs_attention(str(e))
                 continue
-            if self._plc_state == JobState.RUNNING and self._state == READY:
-                self._state = RUNNING
+            if outcome is not None:
+                return outcome
 
-        async with self._lock:
-            return await workflow.execute_activity_method(
-                MesActivities.record_job_response,
-                self._dispatch,
-                start_to_close_timeout=STEP_TIMEOUT,
+    async def _cancelled(self) -> JobOutcome:
+        """End Cancelled, once the order workflow has had its word (so it can still signal)."""
+        reason = self._cancel_reason or "cancelled"
+        if self._state != CANCELLED:
+            await self._record(CANCELLED, self._cancel_actor, reason)
+        await workflow.wait_condition(lambda: self._parent_word)
+        return JobOutcome(self._job_id, CANCELLED, [], reason)
+
+    async def _send(self) -> bool:
+        """Prepare (once), wait for room on the PLC, dispatch. False when a hold or cancel
+        came first and nothing is on the PLC."""
+        if self._dispatch is None:
+            self._dispatch = await self._activity(MesActivities.prepare_job, self._job_id)
+            self._priority = self._dispatch.order.priority
+            self._equipment = self._dispatch.order.equipment_id
+        dispatch = self._dispatch
+        poll = ROOM_POLL[0]
+        while True:
+            if self._stopped():
+                self._note = ""
+                return False
+            room: PlcRoom = await self._activity(MesActivities.plc_room, dispatch, heartbeat=True)
+            if self._stopped():
+                self._note = ""
+                return False
+            if not room.full:
+                break
+            self._note = f"Queued: PLC full ({room.job_orders}/{room.max_job_orders} jobs)"
+            seen = self._intent
+            with contextlib.suppress(asyncio.TimeoutError):
+                await workflow.wait_condition(partial(self._decided_since, seen), timeout=poll)
+            poll = min(poll * 2, ROOM_POLL[1])
+        self._note = "dispatching"
+        handle = workflow.start_activity_method(
+            MesActivities.dispatch_job,
+            dispatch,
+            start_to_close_timeout=STEP_TIMEOUT,
+            heartbeat_timeout=PLC_HEARTBEAT,
+            retry_policy=RETRY,
+            # A cancelled attempt may still have reached the PLC: wait for it to end, then
+            # withdraw whatever is there.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+        await workflow.wait_condition(lambda: handle.done() or self._cancel_reason is not None)
+        if not handle.done():
+            handle.cancel()
+        try:
+            await handle
+        except ActivityError as e:
+            if self._cancel_reason is None:
+                raise _Attention(f"dispatch failed: {_reason(e)}") from e
+            # Cancelled on the way: the job may or may not have reached the PLC.
+            self._on_plc = True
+            self._plc_state = JobState.ALLOWED_TO_START
+            self._note = ""
+            return True
+        self._note = ""
+        self._on_plc = True
+        self._plc_state = JobState.ALLOWED_TO_START
+        if self._state == WAITING:
+            self._state = READY
+        elif self._state == HELD and self._held_from == WAITING:
+            self._held_from = READY  # held while dispatching: revoked below, Ready on resume
+        await self._tell_order()
+        return True
+
+    async def _follow(self) -> JobOutcome | None:
+        """Follow the job on its PLC to its end, carrying out the supervisor's decisions.
+
+        Returns the outcome, or None when the job is off the PLC again (lost, withdrawn for
+        a resume) and must be sent again.
+        """
+        dispatch = self._dispatch
+        assert dispatch is not None
+        while not self._plc_state.is_final:
+            command = self._next_command()
+            if command is not None:
+                before = self._plc_state
+                after = await self._plc(command)
+                if command == "update":
+                    self._update_plc = False
+                if after == GONE:
+                    return await self._off_plc(command)
+                self._plc_state = JobState(after)
+                if self._plc_state == before and command != "update":
+                    self._refused = (command, int(before))
+                self._note_running()
+                continue
+            seen = self._intent
+            waiting = workflow.start_activity_method(
+                MesActivities.await_job,
+                WaitArgs(dispatch, int(self._plc_state)),
+                # A job may run for days; the heartbeat, not the timeout, finds a lost worker.
+                start_to_close_timeout=timedelta(days=7),
+                heartbeat_timeout=PLC_HEARTBEAT,
                 retry_policy=RETRY,
             )
+            await workflow.wait_condition(partial(self._decided_since, seen, waiting))
+            if not waiting.done():
+                waiting.cancel()  # a decision to carry out: stop waiting, act, wait again
+                with contextlib.suppress(ActivityError, asyncio.CancelledError):
+                    await waiting
+                continue
+            try:
+                self._plc_state = JobState(await waiting)
+            except ActivityError as e:
+                if _error_type(e) == "UnknownJobOrderError":
+                    return await self._off_plc("wait")
+                raise _Attention(f"following the job failed: {_reason(e)}") from e
+            self._refused = None
+            self._note_running()
+
+        outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
+        # Recorded: now the PLC may forget it (it takes room until cleared).
+        await self._plc("clear")
+        self._on_plc = False
+        return outcome
+
+    def _next_command(self) -> str | None:
+        """The PLC command that brings the machine to what was decided, if any."""
+        plc = self._plc_state
+        if self._cancel_reason is not None:
+            command = "cancel" if plc in _NOT_STARTED else "abort"
+        elif self._state == HELD:
+            command = {JobState.ALLOWED_TO_START: "revoke_start", JobState.RUNNING: "pause"}.get(
+                plc, ""
+            )
+        else:
+            command = {JobState.NOT_ALLOWED_TO_START: "start", JobState.INTERRUPTED: "resume"}.get(
+                plc, ""
+            )
+        if not command and self._update_plc:
+            command = "update"
+        if not command or self._refused == (command, int(plc)):
+            return None  # nothing to do, or the PLC refused it in this state: wait for a change
+        if command == "abort" and plc == JobState.INTERRUPTED and self._refused is not None:
+            return None
+        return command
+
+    async def _off_plc(self, during: str) -> JobOutcome | None:
+        """The PLC no longer holds the job."""
+        self._on_plc = False
+        self._plc_state = JobState.NOT_ALLOWED_TO_START
+        if self._cancel_reason is not None:
+            return await self._cancelled()  # withdrawn, as decided
+        await self._needs_attention(
+            f"the PLC no longer holds job {self._job_id} (lost during {during}, e.g. a "
+            "restart); resume sends it again, cancel ends it"
+        )
+        return None
+
+    async def _needs_attention(self, reason: str) -> None:
+        """Hold the job with the reason; a resume sends it again (Waiting), a cancel ends it."""
+        self._note = f"needs attention: {reason}"
+        self._held_from = WAITING
+        if self._state != HELD:
+            await self._record(HELD, "system", reason[:500])
+
+    def _note_running(self) -> None:
+        if self._plc_state == JobState.RUNNING and self._state == READY:
+            self._state = RUNNING
+        if self._state == HELD and self._held_from == READY and self._plc_state not in _NOT_STARTED:
+            self._held_from = RUNNING  # it started before the hold reached the PLC
 
     async def _tell_order(self) -> None:
         """The first dispatch makes the order Running: its workflow reports that."""
@@ -165,64 +321,84 @@ class JobOrderWorkflow:
         if parent is not None:
             await workflow.get_external_workflow_handle(parent.workflow_id).signal("report")
 
-    async def _prepare(self) -> Dispatch:
-        dispatch: Dispatch = await workflow.execute_activity_method(
-            MesActivities.prepare_job,
-            self._job_id,
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RETRY,
-        )
-        self._priority = dispatch.order.priority
-        self._equipment = dispatch.order.equipment_id
-        return dispatch
-
     # --- the order workflow's signals ---------------------------------------------------------
 
     @workflow.signal
     def release(self) -> None:
         """The previous step is done: this job may go to its PLC (unless held)."""
         self._released = True
+        self._parent_word = True
+        self._intent += 1
 
     @workflow.signal
-    async def cancel_remaining(self, reason: str) -> None:
-        """An earlier step ended without completing: this job cannot run."""
-        async with self._lock:
-            if self._state in (WAITING, HELD) and self._dispatch is None:
-                await self._record(CANCELLED, "system", reason)
-                self._cancel_reason = reason
+    def cancel_remaining(self, reason: str) -> None:
+        """An earlier step ended without completing, or the order was cancelled: this job
+        does not run (a job already sent is withdrawn from its PLC)."""
+        self._parent_word = True
+        if not is_final(self._state) and self._cancel_reason is None:
+            self._cancel_reason = reason
+            self._cancel_actor = "system"
+            self._intent += 1
+
+    @workflow.signal
+    def cancel_by_order(self, cmd: WorkOrderCommand) -> None:
+        """The whole order is cancelled: the running job is withdrawn or aborted."""
+        if not is_final(self._state) and self._cancel_reason is None:
+            self._cancel_reason = cmd.reason or f"order cancelled by {cmd.actor}"
+            self._cancel_actor = cmd.actor
+            self._intent += 1
 
     # --- supervisor updates ---------------------------------------------------------------
 
     @workflow.query
     def status(self) -> WorkOrderStatus:
-        """The live state and the actions allowed now."""
+        """The live state, the actions allowed now, and what is still to do on the PLC."""
         return WorkOrderStatus(
             self._job_id,
             self._state,
             self._priority,
             self._equipment,
-            self._dispatch is not None,
-            allowed_actions(self._state, self._dispatch is not None),
+            self._on_plc,
+            [] if self._cancel_reason is not None else self._allowed(),
+            self._pending(),
+            self._note,
         )
 
+    def _allowed(self) -> list[str]:
+        sent = self._on_plc or self._dispatching()
+        allowed = allowed_actions(self._state, sent)
+        return [a for a in allowed if a != "equipment"] if sent else allowed
+
+    def _decided_since(self, seen: int, activity: asyncio.Task[Any] | None = None) -> bool:
+        """A new decision since ``seen`` (or the activity ended): time to look again."""
+        return self._intent != seen or (activity is not None and activity.done())
+
+    def _stopped(self) -> bool:
+        """A decision came that keeps the job off its PLC for now."""
+        return self._cancel_reason is not None or self._state != WAITING
+
+    def _dispatching(self) -> bool:
+        return self._note == "dispatching"
+
+    def _pending(self) -> list[str]:
+        if not self._on_plc:
+            return ["cancel"] if self._cancel_reason is not None and self._dispatching() else []
+        command = self._next_command()
+        return [command] if command is not None else []
+
     def _check(self, action: str) -> None:
-        allowed = allowed_actions(self._state, self._dispatch is not None)
+        allowed = [] if self._cancel_reason is not None else self._allowed()
         if action not in allowed:
-            raise NotAllowed(action, self._state, allowed)
+            state = "Cancelling" if self._cancel_reason is not None else self._state
+            raise NotAllowed(action, state, allowed)
 
     @workflow.update
     async def hold(self, cmd: WorkOrderCommand) -> WorkOrderStatus:
         """Hold: a running job pauses on its PLC (Interrupted), a queued one may not start."""
-        async with self._lock:
-            self._check("hold")
-            held_from = self._state
-            if held_from == RUNNING:
-                await self._plc("pause")
-            elif held_from == READY:
-                await self._plc("revoke_start")
-            await self._record(HELD, cmd.actor, cmd.reason)
-            self._held_from = held_from
-            return self.status()
+        self._check("hold")
+        self._held_from = self._state
+        await self._decide(HELD, cmd)
+        return self.status()
 
     @hold.validator
     def _validate_hold(self, cmd: WorkOrderCommand) -> None:
@@ -230,16 +406,11 @@ class JobOrderWorkflow:
 
     @workflow.update
     async def resume(self, cmd: WorkOrderCommand) -> WorkOrderStatus:
-        """Resume a held job where it was held."""
-        async with self._lock:
-            self._check("resume")
-            back = self._held_from
-            if back == RUNNING:
-                await self._plc("resume")
-            elif back == READY:
-                await self._plc("start")
-            await self._record(back, cmd.actor, cmd.reason)
-            return self.status()
+        """Resume a held job where it was held (a job off its PLC is sent again)."""
+        self._check("resume")
+        self._note = ""
+        await self._decide(self._held_from, cmd)
+        return self.status()
 
     @resume.validator
     def _validate_resume(self, cmd: WorkOrderCommand) -> None:
@@ -247,30 +418,15 @@ class JobOrderWorkflow:
 
     @workflow.update
     async def cancel(self, cmd: WorkOrderCommand) -> WorkOrderStatus:
-        """Cancel: a job not started is removed (Cancelled); a started one aborts on its PLC."""
-        async with self._lock:
-            self._check("cancel")
-            started = self._state == RUNNING or (self._state == HELD and self._held_from == RUNNING)
-            if started:
-                await self._plc("abort")
-            else:
-                if self._dispatch is not None:
-                    # Stop following the job first: once cancelled the PLC forgets it.
-                    self._cancelling = True
-                    try:
-                        if self._waiting is not None:
-                            self._waiting.cancel()
-                        await self._plc("cancel")
-                        self._cancel_reason = cmd.reason or f"cancelled by {cmd.actor}"
-                        await self._record(CANCELLED, cmd.actor, cmd.reason)
-                    finally:
-                        self._cancelling = False
-                else:
-                    self._cancel_reason = cmd.reason or f"cancelled by {cmd.actor}"
-                    await self._record(CANCELLED, cmd.actor, cmd.reason)
-        if started:
-            # The job ends Aborted when the PLC reports it and the response is recorded.
-            await workflow.wait_condition(lambda: is_final(self._state))
+        """Cancel: a job not on its PLC ends Cancelled at once; one on its PLC is removed
+        there (Cancel) or, if it started, aborted (Abort) as soon as the PLC can be reached."""
+        self._check("cancel")
+        self._cancel_reason = cmd.reason or f"cancelled by {cmd.actor}"
+        self._cancel_actor = cmd.actor
+        self._intent += 1
+        if not self._on_plc and not self._dispatching():
+            # Nothing on a machine: the decision is the whole of it.
+            await self._record(CANCELLED, cmd.actor, self._cancel_reason)
         return self.status()
 
     @cancel.validator
@@ -280,23 +436,22 @@ class JobOrderWorkflow:
     @workflow.update
     async def change(self, cmd: WorkOrderCommand) -> WorkOrderStatus:
         """Change priority and/or target equipment (equipment only before dispatch)."""
-        async with self._lock:
-            self._validate_change(cmd)
-            await workflow.execute_activity_method(
-                MesActivities.change_job,
-                JobChange(self._job_id, cmd.actor, cmd.reason, cmd.priority, cmd.equipment),
-                start_to_close_timeout=STEP_TIMEOUT,
-                retry_policy=RETRY,
-            )
-            if cmd.priority is not None:
-                self._priority = cmd.priority
-            if cmd.equipment is not None:
-                self._equipment = cmd.equipment
-            if self._dispatch is not None and cmd.priority is not None:
-                # The PLC picks its next job by priority: tell it.
-                self._dispatch = await self._prepare()
-                await self._plc("update")
-            return self.status()
+        self._validate_change(cmd)
+        await self._activity(
+            MesActivities.change_job,
+            JobChange(self._job_id, cmd.actor, cmd.reason, cmd.priority, cmd.equipment),
+        )
+        if cmd.priority is not None:
+            self._priority = cmd.priority
+        if cmd.equipment is not None:
+            self._equipment = cmd.equipment
+            self._dispatch = None  # prepared again for the new unit
+        if self._dispatch is not None and cmd.priority is not None:
+            # The PLC picks its next job by priority: tell it (the main line sends it).
+            self._dispatch = await self._activity(MesActivities.prepare_job, self._job_id)
+            self._update_plc = self._on_plc
+            self._intent += 1
+        return self.status()
 
     @change.validator
     def _validate_change(self, cmd: WorkOrderCommand) -> None:
@@ -307,23 +462,41 @@ class JobOrderWorkflow:
         if cmd.equipment is not None:
             self._check("equipment")
 
-    async def _plc(self, command: str) -> None:
+    async def _decide(self, state: str, cmd: WorkOrderCommand) -> None:
+        """Take a decision now (so every later check sees it) and record it."""
+        self._state = state
+        self._refused = None
+        self._intent += 1
+        await self._record(state, cmd.actor, cmd.reason)
+
+    # --- activities -----------------------------------------------------------------------
+
+    async def _plc(self, command: str) -> int:
+        """Carry out one command on the PLC (retried while it cannot be reached); the job's
+        PLC state afterwards, or GONE."""
         assert self._dispatch is not None
-        await workflow.execute_activity_method(
-            MesActivities.plc_command,
-            PlcCommand(self._dispatch, command),
-            start_to_close_timeout=STEP_TIMEOUT,
-            retry_policy=RetryPolicy(maximum_attempts=5, maximum_interval=timedelta(seconds=10)),
-        )
+        try:
+            state: int = await self._activity(
+                MesActivities.plc_command, PlcCommand(self._dispatch, command), heartbeat=True
+            )
+        except ActivityError as e:
+            raise _Attention(f"{command} on the PLC failed: {_reason(e)}") from e
+        return state
 
     async def _record(self, state: str, actor: str, reason: str | None) -> None:
-        await workflow.execute_activity_method(
-            MesActivities.set_job_state,
-            JobStateChange(self._job_id, state, actor, reason),
+        self._state = state
+        await self._activity(
+            MesActivities.set_job_state, JobStateChange(self._job_id, state, actor, reason)
+        )
+
+    async def _activity(self, method: Any, arg: Any, *, heartbeat: bool = False) -> Any:
+        return await workflow.execute_activity_method(
+            method,
+            arg,
             start_to_close_timeout=STEP_TIMEOUT,
+            heartbeat_timeout=PLC_HEARTBEAT if heartbeat else None,
             retry_policy=RETRY,
         )
-        self._state = state
 
 
 @workflow.defn
@@ -334,11 +507,40 @@ class ProductionOrderWorkflow:
     def __init__(self) -> None:
         self._report = True  # the order was just released: that is news for the ERP
         self._closing = False
+        self._order_number = ""
+        self._cancel: OrderCommand | None = None
+        self._jobs: list[workflow.ChildWorkflowHandle[JobOrderWorkflow, JobOutcome]] = []
+        self._step: int | None = None
+        self._ended = False
 
     @workflow.signal
     def report(self) -> None:
         """The order's state changed: deliver the new ERP message(s)."""
         self._report = True
+
+    @workflow.query
+    def status(self) -> OrderStatus:
+        return OrderStatus(self._order_number, self._cancel is not None, self._step, self._ended)
+
+    @workflow.update
+    async def cancel(self, cmd: OrderCommand) -> OrderStatus:
+        """Cancel the whole order: the step on a machine is withdrawn or aborted, the later
+        ones never run, and the order ends Cancelled (Completed only if the last step had
+        already finished). Answers at once; the machines follow."""
+        self._validate_cancel(cmd)
+        self._cancel = cmd
+        if self._step is not None:
+            await self._jobs[self._step - 1].signal(
+                JobOrderWorkflow.cancel_by_order, WorkOrderCommand(cmd.actor, cmd.reason)
+            )
+        return self.status()
+
+    @cancel.validator
+    def _validate_cancel(self, cmd: OrderCommand) -> None:
+        if self._ended or self._closing:
+            raise NotAllowed("cancel", "ending", [])
+        if self._cancel is not None:
+            raise NotAllowed("cancel", "Cancelling", [])
 
     async def _reporter(self, order_id: int) -> None:
         """Deliver ERP messages one batch at a time, so they arrive in order; the order
@@ -357,6 +559,7 @@ class ProductionOrderWorkflow:
 
     @workflow.run
     async def run(self, order: OrderInput) -> OrderOutcome:
+        self._order_number = order.order_number
         reporter = asyncio.create_task(self._reporter(order.order_id))
         job_ids: list[str] = await workflow.execute_activity_method(
             MesActivities.plan_order,
@@ -364,8 +567,10 @@ class ProductionOrderWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=RETRY,
         )
-        # Every step's workflow exists from now on, so any work order can be steered.
-        jobs = [
+        # Every step's workflow exists from now on, so any work order can be steered. Each
+        # waits for this workflow's word (release or cancel_remaining) before it ends, so
+        # signalling it never finds it gone.
+        self._jobs = [
             await workflow.start_child_workflow(
                 JobOrderWorkflow.run, JobInput(order.order_id, job_id), id=job_workflow_id(job_id)
             )
@@ -373,20 +578,18 @@ class ProductionOrderWorkflow:
         ]
         state: str = COMPLETED
         lots: list[str] = []
-        for step, job in enumerate(jobs, start=1):
+        for step, job in enumerate(self._jobs, start=1):
+            if self._cancel is not None:
+                state = CANCELLED
+                await self._end_rest(step - 1, "order cancelled")
+                break
+            self._step = step
             await job.signal(JobOrderWorkflow.release)
             outcome = await job
+            self._step = None
             if outcome.state != COMPLETED:
-                state = outcome.state
-                for rest in jobs[step:]:
-                    # A later step a supervisor already cancelled has ended: nothing to tell.
-                    with contextlib.suppress(Exception):
-                        await rest.signal(
-                            JobOrderWorkflow.cancel_remaining,
-                            f"step {step} ended {outcome.state}",
-                        )
-                for rest in jobs[step:]:
-                    await rest
+                state = CANCELLED if self._cancel is not None else outcome.state
+                await self._end_rest(step, f"step {step} ended {outcome.state}")
                 break
             lots = outcome.produced_lots
         final_state, late = await workflow.execute_activity_method(
@@ -395,6 +598,7 @@ class ProductionOrderWorkflow:
             start_to_close_timeout=STEP_TIMEOUT,
             retry_policy=RETRY,
         )
+        self._ended = True
         self._report = True
         self._closing = True
         await reporter
@@ -402,6 +606,19 @@ class ProductionOrderWorkflow:
         return OrderOutcome(
             order.order_number, final_state, late, lots if state == COMPLETED else []
         )
+
+    async def _end_rest(self, done: int, reason: str) -> None:
+        """Tell every step after ``done`` that it will not run, and wait for them to end."""
+        rest = self._jobs[done:]
+        for job in rest:
+            await job.signal(JobOrderWorkflow.cancel_remaining, reason)
+        for job in rest:
+            await job
+
+
+def _error_type(error: ActivityError) -> str:
+    cause = error.cause
+    return cause.type or "" if isinstance(cause, ApplicationError) else ""
 
 
 def _reason(error: ActivityError) -> str:

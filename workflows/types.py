@@ -85,11 +85,31 @@ class WorkOrderStatus:
     equipment: str | None
     dispatched: bool
     allowed_actions: list[str]
+    #: Decided and answered, still to be carried out on the machine ("pause", "cancel", …).
+    pending_on_machine: list[str] = field(default_factory=list)
+    #: What the job waits for now, when it is not the obvious ("Queued: PLC full", …).
+    note: str = ""
+
+
+#: The job state ``plc_command`` answers when the PLC does not hold the job.
+GONE = 0
+
+
+@dataclass
+class PlcRoom:
+    """How many job orders a PLC takes (None: no limit published) and holds now."""
+
+    max_job_orders: int | None
+    job_orders: int
+
+    @property
+    def full(self) -> bool:
+        return self.max_job_orders is not None and self.job_orders >= self.max_job_orders
 
 
 @dataclass
 class PlcCommand:
-    """A job-control method to call on the job's PLC ("pause", "resume", "cancel", …)."""
+    """A job-control method to call on the job's PLC ("pause", "resume", "cancel", "clear", …)."""
 
     dispatch: Dispatch
     command: str
@@ -127,3 +147,21 @@ def order_workflow_id(order_number: str) -> str:
 def job_workflow_id(job_order_id: str) -> str:
     """The id of a work order's (job order's) workflow."""
     return f"job-{job_order_id}"
+
+
+@dataclass
+class OrderCommand:
+    """A supervisor's or the ERP's action on a whole production order."""
+
+    actor: str
+    reason: str | None = None
+
+
+@dataclass
+class OrderStatus:
+    """An order workflow's live view."""
+
+    order_number: str
+    cancel_requested: bool
+    current_step: int | None
+    ended: bool
