@@ -441,15 +441,6 @@ def _produced_lot_ids(jr: JobResponse) -> list[str]:
     ]
 
 
-def abort_job(session: Session, job_order_id: str, reason: str) -> None:
-    """The job could not be run (dispatch refused, master data missing): job Aborted."""
-    job = _job(session, job_order_id)
-    if job.state in FINAL_STATES:
-        return
-    change_state(session, job, RequestState.ABORTED, reason=reason)
-    session.commit()
-
-
 def complete_order(session: Session, order_id: int, state: str) -> tuple[str, bool]:
     """End the order (Completed or Aborted); it is late if it ends after its due time.
 

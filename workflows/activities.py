@@ -265,11 +265,6 @@ class MesActivities:
                 activity.heartbeat(sent)
 
     @activity.defn
-    def abort_job(self, job_order_id: str, reason: str) -> None:
-        """Record that a job could not run."""
-        self._db(lambda s: execution.abort_job(s, job_order_id, reason))
-
-    @activity.defn
     def complete_order(self, order_id: int, state: str) -> tuple[str, bool]:
         """End the order in ``state``; returns the final state and whether it is late."""
         return self._db(lambda s: execution.complete_order(s, order_id, state))

@@ -33,7 +33,7 @@ def build_worker(
             acts.dispatch_job,
             acts.await_job,
             acts.record_job_response,
-            acts.abort_job,
+            acts.plc_room,
             acts.complete_order,
             acts.plc_command,
             acts.set_job_state,
