@@ -264,8 +264,10 @@ class JobOrderWorkflow:
             self._note_running()
 
         outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
-        # Recorded: now the PLC may forget it (it takes room until cleared).
-        await self._plc("clear")
+        # Recorded: now the PLC may forget it (it takes room until cleared). A clear that
+        # fails leaves an ended job on the PLC, never the outcome in doubt.
+        with contextlib.suppress(_Attention):
+            await self._plc("clear")
         self._on_plc = False
         return outcome
 
@@ -286,8 +288,6 @@ class JobOrderWorkflow:
             command = "update"
         if not command or self._refused == (command, int(plc)):
             return None  # nothing to do, or the PLC refused it in this state: wait for a change
-        if command == "abort" and plc == JobState.INTERRUPTED and self._refused is not None:
-            return None
         return command
 
     async def _off_plc(self, during: str) -> JobOutcome | None:
@@ -530,9 +530,11 @@ class ProductionOrderWorkflow:
         self._validate_cancel(cmd)
         self._cancel = cmd
         if self._step is not None:
-            await self._jobs[self._step - 1].signal(
-                JobOrderWorkflow.cancel_by_order, WorkOrderCommand(cmd.actor, cmd.reason)
-            )
+            # The step may have ended this very moment; then the main line sees the cancel.
+            with contextlib.suppress(Exception):
+                await self._jobs[self._step - 1].signal(
+                    JobOrderWorkflow.cancel_by_order, WorkOrderCommand(cmd.actor, cmd.reason)
+                )
         return self.status()
 
     @cancel.validator
