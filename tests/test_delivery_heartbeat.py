@@ -6,36 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import ActivityEnvironment
 
 import workflows.activities
-from mes.db import make_engine, make_sessionmaker
-from mes.embedded import SAMPLE_PLANT
-from mes.masterdata import load_plant_file
-from mes.migrate import upgrade
 from mes.production_orders import ProductionOrderIn, create_order
 from mes.reporting import ErpClientIn, set_erp_client
 from workflows.activities import MesActivities
 
 ERP_DELAY_S = 0.6
 TICK_S = 0.05
-
-
-@pytest.fixture
-def plant_sqlite(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'mes.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
-    load_plant_file(sessions, SAMPLE_PLANT, "opc.tcp://127.0.0.1:4840/")
-    yield sessions
-    engine.dispose()
 
 
 @pytest.fixture

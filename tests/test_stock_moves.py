@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from sqlalchemy import bindparam, text
@@ -20,11 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from mes import execution
-from mes.db import make_engine, make_sessionmaker
-from mes.embedded import SAMPLE_PLANT
 from mes.machines import JobResponseData, JobState, MaterialActualData
-from mes.masterdata import load_plant_file
-from mes.migrate import upgrade
 from mes.models import MaterialLot
 from tests.test_execution import _order
 
@@ -32,17 +26,6 @@ THREADS = 8
 JOBS_PER_THREAD = 10
 FLOUR_START = 1000.0
 YEAST_START = 50.0
-
-
-@pytest.fixture
-def plant_sqlite(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path / 'mes.db'}"
-    upgrade(url)
-    engine = make_engine(url)
-    sessions = make_sessionmaker(engine)
-    load_plant_file(sessions, SAMPLE_PLANT, "opc.tcp://127.0.0.1:4840/")
-    yield sessions
-    engine.dispose()
 
 
 @pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"])
