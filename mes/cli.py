@@ -141,13 +141,17 @@ async def _worker(settings: Settings) -> int:
     from temporalio.client import Client
 
     from mes.db import make_engine, make_sessionmaker
+    from mes.relay import relay_running
+    from mes.workflow_client import WorkflowClient
     from workflows.worker import build_worker
 
     client = await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
     sessions = make_sessionmaker(make_engine(settings.database_url))
     worker = build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds)
     print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}")
-    await worker.run()
+    # Beside the worker: the relay that starts orders stored while Temporal was away.
+    async with relay_running(sessions, WorkflowClient(settings, client), settings.relay_seconds):
+        await worker.run()
     return 0
 
 

@@ -192,6 +192,8 @@ async def embedded_stack(
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
     and the erp token's client reports to it in that format.
     """
+    from mes.relay import relay_running  # beside the worker, like it needs workflow code
+    from mes.workflow_client import WorkflowClient
     from workflows.worker import build_worker  # the worker needs workflow code; the API not
 
     upgrade(settings.database_url)
@@ -237,6 +239,8 @@ async def embedded_stack(
 
         worker = build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds)
         await stack.enter_async_context(worker)
+        relay = relay_running(sessions, WorkflowClient(settings, client), settings.relay_seconds)
+        await stack.enter_async_context(relay)
 
         port = api_port or free_port()
         app = create_app(settings, sessions, client)
