@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from mes import audit
 from mes.machines import (
@@ -244,11 +245,14 @@ def _pick_lots(
     return picked
 
 
-def _job(session: Session, job_order_id: str) -> JobOrder:
+def _job(session: Session, job_order_id: str, lock: bool = False) -> JobOrder:
+    """The job order with what its services need; ``lock`` takes its row lock (PostgreSQL)
+    until the transaction ends, so two writers of the same job order take turns."""
+    q = select(JobOrder)
+    if lock:
+        q = q.with_for_update()
     job = session.scalar(
-        select(JobOrder)
-        .where(JobOrder.external_id == job_order_id)
-        .options(
+        q.where(JobOrder.external_id == job_order_id).options(
             selectinload(JobOrder.equipment).selectinload(Equipment.endpoint),
             selectinload(JobOrder.work_master),
             selectinload(JobOrder.segment_requirement).options(
@@ -323,11 +327,17 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     """Store what the machine reported: material actuals and genealogy, measured values and
     test results; end the job order. Returns the job's final ISA-95 state and produced lots.
 
-    Idempotent: a job order has one job response (unique); a second call returns the first.
+    Idempotent: a job order has one job response (unique); a second call returns the first
+    one's state and lots. A second call racing the first waits on the job order's row lock
+    (PostgreSQL) or fails on that constraint and rolls back whole, stock moves included.
+    Stock moves are atomic SQL updates of locked lot rows, so concurrent jobs consuming one
+    lot never lose a consumption.
     """
-    job = _job(session, response.job_order_id)
+    # A second recording of the same response waits here for the first to end, then finds
+    # its response (PostgreSQL); elsewhere the unique job order below turns it away.
+    job = _job(session, response.job_order_id, lock=True)
     if job.job_response is not None:
-        return job.state, _produced_lot_ids(job.job_response)
+        return job.job_response.state, _produced_lot_ids(job.job_response)
     state = RequestState.COMPLETED if response.state == JobState.ENDED else RequestState.ABORTED
     jr = JobResponse(
         external_id=f"{job.external_id}-R",
@@ -349,6 +359,25 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
             )
         )
     }
+    # The job response row first, so a duplicate that got this far (SQLite) fails on it
+    # before any stock moves.
+    session.flush()
+    # Lock the lots the job consumed, in one order for every writer (no deadlock between two
+    # jobs consuming the same lots): their quantities below are the committed ones.
+    locked = {
+        lot.external_id: lot
+        for lot in session.scalars(
+            select(MaterialLot)
+            .where(
+                MaterialLot.external_id.in_(
+                    {a.lot_id for a in response.material_actuals if a.use == MaterialUse.CONSUMED}
+                )
+            )
+            .order_by(MaterialLot.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
     produced: list[MaterialLot] = []
     consumed: list[MaterialLot] = []
     for actual in response.material_actuals:
@@ -357,25 +386,16 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
             raise ProductionError(
                 f"machine reported unknown material {actual.material_definition_id}"
             )
-        lot = session.scalar(select(MaterialLot).where(MaterialLot.external_id == actual.lot_id))
         if actual.use == MaterialUse.CONSUMED:
+            lot = locked.get(actual.lot_id)
             if lot is None:
                 raise ProductionError(f"machine reported consuming unknown lot {actual.lot_id}")
-            before = {"quantity": lot.quantity, "status": lot.status}
-            lot.quantity = max(0.0, lot.quantity - actual.quantity)
-            if lot.quantity == 0:
-                lot.status = "Consumed"
-            audit.record(
-                session,
-                action="lot.consumed",
-                object_type="material_lot",
-                object_id=lot.external_id,
-                before=before,
-                after={"quantity": lot.quantity, "status": lot.status},
-                reason=f"job order {job.external_id}",
-            )
+            _consume(session, lot, actual.quantity, job.external_id)
             consumed.append(lot)
         else:
+            lot = session.scalar(
+                select(MaterialLot).where(MaterialLot.external_id == actual.lot_id)
+            )
             if lot is None:
                 lot = MaterialLot(
                     external_id=actual.lot_id,
@@ -433,6 +453,36 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     change_state(session, job, state)
     session.commit()
     return state, [lot.external_id for lot in produced]
+
+
+def _consume(session: Session, lot: MaterialLot, quantity: float, job_order_id: str) -> None:
+    """Take ``quantity`` off a lot in one SQL statement (never below 0; at 0 it is Consumed)
+    and audit the move. The arithmetic happens in the database, on the row's current value,
+    so concurrent consumptions of one lot all count, whatever each session read before."""
+    before = {"quantity": lot.quantity, "status": lot.status}
+    left = MaterialLot.quantity - quantity
+    row = session.execute(
+        update(MaterialLot)
+        .where(MaterialLot.id == lot.id)
+        .values(
+            quantity=case((left > 0, left), else_=0.0),
+            status=case((left <= 0, "Consumed"), else_=MaterialLot.status),
+        )
+        .returning(MaterialLot.quantity, MaterialLot.status)
+        .execution_options(synchronize_session=False)
+    ).one()
+    # The session's copy of the lot now shows the row as the update left it.
+    set_committed_value(lot, "quantity", row.quantity)
+    set_committed_value(lot, "status", row.status)
+    audit.record(
+        session,
+        action="lot.consumed",
+        object_type="material_lot",
+        object_id=lot.external_id,
+        before=before,
+        after={"quantity": row.quantity, "status": row.status},
+        reason=f"job order {job_order_id}",
+    )
 
 
 def _produced_lot_ids(jr: JobResponse) -> list[str]:

@@ -246,10 +246,17 @@ async def connect_temporal(settings: Settings) -> Client:
 async def running_worker(
     client: Client, settings: Settings, sessions: sessionmaker[Session]
 ) -> AsyncIterator[None]:
-    """A Temporal worker on the settings' task queue, polling until the context exits."""
-    from workflows.worker import build_worker  # the worker needs workflow code; the API not
+    """A Temporal worker on the settings' task queue, polling until the context exits, and
+    beside it the relay that starts orders stored while Temporal was away."""
+    # The worker needs workflow code; the API does not.
+    from mes.relay import relay_running
+    from mes.workflow_client import WorkflowClient
+    from workflows.worker import build_worker
 
-    async with build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds):
+    async with (
+        build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds),
+        relay_running(sessions, WorkflowClient(settings, client), settings.relay_seconds),
+    ):
         yield
 
 

@@ -381,6 +381,9 @@ class OperationsRequest(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     completed_at: Mapped[datetime | None] = mapped_column()
+    #: When the order's workflow was known to be started (None: not yet; the relay,
+    #: ``mes.relay``, starts it).
+    workflow_started_at: Mapped[datetime | None] = mapped_column(index=True)
 
     product: Mapped[MaterialDefinition] = relationship()
     operations_definition: Mapped[OperationsDefinition] = relationship()

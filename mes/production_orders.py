@@ -3,7 +3,8 @@
 The ERP's order number is the business key: the same number with the same body is the same
 order (a retried post), with another body a conflict. Accepting an order stores the request
 and one segment requirement per routing step in one transaction; the API then starts the
-order's workflow, whose id is derived from the same number.
+order's workflow, whose id is derived from the same number, and records that it did
+(``workflow_started_at``; an order without it is started by ``mes.relay``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -140,16 +141,20 @@ async def accept_order(
     """Accept an ERP's production order: store it, then start its workflow.
 
     The one way in for the JSON and the B2MML routes. Returns the order and whether it is
-    new; the same order posted again is found (and its workflow started if it was not).
-    A workflow engine that cannot be reached leaves the order stored and answers 503, so
-    the ERP posts it again.
+    new; the same order posted again is found (and its workflow started if it was not
+    recorded as started).
+    A workflow engine that cannot be reached leaves the order stored and answers 503; the
+    relay (``mes.relay``, in every worker) starts it once the engine answers again, and the
+    ERP may post it again too.
     """
 
-    def store(s: Session) -> tuple[ProductionOrderOut, bool]:
+    def store(s: Session) -> tuple[ProductionOrderOut, bool, bool]:
         order, created = create_order(s, body, actor, source)
-        return order_out(s, get_order(s, order.id)), created
+        return order_out(s, get_order(s, order.id)), created, order.workflow_started_at is not None
 
-    out, created = await db.run(store)
+    out, created, started = await db.run(store)
+    if started:  # posted again: its workflow runs or ran, whether Temporal answers now or not
+        return out, created
     try:
         await workflows.start_order(out.id, out.order_number)
     except Exception as e:
@@ -157,10 +162,23 @@ async def accept_order(
         raise DomainError(
             title="Workflow engine unavailable",
             detail=f"order {out.order_number} is stored but could not be started yet; "
-            "post the same order again to retry",
+            "the MES starts it as soon as the workflow engine answers (posting the same "
+            "order again is harmless)",
             status=503,
         ) from e
+    await db.run(lambda s: mark_workflow_started(s, out.id))
     return out, created
+
+
+def mark_workflow_started(session: Session, order_id: int) -> None:
+    """Record that the order's workflow runs or ran (once: the first time is kept)."""
+    session.execute(
+        update(OperationsRequest)
+        .where(OperationsRequest.id == order_id, OperationsRequest.workflow_started_at.is_(None))
+        .values(workflow_started_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
 
 
 def create_order(

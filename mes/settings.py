@@ -28,6 +28,8 @@ class Settings:
     plc_poll_seconds: float = 0.5
     #: Largest request body the API reads, in bytes.
     max_body_bytes: int = 1_000_000
+    #: How often a worker's relay looks for stored orders whose workflow is not started.
+    relay_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -43,4 +45,5 @@ class Settings:
             api_port=int(e.get("MES_API_PORT", d.api_port)),
             plc_poll_seconds=float(e.get("MES_PLC_POLL_SECONDS", d.plc_poll_seconds)),
             max_body_bytes=int(e.get("MES_MAX_BODY_BYTES", d.max_body_bytes)),
+            relay_seconds=float(e.get("MES_RELAY_SECONDS", d.relay_seconds)),
         )

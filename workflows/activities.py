@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import timedelta
 from functools import partial
 from typing import TypeVar
@@ -49,6 +49,23 @@ T = TypeVar("T")
 # How often await_job re-reads the job's state and heartbeats while it waits: far inside
 # the workflow's 30 s heartbeat timeout, rare enough to cost nothing.
 _HEARTBEAT_TICK_S = 5.0
+# How long the ERP may take to connect, and then for each read and write, per message: well
+# inside deliver_reports' 30 s heartbeat timeout (it heartbeats while it waits, too).
+_ERP_TIMEOUT_S = 10.0
+
+
+async def _heartbeating(work: Awaitable[T], details: object) -> T:
+    """Await ``work``, heartbeating every few seconds until it is done; cancelled with the
+    activity (e.g. by a heartbeat timeout's retry elsewhere), it cancels ``work`` too."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=_HEARTBEAT_TICK_S)
+            if done:
+                return task.result()
+            activity.heartbeat(details)
+    finally:
+        task.cancel()
 
 
 class MesActivities:
@@ -220,24 +237,31 @@ class MesActivities:
         An ERP that is away makes the activity fail retryably: Temporal tries again with
         backoff (honouring Retry-After), always from the oldest message, so the ERP gets
         every message in order once it is back. A message the ERP refuses for good (4xx) is
-        recorded as rejected and skipped.
+        recorded as rejected and skipped. It heartbeats before each message and every few
+        seconds while the ERP answers, so a worker lost mid-delivery is replaced within the
+        workflow's heartbeat timeout.
         """
         sent = 0
         async with httpx.AsyncClient() as http:
             while True:
+                activity.heartbeat(sent)
                 msg = await asyncio.to_thread(
                     self._db, lambda s: reporting.next_undelivered(s, order_id)
                 )
                 if msg is None:
                     return sent
                 try:
-                    await deliver(
-                        msg.url,
-                        msg.body.encode(),
-                        msg.content_type,
-                        msg.message_id,
-                        msg.order_number,
-                        client=http,
+                    await _heartbeating(
+                        deliver(
+                            msg.url,
+                            msg.body.encode(),
+                            msg.content_type,
+                            msg.message_id,
+                            msg.order_number,
+                            timeout_s=_ERP_TIMEOUT_S,
+                            client=http,
+                        ),
+                        sent,
                     )
                 except DeliveryError as e:
                     await asyncio.to_thread(
@@ -262,7 +286,6 @@ class MesActivities:
                     partial(reporting.mark_attempt, message_pk=msg.id, error=None, rejected=False),
                 )
                 sent += 1
-                activity.heartbeat(sent)
 
     @activity.defn
     def complete_order(self, order_id: int, state: str) -> tuple[str, bool]:

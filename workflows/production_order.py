@@ -556,6 +556,9 @@ class ProductionOrderWorkflow:
                 MesActivities.deliver_reports,
                 order_id,
                 start_to_close_timeout=timedelta(minutes=5),
+                # It heartbeats per message and while the ERP answers: a lost worker is
+                # noticed in 30 s, not after the 5 minutes.
+                heartbeat_timeout=timedelta(seconds=30),
                 retry_policy=RETRY,
             )
 

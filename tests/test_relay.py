@@ -1,0 +1,201 @@
+"""The relay starts the workflows of stored orders that have none (stored while Temporal was
+away), leaves started and final orders alone, and survives a Temporal that does not answer.
+
+SQLite and the Temporal dev server. Each test uses its own task queue with no worker on it,
+so the workflows it starts wait there (and are terminated at the end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+
+from mes import execution
+from mes.api.app import create_app
+from mes.auth import create_token
+from mes.launch import free_port
+from mes.models import OperationsRequest, RequestState
+from mes.production_orders import ProductionOrderIn, create_order, mark_workflow_started
+from mes.relay import run_relay, start_unstarted
+from mes.settings import Settings
+from mes.workflow_client import WorkflowClient
+from workflows.types import order_workflow_id
+
+pytestmark = pytest.mark.temporal
+NOW = timedelta(0)  # no grace: the relay may start an order the moment it is stored
+
+
+@pytest.fixture
+async def queue(temporal_env: WorkflowEnvironment) -> AsyncIterator[str]:
+    """A task queue of this test's own; its workflows are terminated afterwards."""
+    name = f"relay-{uuid.uuid4().hex[:8]}"
+    yield name
+    client = temporal_env.client
+    async for wf in client.list_workflows(f"TaskQueue = '{name}'"):
+        if wf.status == WorkflowExecutionStatus.RUNNING:
+            await client.get_workflow_handle(wf.id).terminate("test over")
+
+
+def _body(number: str | None = None) -> ProductionOrderIn:
+    return ProductionOrderIn(
+        order_number=number or f"R-{uuid.uuid4().hex[:8]}",
+        product="BREAD-WHITE",
+        quantity=2,
+        unit="ea",
+        due=datetime.now(UTC) + timedelta(hours=2),
+        priority=1,
+    )
+
+
+def _store(sessions: sessionmaker[Session]) -> tuple[int, str]:
+    with sessions() as s:
+        order, created = create_order(s, _body())
+    assert created
+    return order.id, order.external_id
+
+
+def _started_at(sessions: sessionmaker[Session], number: str) -> datetime | None:
+    with sessions() as s:
+        return s.scalar(
+            select(OperationsRequest.workflow_started_at).where(
+                OperationsRequest.external_id == number
+            )
+        )
+
+
+async def _status(client: Client, number: str) -> WorkflowExecutionStatus | None:
+    """The order's workflow status, or None when Temporal has no such workflow."""
+    try:
+        desc = await client.get_workflow_handle(order_workflow_id(number)).describe()
+    except RPCError as e:
+        if e.status == RPCStatusCode.NOT_FOUND:
+            return None
+        raise
+    return desc.status
+
+
+async def test_start_unstarted_starts_only_orders_without_a_workflow(
+    plant_sqlite: sessionmaker[Session], temporal_env: WorkflowEnvironment, queue: str
+) -> None:
+    client = temporal_env.client
+    workflows = WorkflowClient(Settings(database_url="sqlite://", task_queue=queue), client)
+
+    _, waiting = _store(plant_sqlite)
+    started_id, started = _store(plant_sqlite)
+    with plant_sqlite() as s:
+        mark_workflow_started(s, started_id)
+    cancelled_id, cancelled = _store(plant_sqlite)
+    with plant_sqlite() as s:
+        execution.change_state(
+            s, s.get_one(OperationsRequest, cancelled_id), RequestState.CANCELLED
+        )
+        s.commit()
+    # Started by the API, which then failed to record it: the relay finds it running.
+    running_id, running = _store(plant_sqlite)
+    await workflows.start_order(running_id, running)
+    run_id = (await client.get_workflow_handle(order_workflow_id(running)).describe()).run_id
+
+    # Too new: the API that stored it is starting it right now.
+    assert await start_unstarted(plant_sqlite, workflows) == []
+
+    assert await start_unstarted(plant_sqlite, workflows, grace=NOW) == [waiting, running]
+    assert await _status(client, waiting) == WorkflowExecutionStatus.RUNNING
+    assert _started_at(plant_sqlite, waiting) is not None
+    # The one that ran already is the same run, now recorded.
+    desc = await client.get_workflow_handle(order_workflow_id(running)).describe()
+    assert desc.run_id == run_id
+    assert _started_at(plant_sqlite, running) is not None
+    # Recorded as started: left alone (its workflow was never made here, and still is not).
+    assert await _status(client, started) is None
+    # Cancelled before it ever started: never started, never recorded.
+    assert await _status(client, cancelled) is None
+    assert _started_at(plant_sqlite, cancelled) is None
+
+    # Nothing left to do; the times recorded stay as they were.
+    first = _started_at(plant_sqlite, waiting)
+    assert await start_unstarted(plant_sqlite, workflows, grace=NOW) == []
+    assert _started_at(plant_sqlite, waiting) == first
+
+
+async def test_order_posted_while_temporal_is_away_is_started_by_the_relay(
+    plant_sqlite: sessionmaker[Session],
+    temporal_env: WorkflowEnvironment,
+    queue: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The API, and a relay, whose Temporal does not answer (nothing listens on the port).
+    away = Settings(
+        database_url="sqlite://",
+        temporal_address=f"127.0.0.1:{free_port()}",
+        task_queue=queue,
+    )
+    app = create_app(away, plant_sqlite, temporal=None)
+    with plant_sqlite() as s:
+        token = create_token(s, f"erp-{queue}", "erp")
+    number = f"R-{uuid.uuid4().hex[:8]}"
+    order_json = _body(number).model_dump(mode="json")
+    async with AsyncTestClient(app=app) as http:
+        r = await http.post(
+            "/api/v1/production-orders",
+            json=order_json,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert r.status_code == 503, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    problem = r.json()
+    assert problem["status"] == 503
+    assert number in problem["detail"]
+    with plant_sqlite() as s:
+        order = s.scalars(
+            select(OperationsRequest).where(OperationsRequest.external_id == number)
+        ).one()
+        assert order.state == RequestState.RELEASED
+        assert order.workflow_started_at is None
+
+    # A relay that cannot reach Temporal logs each failed pass and keeps going.
+    caplog.set_level(logging.WARNING, logger="mes.relay")
+    failing = asyncio.create_task(run_relay(plant_sqlite, WorkflowClient(away), 0.05, grace=NOW))
+    async with asyncio.timeout(30):
+        while len([r for r in caplog.records if r.name == "mes.relay"]) < 2:
+            assert not failing.done()
+            await asyncio.sleep(0.05)
+    failing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await failing
+    assert _started_at(plant_sqlite, number) is None
+    assert await _status(temporal_env.client, number) is None
+
+    # Temporal answers again: the relay starts the order and records it.
+    here = Settings(database_url="sqlite://", task_queue=queue)
+    relay = asyncio.create_task(
+        run_relay(plant_sqlite, WorkflowClient(here, temporal_env.client), 0.05, grace=NOW)
+    )
+    try:
+        async with asyncio.timeout(30):
+            while _started_at(plant_sqlite, number) is None:
+                assert not relay.done()
+                await asyncio.sleep(0.05)
+    finally:
+        relay.cancel()
+    assert await _status(temporal_env.client, number) == WorkflowExecutionStatus.RUNNING
+
+    # Posted again, it is found started: 200 even though this API's Temporal is still away.
+    async with AsyncTestClient(app=app) as http:
+        r = await http.post(
+            "/api/v1/production-orders",
+            json=order_json,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["order_number"] == number
