@@ -20,7 +20,7 @@ import pytest
 from temporalio.client import Client
 from temporalio.testing import WorkflowEnvironment
 
-from mes.embedded import temporal_binary
+from mes.launch import temporal_binary
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -32,6 +32,7 @@ DYNAMIC_CONFIG = (
     "history.transferProcessorMaxPollRPS=10000",
     "history.timerProcessorMaxPollRPS=10000",
     "history.visibilityProcessorMaxPollRPS=10000",
+    'history.timerProcessorMaxTimeShift="10ms"',
 )
 
 
