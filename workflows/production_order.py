@@ -140,6 +140,13 @@ class JobOrderWorkflow:
                 )
             )
             if self._cancel_reason is not None:
+                if self._on_plc:
+                    # Held for attention while on its PLC: withdraw it there first (if the
+                    # PLC fails for good again, the job ends Cancelled all the same).
+                    with contextlib.suppress(_Attention):
+                        outcome = await self._follow()
+                        if outcome is not None:
+                            return outcome
                 return await self._cancelled()
             try:
                 if not await self._send():
@@ -162,20 +169,31 @@ class JobOrderWorkflow:
     async def _send(self) -> bool:
         """Prepare (once), wait for room on the PLC, dispatch. False when a hold or cancel
         came first and nothing is on the PLC."""
-        if self._dispatch is None:
-            self._dispatch = await self._activity(MesActivities.prepare_job, self._job_id)
-            self._priority = self._dispatch.order.priority
-            self._equipment = self._dispatch.order.equipment_id
-        dispatch = self._dispatch
         poll = ROOM_POLL[0]
         while True:
             if self._stopped():
                 self._note = ""
                 return False
-            room: PlcRoom = await self._activity(MesActivities.plc_room, dispatch, heartbeat=True)
+            if self._dispatch is None:  # not prepared yet, or changed since
+                try:
+                    self._dispatch = await self._activity(MesActivities.prepare_job, self._job_id)
+                except ActivityError as e:
+                    raise _Attention(f"prepare failed: {_reason(e)}") from e
+                self._priority = self._dispatch.order.priority
+                self._equipment = self._dispatch.order.equipment_id
+                continue
+            dispatch = self._dispatch
+            try:
+                room: PlcRoom = await self._activity(
+                    MesActivities.plc_room, dispatch, heartbeat=True
+                )
+            except ActivityError as e:
+                raise _Attention(f"asking the PLC for room failed: {_reason(e)}") from e
             if self._stopped():
                 self._note = ""
                 return False
+            if self._dispatch is not dispatch:
+                continue  # changed meanwhile: send the job as it is now
             if not room.full:
                 break
             self._note = f"Queued: PLC full ({room.job_orders}/{room.max_job_orders} jobs)"
@@ -446,10 +464,12 @@ class JobOrderWorkflow:
         if cmd.equipment is not None:
             self._equipment = cmd.equipment
             self._dispatch = None  # prepared again for the new unit
+            self._intent += 1
         if self._dispatch is not None and cmd.priority is not None:
-            # The PLC picks its next job by priority: tell it (the main line sends it).
+            # The PLC picks its next job by priority: tell it (the main line sends it; a
+            # dispatch in flight carries the old priority).
             self._dispatch = await self._activity(MesActivities.prepare_job, self._job_id)
-            self._update_plc = self._on_plc
+            self._update_plc = self._on_plc or self._dispatching()
             self._intent += 1
         return self.status()
 
