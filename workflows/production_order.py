@@ -149,7 +149,10 @@ class JobOrderWorkflow:
                             return outcome
                 return await self._cancelled()
             try:
-                if not await self._send():
+                # A job the PLC has ended but whose response could not be recorded is not
+                # sent again: resuming it records the response.
+                ended = self._on_plc and self._plc_state.is_final
+                if not ended and not await self._send():
                     continue  # held or cancelled before it reached the PLC
                 outcome = await self._follow()
             except _Attention as e:
@@ -281,7 +284,10 @@ class JobOrderWorkflow:
             self._refused = None
             self._note_running()
 
-        outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
+        try:
+            outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
+        except ActivityError as e:
+            raise _Attention(f"recording the job response failed: {_reason(e)}") from e
         # Recorded: now the PLC may forget it (it takes room until cleared). A clear that
         # fails leaves an ended job on the PLC, never the outcome in doubt.
         with contextlib.suppress(_Attention):

@@ -130,6 +130,8 @@ class FakePlant:
     dispatch_errors: dict[str, list[ApplicationError]] = field(default_factory=dict)
     #: Raised once each, by the next await_job of the job.
     await_errors: dict[str, ApplicationError] = field(default_factory=dict)
+    #: Raised once each, by the next record_job_response of the job.
+    record_errors: dict[str, ApplicationError] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     plc: dict[str, JobState] = field(default_factory=dict)
     #: Every job the PLC stored (StoreAndStart), in order, repeats included.
@@ -311,6 +313,8 @@ class FakePlant:
     async def record_job_response(self, dispatch: Dispatch) -> JobOutcome:
         job = dispatch.order.job_order_id
         await self._enter(Call("record_job_response", job))
+        if job in self.record_errors:
+            raise self.record_errors.pop(job)
         state = self.plc[job]
         assert state.is_final, f"job response of {job} asked in state {state.name}"
         if state == ENDED:
@@ -1349,6 +1353,32 @@ async def test_job_whose_plc_wait_fails_for_good_is_held_for_attention(rig: Rig,
     # Not left on the PLC, where the unit could still start it.
     assert plant.plc_commands(j1) == ["cancel"]
     assert j1 not in plant.plc
+
+
+@pytest.mark.parametrize("steps", [1])
+async def test_response_that_cannot_be_recorded_is_held_and_recorded_on_resume(
+    rig: Rig,
+) -> None:
+    """The machine finished but its response could not be recorded for good: the job is
+    held with the reason; a resume records it (the job is not sent to the PLC again)."""
+    plant = rig.plant
+    (j1,) = plant.jobs
+    plant.record_errors[j1] = ApplicationError(
+        "unknown material FLOUR-X", type="ProductionError", non_retryable=True
+    )
+    await plant.run(j1)
+    order = await rig.start_order()
+
+    held = await rig.state(j1, "Held")
+    reason = "recording the job response failed: ProductionError: unknown material FLOUR-X"
+    assert held.note == f"needs attention: {reason}"
+    assert plant.recorded(j1) == [("Held", "system", reason)]
+
+    await rig.update(j1, JobOrderWorkflow.resume, cmd())
+    assert (await finished(order)).state == "Completed"
+    assert plant.count("dispatch_job", j1) == 1  # never sent again
+    assert plant.count("record_job_response", j1) == 2
+    assert plant.plc_commands(j1)[-1] == "clear"
 
 
 # --- a job its PLC lost -------------------------------------------------------------------
