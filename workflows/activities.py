@@ -31,6 +31,7 @@ from mes.machines import (
     JobControlError,
     JobState,
     MachineConnector,
+    UnableToAcceptJobOrderError,
     UnknownJobOrderError,
 )
 from workflows.types import (
@@ -133,7 +134,12 @@ class MesActivities:
         activity.heartbeat()
         async with self._plc(dispatch) as plc:
             activity.heartbeat()
-            await plc.store_and_start(dispatch.order)
+            try:
+                await plc.store_and_start(dispatch.order)
+            except UnableToAcceptJobOrderError as e:
+                # Full after all (another job took the last place): the workflow waits for
+                # room again instead of this attempt being retried blindly.
+                raise ApplicationError(str(e), type="PlcFull", non_retryable=True) from e
         await asyncio.to_thread(
             self._db, lambda s: execution.mark_dispatched(s, dispatch.order.job_order_id)
         )

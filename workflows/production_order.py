@@ -71,10 +71,15 @@ COMPLETED, ABORTED, CANCELLED = RequestState.COMPLETED, RequestState.ABORTED, Re
 #: backoff (up to 30 s between tries), never given up on by timeout alone.
 STEP_TIMEOUT = timedelta(seconds=60)
 RETRY = RetryPolicy(maximum_interval=timedelta(seconds=30))
+#: A PLC that is back is found within a few seconds, so what waits on it (a cancel, say)
+#: is carried out before the machine does anything else.
+PLC_RETRY = RetryPolicy(
+    initial_interval=timedelta(milliseconds=500), maximum_interval=timedelta(seconds=5)
+)
 #: Activities that talk to a PLC heartbeat, so a lost worker is noticed in seconds.
 PLC_HEARTBEAT = timedelta(seconds=30)
 #: How often a job waiting for room on a full PLC looks again (grows to the maximum).
-ROOM_POLL = (timedelta(seconds=1), timedelta(seconds=10))
+ROOM_POLL = (timedelta(milliseconds=250), timedelta(seconds=3))
 
 #: The PLC states in which the job has not started (it can still be removed by Cancel).
 _NOT_STARTED = (JobState.NOT_ALLOWED_TO_START, JobState.ALLOWED_TO_START)
@@ -187,9 +192,7 @@ class JobOrderWorkflow:
                 continue
             dispatch = self._dispatch
             try:
-                room: PlcRoom = await self._activity(
-                    MesActivities.plc_room, dispatch, heartbeat=True
-                )
+                room: PlcRoom = await self._activity(MesActivities.plc_room, dispatch, plc=True)
             except ActivityError as e:
                 raise _Attention(f"asking the PLC for room failed: {_reason(e)}") from e
             if self._stopped():
@@ -197,20 +200,30 @@ class JobOrderWorkflow:
                 return False
             if self._dispatch is not dispatch:
                 continue  # changed meanwhile: send the job as it is now
+            full = f"Queued: PLC full ({room.job_orders}/{room.max_job_orders} jobs)"
             if not room.full:
-                break
-            self._note = f"Queued: PLC full ({room.job_orders}/{room.max_job_orders} jobs)"
+                sent = await self._dispatch_now(dispatch)
+                if sent is not None:
+                    return sent
+                # Another job took the last place first: wait for room again.
+            self._note = full
             seen = self._intent
+            # Jittered, so the jobs waiting for one PLC do not all ask at once.
+            wait = poll * (0.75 + 0.5 * workflow.random().random())
             with contextlib.suppress(asyncio.TimeoutError):
-                await workflow.wait_condition(partial(self._decided_since, seen), timeout=poll)
-            poll = min(poll * 2, ROOM_POLL[1])
+                await workflow.wait_condition(partial(self._decided_since, seen), timeout=wait)
+            poll = min(poll * 1.5, ROOM_POLL[1])
+
+    async def _dispatch_now(self, dispatch: Dispatch) -> bool | None:
+        """Send the job; True once it is on the PLC (or may be, when a cancel interrupted
+        the sending), None when the PLC had no room after all."""
         self._note = "dispatching"
         handle = workflow.start_activity_method(
             MesActivities.dispatch_job,
             dispatch,
             start_to_close_timeout=STEP_TIMEOUT,
             heartbeat_timeout=PLC_HEARTBEAT,
-            retry_policy=RETRY,
+            retry_policy=PLC_RETRY,
             # A cancelled attempt may still have reached the PLC: wait for it to end, then
             # withdraw whatever is there.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
@@ -222,6 +235,8 @@ class JobOrderWorkflow:
             await handle
         except ActivityError as e:
             if self._cancel_reason is None:
+                if _error_type(e) == "PlcFull":
+                    return None
                 raise _Attention(f"dispatch failed: {_reason(e)}") from e
             # Cancelled on the way: the job may or may not have reached the PLC.
             self._on_plc = True
@@ -267,7 +282,7 @@ class JobOrderWorkflow:
                 # A job may run for days; the heartbeat, not the timeout, finds a lost worker.
                 start_to_close_timeout=timedelta(days=7),
                 heartbeat_timeout=PLC_HEARTBEAT,
-                retry_policy=RETRY,
+                retry_policy=PLC_RETRY,
             )
             await workflow.wait_condition(partial(self._decided_since, seen, waiting))
             if not waiting.done():
@@ -503,7 +518,7 @@ class JobOrderWorkflow:
         assert self._dispatch is not None
         try:
             state: int = await self._activity(
-                MesActivities.plc_command, PlcCommand(self._dispatch, command), heartbeat=True
+                MesActivities.plc_command, PlcCommand(self._dispatch, command), plc=True
             )
         except ActivityError as e:
             raise _Attention(f"{command} on the PLC failed: {_reason(e)}") from e
@@ -515,13 +530,15 @@ class JobOrderWorkflow:
             MesActivities.set_job_state, JobStateChange(self._job_id, state, actor, reason)
         )
 
-    async def _activity(self, method: Any, arg: Any, *, heartbeat: bool = False) -> Any:
+    async def _activity(self, method: Any, arg: Any, *, plc: bool = False) -> Any:
+        """Run an activity to its end; ``plc``: one that talks to the PLC (heartbeats, and
+        is retried often while the PLC cannot be reached)."""
         return await workflow.execute_activity_method(
             method,
             arg,
             start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=PLC_HEARTBEAT if heartbeat else None,
-            retry_policy=RETRY,
+            heartbeat_timeout=PLC_HEARTBEAT if plc else None,
+            retry_policy=PLC_RETRY if plc else RETRY,
         )
 
 
