@@ -158,9 +158,22 @@ def order_body(product: str, i: int) -> dict[str, Any]:
     }
 
 
+async def call(http: httpx.AsyncClient, method: str, url: str, **kw: Any) -> httpx.Response:
+    """One HTTP call, tried again on a transport error (a POST of the same order is
+    idempotent: the same order number answers 200 with the stored order)."""
+    for attempt in range(5):
+        try:
+            return await http.request(method, url, **kw)
+        except httpx.TransportError:
+            if attempt == 4:
+                raise
+            await asyncio.sleep(1 + attempt)
+    raise AssertionError("unreachable")
+
+
 async def wait_final(http: httpx.AsyncClient, order_id: int) -> str:
     while True:
-        r = await http.get(f"/api/v1/production-orders/{order_id}")
+        r = await call(http, "GET", f"/api/v1/production-orders/{order_id}")
         r.raise_for_status()
         state: str = r.json()["state"]
         if state in FINAL:
@@ -250,7 +263,8 @@ async def soak(args: argparse.Namespace) -> int:
             async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=120) as http:
 
                 async def one(i: int) -> str:
-                    r = await http.post("/api/v1/production-orders", json=order_body(PRODUCT, i))
+                    body = order_body(PRODUCT, i)
+                    r = await call(http, "POST", "/api/v1/production-orders", json=body)
                     r.raise_for_status()
                     return await wait_final(http, r.json()["id"])
 
@@ -379,9 +393,8 @@ async def dev(args: argparse.Namespace) -> int:
                 start = time.perf_counter()
                 ids = []
                 for i in range(args.orders):
-                    r = await http.post(
-                        "/api/v1/production-orders", json=order_body(products[i % 2], i)
-                    )
+                    body = order_body(products[i % 2], i)
+                    r = await call(http, "POST", "/api/v1/production-orders", json=body)
                     r.raise_for_status()
                     ids.append(r.json()["id"])
                 posted_s = time.perf_counter() - start
@@ -392,7 +405,7 @@ async def dev(args: argparse.Namespace) -> int:
                     for oid in ids:
                         if oid in states:
                             continue
-                        r = await http.get(f"/api/v1/production-orders/{oid}")
+                        r = await call(http, "GET", f"/api/v1/production-orders/{oid}")
                         if r.json()["state"] in FINAL:
                             states[oid] = r.json()["state"]
                     if time.perf_counter() - last_report > 15:

@@ -313,8 +313,16 @@ async def post_order(erp: httpx.AsyncClient, product: str, priority: int = 100) 
     return order
 
 
+async def get(http: httpx.AsyncClient, url: str) -> httpx.Response:
+    """GET, once more if the server closed the kept-alive connection as it was reused."""
+    try:
+        return await http.get(url)
+    except httpx.RemoteProtocolError:
+        return await http.get(url)
+
+
 async def get_order(http: httpx.AsyncClient, order_id: int) -> dict[str, Any]:
-    r = await http.get(f"/api/v1/production-orders/{order_id}")
+    r = await get(http, f"/api/v1/production-orders/{order_id}")
     assert r.status_code == 200, r.text
     out: dict[str, Any] = r.json()
     return out
@@ -337,10 +345,10 @@ async def order_final(http: httpx.AsyncClient, order_id: int, timeout: float) ->
         )
 
 
-async def wait_job(sup: httpx.AsyncClient, job: str, state: str, timeout: float = 30) -> None:
+async def wait_job(sup: httpx.AsyncClient, job: str, state: str, timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
         while True:
-            r = await sup.get(f"/api/v1/work-orders/{job}")
+            r = await get(sup, f"/api/v1/work-orders/{job}")
             if r.status_code == 200 and r.json()["state"] == state:
                 return
             await asyncio.sleep(0.1)
