@@ -302,3 +302,46 @@ def quantity_of(element: Element, where: str) -> tuple[Decimal, str | None] | No
     if unit is None and string is not None:
         unit = (string.get("unitCode") or "").strip() or None
     return decimal_of(value, f"{where}.Quantity"), unit
+
+
+class QuantityData:
+    """One ``Quantity`` (QuantityValueType): number, unit (``UnitOfMeasure`` or the
+    ``unitCode`` of ``QuantityString``) and ``Key`` (what the quantity is, when keyed)."""
+
+    __slots__ = ("key", "unit", "value")
+
+    def __init__(self, value: Decimal, unit: str | None, key: str | None) -> None:
+        self.value, self.unit, self.key = value, unit, key
+
+    def __repr__(self) -> str:
+        return f"QuantityData({self.value!r}, {self.unit!r}, {self.key!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantityData) and (self.value, self.unit, self.key) == (
+            other.value,
+            other.unit,
+            other.key,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.value, self.unit, self.key))
+
+    def describe(self) -> str:
+        text_ = f"{self.value:f}" + (f" {self.unit}" if self.unit else " (no unit)")
+        return text_ + (f" (Key {self.key})" if self.key else "")
+
+
+def quantities_of(element: Element, where: str) -> list[QuantityData]:
+    """Every ``Quantity`` of an element, in document order (empty ones left out)."""
+    found = []
+    for quantity in children(element, "Quantity"):
+        string = child(quantity, "QuantityString")
+        value = text_of(string)
+        if value is None:
+            continue
+        unit = text(quantity, "UnitOfMeasure")
+        if unit is None and string is not None:
+            unit = (string.get("unitCode") or "").strip() or None
+        number = decimal_of(value, f"{where}.Quantity")
+        found.append(QuantityData(number, unit, text(quantity, "Key")))
+    return found
