@@ -58,6 +58,7 @@ from mes.b2mml.parsing import (
     datetime_of,
     decimal_of,
     local_name,
+    origin_of,
     parse_datetime,
     parse_xml,
     quantities_of,
@@ -345,7 +346,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     try:
         return _decode(root, name)
     except B2MMLError as exc:
-        raise B2MMLError(exc.reasons, bod_id_of(root), name) from None
+        raise B2MMLError(exc.reasons, bod_id_of(root), name, *origin_of(root)) from None
 
 
 def _decode(root: Element, name: str) -> Message:

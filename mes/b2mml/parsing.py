@@ -66,10 +66,16 @@ class B2MMLError(ValueError):
         reasons: str | Sequence[str],
         bod_id: str | None = None,
         message_type: str | None = None,
+        sender: str | None = None,
+        created: datetime | None = None,
     ) -> None:
         self.reasons: list[str] = [reasons] if isinstance(reasons, str) else list(reasons)
         self.bod_id = bod_id
         self.message_type = message_type
+        #: The refused message's ``Sender/LogicalID`` and ``CreationDateTime``, when readable,
+        #: so the answer can echo them.
+        self.sender = sender
+        self.created = created
         super().__init__("; ".join(self.reasons))
 
 
@@ -208,8 +214,22 @@ def parse_xml(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Element:
         )
     errors = validation_errors(root)
     if errors:
-        raise B2MMLError(errors, bod_id, message_type)
+        raise B2MMLError(errors, bod_id, message_type, *origin_of(root))
     return root
+
+
+def origin_of(root: Element) -> tuple[str | None, datetime | None]:
+    """``Sender/LogicalID`` and ``CreationDateTime`` of a message, as far as readable."""
+    area = child(root, "ApplicationArea")
+    if area is None:
+        return None, None
+    sender = child(area, "Sender")
+    created = text(area, "CreationDateTime")
+    try:
+        when = datetime.fromisoformat(created) if created else None
+    except ValueError:
+        when = None
+    return (text(sender, "LogicalID") if sender is not None else None), when
 
 
 # --- reading helpers (namespace-aware, whatever prefix the sender chose) ----------------------
