@@ -196,10 +196,12 @@ def parse_xml(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Element:
         raise B2MMLError(
             "the message has a DOCTYPE; B2MML uses none, and DTDs and entities are refused"
         )
+    parser = _new_parser()
     try:
-        root = etree.fromstring(data, _new_parser())
+        root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        reasons = _describe(list(exc.error_log)) or [str(exc)]
+        # The parser's own log: the exception's may still hold an earlier validation's errors.
+        reasons = _describe(list(parser.error_log)) or [str(exc)]
         raise B2MMLError(["not well-formed XML: " + r for r in reasons]) from None
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
