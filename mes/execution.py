@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import cast
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session, selectinload
@@ -89,7 +90,9 @@ def plan_order(session: Session, order_id: int) -> list[str]:
                 external_id=job_order_id_for(order.external_id, req.sequence),
                 segment_requirement=req,
                 work_master_id=work_master.id,
-                equipment_id=_least_loaded(session, work_master),
+                # The work unit the ERP chose (checked when the order was accepted), else
+                # the least loaded one able to run the work master.
+                equipment_id=req.equipment_id or _least_loaded(session, work_master),
                 priority=order.priority,
                 state=RequestState.WAITING,
                 parameters=[
@@ -165,8 +168,16 @@ def _resolve_materials(
         for a in produced_actuals(session, order.id, before_step=req.sequence)
     }
     result: list[dict[str, object]] = []
-    for spec in req.operations_segment.materials:
-        need = spec.quantity * order.quantity
+    specs = req.operations_segment.materials
+    # The ERP may have asked this step for another quantity than the routing's share.
+    produced = [s for s in specs if s.use == MaterialUse.PRODUCED]
+    default = (produced[0].quantity if produced else 1.0) * order.quantity
+    scale = req.quantity / default if default > 0 else 1.0
+    chosen: dict[str, list[dict[str, object]]] = {}
+    for choice in req.material_lots or []:
+        chosen.setdefault(str(choice["material"]), []).append(choice)
+    for spec in specs:
+        need = spec.quantity * order.quantity * scale
         material = spec.material_definition.external_id
         if spec.use == MaterialUse.PRODUCED:
             result.append(
@@ -177,8 +188,14 @@ def _resolve_materials(
             lot_id = actual.material_lot.external_id
             result.append(_requirement(material, spec.use, actual.quantity, spec.unit, lot_id))
         else:
-            for lot, qty in _pick_lots(session, spec.material_definition, need):
-                result.append(_requirement(material, spec.use, qty, spec.unit, lot.external_id))
+            # Lots the ERP chose come first; stock covers what they leave.
+            for choice in chosen.get(material, []):
+                qty = float(cast(float, choice["quantity"]))
+                result.append(_requirement(material, spec.use, qty, spec.unit, str(choice["lot"])))
+                need -= qty
+            if need > 1e-9:
+                for lot, qty in _pick_lots(session, spec.material_definition, need):
+                    result.append(_requirement(material, spec.use, qty, spec.unit, lot.external_id))
     return result
 
 

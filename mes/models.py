@@ -101,6 +101,9 @@ class EquipmentLevel(enum.StrEnum):
     WORK_UNIT = "WorkUnit"
     STORAGE_ZONE = "StorageZone"
     STORAGE_UNIT = "StorageUnit"
+    EQUIPMENT_MODULE = "EquipmentModule"
+    CONTROL_MODULE = "ControlModule"
+    OTHER = "Other"
 
 
 class MaterialUse(enum.StrEnum):
@@ -378,6 +381,8 @@ class OperationsRequest(Base):
     workflow_id: Mapped[str] = mapped_column(String(120), unique=True)
     #: The API token (ERP client) that sent the order; its callbacks go to that client.
     source: Mapped[str | None] = mapped_column(String(100), index=True)
+    #: The ERP's OperationsSchedule ID the order came in (B2MML), for the report back.
+    erp_schedule_id: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     completed_at: Mapped[datetime | None] = mapped_column()
@@ -407,6 +412,15 @@ class SegmentRequirement(Base):
     quantity: Mapped[float] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(20))
     state: Mapped[str] = mapped_column(String(20))
+    #: The ERP's SegmentRequirement ID that asked for this step (B2MML), if any.
+    erp_id: Mapped[str | None] = mapped_column(String(100))
+    #: The ERP's window for the step (SegmentRequirement EarliestStartTime / LatestEndTime).
+    earliest_start: Mapped[datetime | None] = mapped_column()
+    latest_end: Mapped[datetime | None] = mapped_column()
+    #: The work unit the ERP chose for the step; planning puts the job there.
+    equipment_id: Mapped[int | None] = mapped_column(ForeignKey("equipment.id"), index=True)
+    #: Lots the ERP chose for the step: [{material, lot, quantity}], consumed by the step.
+    material_lots: Mapped[list[Any] | None] = mapped_column()
 
     operations_request: Mapped[OperationsRequest] = relationship(
         back_populates="segment_requirements"

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
@@ -20,7 +21,8 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from mes import audit, execution
+from mes import audit, execution, units
+from mes.erp_segments import ErpOrderData, ErpSegmentData, apply_plans, plan_segments
 from mes.errors import Conflict, DomainError, NotFound, invalid
 from mes.models import (
     FINAL_STATES,
@@ -85,6 +87,13 @@ class ProductionOrderIn(BaseModel):
         body["due"] = self.due.timestamp()
         body["quantity"] = float(self.quantity)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class ErpProductionOrderIn(ProductionOrderIn):
+    """An order from B2MML: the JSON route's fields plus the ERP's ids and per-step data
+    (``mes.erp_segments``). Not a shape of the JSON API."""
+
+    erp: ErpOrderData
 
 
 class JobOrderOut(BaseModel):
@@ -198,6 +207,7 @@ def create_order(
     existing = _by_number(session, body.order_number)
     if existing is not None:
         return _same_or_conflict(existing, fingerprint), False
+    erp = body.erp if isinstance(body, ErpProductionOrderIn) else None
 
     product = session.scalar(
         select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
@@ -212,8 +222,7 @@ def create_order(
     )
     if routing is None or not routing.segments:
         raise invalid("product", f"product {body.product!r} has no routing")
-    if body.unit != product.unit:
-        raise invalid("unit", f"product {body.product!r} is made in {product.unit!r}")
+    quantity = in_product_unit(body, product)
 
     now = utcnow()
     order = OperationsRequest(
@@ -221,8 +230,9 @@ def create_order(
         operations_definition=routing,
         product=product,
         source=source,
-        quantity=body.quantity,
-        unit=body.unit,
+        quantity=quantity,
+        unit=product.unit,
+        erp_schedule_id=erp.schedule_id if erp else None,
         priority=body.priority,
         due=body.due,
         customer_order=body.customer_order,
@@ -240,11 +250,13 @@ def create_order(
             SegmentRequirement(
                 operations_segment=segment,
                 sequence=segment.sequence,
-                quantity=per_unit * body.quantity,
-                unit=produced[0].unit if produced else body.unit,
+                quantity=per_unit * quantity,
+                unit=produced[0].unit if produced else product.unit,
                 state=RequestState.WAITING,
             )
         )
+    if erp is not None:
+        apply_segment_data(session, order, erp.segments)
     session.add(order)
     audit.record(
         session,
@@ -264,6 +276,46 @@ def create_order(
             raise
         return _same_or_conflict(existing, fingerprint), False
     return order, True
+
+
+def apply_segment_data(
+    session: Session, order: OperationsRequest, segments: list[ErpSegmentData]
+) -> None:
+    """Map the ERP's segment requirements onto the new order's steps and keep their data;
+    a 422 naming every problem (the B2MML route checks first, with ``check_segments``)."""
+    plans, problems = plan_segments(session, order.operations_definition, order.quantity, segments)
+    if problems:
+        raise invalid("segments", "; ".join(problems))
+    apply_plans(order.segment_requirements, plans)
+
+
+def check_segments(session: Session, body: ErpProductionOrderIn) -> list[str]:
+    """Every problem of the ERP's segment data for a new order, without writing."""
+    if _by_number(session, body.order_number) is not None:
+        return []
+    product = session.scalar(
+        select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
+    )
+    if product is None:
+        return []
+    routing = session.scalar(
+        select(OperationsDefinition)
+        .where(OperationsDefinition.material_definition_id == product.id)
+        .order_by(OperationsDefinition.id)
+    )
+    if routing is None:
+        return []
+    _, problems = plan_segments(session, routing, in_product_unit(body, product), body.erp.segments)
+    return problems
+
+
+def in_product_unit(body: ProductionOrderIn, product: MaterialDefinition) -> float:
+    """The order's quantity in the product's unit: ``EA`` is ``ea``, ``t`` converts to ``kg``;
+    a 422 naming the unit when it is not one the product can be counted in."""
+    f = units.factor(body.unit, product.unit)
+    if f is None:
+        raise invalid("unit", f"product {body.product!r} is made in {product.unit!r}")
+    return body.quantity if f == 1 else float(Decimal(str(body.quantity)) * f)
 
 
 def _by_number(session: Session, number: str) -> OperationsRequest | None:
@@ -438,8 +490,7 @@ def check_order(session: Session, body: ProductionOrderIn) -> None:
     )
     if routing is None:
         raise invalid("product", f"product {body.product!r} has no routing")
-    if body.unit != product.unit:
-        raise invalid("unit", f"product {body.product!r} is made in {product.unit!r}")
+    in_product_unit(body, product)
 
 
 def change_order(

@@ -109,6 +109,8 @@ def performance(session: Session, order: OperationsRequest) -> OperationsPerform
                 actual_start=job.started_at if job else None,
                 actual_end=job.ended_at if job else None,
                 operations_segment_id=segment.external_id,
+                segment_requirement_id=req.erp_id,
+                job_response_id=response.external_id if response else None,
                 equipment_id=job.equipment.external_id if job else None,
                 material_actuals=[
                     MaterialActualData(
@@ -129,6 +131,7 @@ def performance(session: Session, order: OperationsRequest) -> OperationsPerform
         actual_start=order.started_at,
         actual_end=order.completed_at,
         segments=segments,
+        schedule_id=order.erp_schedule_id,
     )
 
 

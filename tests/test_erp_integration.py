@@ -274,3 +274,67 @@ async def test_master_data_by_b2mml_sync_and_by_json(stack: Stack) -> None:
         ).json()["items"]
         assert audit
         assert audit[0]["actor"].endswith("(admin)")
+
+
+FIXTURES = Path(__file__).resolve().parent / "b2mml" / "fixtures"
+
+
+def third_party(name: str, number: str) -> bytes:
+    """A third-party-shaped fixture with a new order number and BODID."""
+    text = (FIXTURES / name).read_text()
+    for old in ("ACME-4711", "ACME-4712"):
+        text = text.replace(old, number)
+    for old in ("ACME-BOD-0001", "ACME-BOD-0002"):
+        text = text.replace(old, f"ACME-{uuid.uuid4()}")
+    return text.encode()
+
+
+async def test_third_party_schedule_runs_with_the_erps_ids_and_lots(stack: Stack) -> None:
+    n = f"AC-{uuid.uuid4().hex[:6]}"
+    async with client(stack, "erp") as erp:
+        refused = await post_xml(erp, third_party("third-party-unknown-operation.xml", n + "-x"))
+        assert refused.status_code == 422, refused.text
+        doc = valid(refused.content)
+        assert etree.QName(doc).localname == "AcknowledgeOperationsSchedule"
+        assert b"GLAZE" in refused.content
+        assert doc.findtext(f".//{NS}OriginalApplicationArea/{NS}Sender/{NS}LogicalID") == (
+            "ACME-ERP-PRD"
+        )
+        with stack.sessions() as s:
+            assert (
+                s.scalar(
+                    select(func.count())
+                    .select_from(OperationsRequest)
+                    .where(OperationsRequest.external_id == n + "-x")
+                )
+                == 0
+            )
+
+        r = await post_xml(erp, third_party("third-party-schedule.xml", n))
+        assert r.status_code == 200, r.text
+        ack = valid(r.content)
+        assert ack.findtext(f".//{NS}OriginalApplicationArea/{NS}BODID", "").startswith("ACME-")
+        ids = order_ids(stack, [n])
+        order = await final(erp, ids[n])
+        assert order["state"] == "Completed"
+        assert (order["quantity"], order["unit"]) == (12, "ea")  # not the rate 41.9 EA/H
+        assert order["job_orders"][0]["equipment"] == "WU-MIXER-2"
+
+        perf = await erp.get(f"/api/v1/production-orders/{ids[n]}/performance?format=b2mml")
+        doc = valid(perf.content)
+        assert doc.findtext(f".//{NS}OperationsScheduleID") == "ACME-SCHED-77"
+        segments = doc.findall(f".//{NS}SegmentResponse")
+        assert [s.findtext(f"{NS}SegmentRequirementID") for s in segments] == [
+            "0010",
+            "0020",
+            "0030",
+        ]
+        assert all(s.findtext(f"{NS}JobResponseID") for s in segments)
+        data = (await erp.get(f"/api/v1/production-orders/{ids[n]}/performance")).json()
+        pack = data["segments"][2]
+        consumed = [
+            (m["lot_id"], m["quantity"])
+            for m in pack["material_actuals"]
+            if m["material_definition_id"] == "BAG-6PK"
+        ]
+        assert consumed == [("LOT-BAG6-0002", 12)]

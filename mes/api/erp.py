@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from datetime import datetime
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -26,7 +27,7 @@ from mes.api.security import ADMINISTER, B2MML_IN, READ_ORDERS, allow, roles_not
 from mes.auth import Principal
 from mes.db import Database
 from mes.errors import DomainError
-from mes.models import B2mmlMessage
+from mes.models import B2mmlMessage, MaterialDefinition, OperationsRequest
 from mes.steering import Steering
 from mes.workflow_client import WorkflowClient
 
@@ -34,14 +35,32 @@ log = logging.getLogger(__name__)
 API = "/api/v1"
 XML = "application/xml"
 SENDER = reporting.SENDER
+ErpOrderIn = production_orders.ErpProductionOrderIn
 
 
 def _xml(body: bytes, status: int) -> Response[bytes]:
     return Response(body, status_code=status, media_type=XML)
 
 
-def _refuse(original: str | None, noun: str, errors: list[str], status: int) -> Response[bytes]:
-    return _xml(b2mml.confirm_bod(original, noun, errors, SENDER), status)
+def _refuse(
+    original: str | None,
+    noun: str,
+    errors: list[str],
+    status: int,
+    sender: str | None = None,
+    created: datetime | None = None,
+) -> Response[bytes]:
+    """A ``ConfirmBOD`` echoing the message answered (BODID, sender, creation time)."""
+    return _xml(
+        b2mml.confirm_bod(
+            original, noun, errors, SENDER, original_sender=sender, original_created=created
+        ),
+        status,
+    )
+
+
+def _confirm(message: b2mml.Message, noun: str, errors: list[str], status: int) -> Response[bytes]:
+    return _refuse(message.bod_id, noun, errors, status, message.sender, message.created)
 
 
 class B2mmlController(Controller):
@@ -76,7 +95,7 @@ class B2mmlController(Controller):
         try:
             message = b2mml.decode(body)
         except b2mml.B2MMLError as e:
-            return _refuse(e.bod_id, "B2MML", list(e.reasons), 400)
+            return _refuse(e.bod_id, "B2MML", list(e.reasons), 400, e.sender, e.created)
 
         bod_id = message.bod_id or f"anonymous-{uuid.uuid4()}"
         seen = await db.run(
@@ -123,45 +142,75 @@ async def _process(
     message: b2mml.ProcessOperationsSchedule,
     who: Principal,
 ) -> Response[bytes]:
+    """All or nothing: every request is decoded with its product's unit and checked (order,
+    routing, segment requirements, chosen lots and equipment) before any is stored. A refusal
+    is an ``AcknowledgeOperationsSchedule`` rejecting every request, with the reasons."""
     noun = "ProcessOperationsSchedule"
-    bodies: list[production_orders.ProductionOrderIn] = []
-    errors: list[str] = []
-    for request in message.requests:
-        try:
-            bodies.append(request.to_order_in())
-        except b2mml.B2MMLError as e:
-            errors.extend(e.reasons)
 
-    def check(s: Session) -> list[str]:
-        problems = []
-        for body, request in zip(bodies, message.requests, strict=False):
+    def check(
+        s: Session,
+    ) -> tuple[list[production_orders.ErpProductionOrderIn], dict[str, list[str]]]:
+        bodies = []
+        problems: dict[str, list[str]] = {}
+        for request in message.requests:
+            number = request.order_number
+            unit = s.scalar(
+                select(MaterialDefinition.unit).where(
+                    MaterialDefinition.external_id == request.product
+                )
+            )
+            try:
+                body = request.to_order_in(unit)
+            except b2mml.B2MMLError as e:
+                problems.setdefault(number, []).extend(e.reasons)
+                continue
+            bodies.append(body)
+            where = f"OperationsRequest {number}"
             try:
                 production_orders.check_order(s, body)
                 routing = production_orders.routing_of(s, body.product)
                 if request.routing and request.routing != routing:
-                    problems.append(
-                        f"OperationsRequest {body.order_number}: OperationsDefinitionID "
-                        f"{request.routing} is not the routing of {body.product} ({routing})"
+                    problems.setdefault(number, []).append(
+                        f"{where}: OperationsDefinitionID {request.routing} is not the routing "
+                        f"of {body.product} ({routing})"
                     )
+                problems.setdefault(number, []).extend(
+                    f"{where}.{p}" for p in production_orders.check_segments(s, body)
+                )
             except DomainError as e:
-                problems.append(f"OperationsRequest {body.order_number}: {e.detail}")
-        return problems
+                problems.setdefault(number, []).append(f"{where}: {e.detail}")
+        return bodies, {n: p for n, p in problems.items() if p}
 
-    if not errors:
-        errors = await db.run(check)
-    if errors:
-        return _refuse(message.bod_id, noun, errors, 422)
+    bodies, problems = await db.run(check)
+    if problems:
+        everything = [p for ps in problems.values() for p in ps]
+        rejected = [
+            (
+                r.order_number,
+                "; ".join(problems[r.order_number])
+                if r.order_number in problems
+                else "not taken: the schedule is refused as a whole (" + everything[0] + ")",
+            )
+            for r in message.requests
+        ]
+        return _xml(
+            b2mml.acknowledge_operations_schedule(message, [], SENDER, rejected=rejected), 422
+        )
 
     accepted = []
     for body in bodies:
         try:
             out, _ = await production_orders.accept_order(db, workflows, body, who.actor, who.name)
         except DomainError as e:
-            return _refuse(message.bod_id, noun, [e.detail], e.status)
+            return _confirm(message, noun, [e.detail], e.status)
         accepted.append((out.order_number, out.state))
     if message.acknowledge_code is None and message.confirmation_code == "Always":
-        return _refuse(message.bod_id, noun, [], 200)  # a ConfirmBOD "Accepted"
+        return _confirm(message, noun, [], 200)  # a ConfirmBOD "Accepted"
     return _xml(b2mml.acknowledge_operations_schedule(message, accepted, SENDER), 200)
+
+
+def _order_unit(s: Session, number: str) -> str | None:
+    return s.scalar(select(OperationsRequest.unit).where(OperationsRequest.external_id == number))
 
 
 async def _change(
@@ -169,12 +218,24 @@ async def _change(
 ) -> Response[bytes]:
     results: list[tuple[str, bool, str | None]] = []
     for req in message.requests:
+        quantity = req.quantity
+        if req.quantities:
+            # The amount by meaning, in the order's unit (a rate is never taken).
+            unit = await db.run(partial(_order_unit, number=req.order_number))
+            try:
+                amount, _ = b2mml.choose_amount(
+                    req.quantities, unit, f"OperationsRequest {req.order_number}"
+                )
+            except b2mml.B2MMLError as e:
+                results.append((req.order_number, False, "; ".join(e.reasons)))
+                continue
+            quantity = float(amount)
         accepted, reason = await db.run(
             partial(
                 production_orders.change_order,
                 order_number=req.order_number,
                 actor=who.actor,
-                quantity=req.quantity,
+                quantity=quantity,
                 due=req.due,
                 priority=req.priority,
             )
@@ -193,7 +254,7 @@ async def _cancel(
             await steering.cancel_order_by_number(number, who.actor, "ERP cancel")
         except DomainError as e:
             errors.append(f"OperationsRequest {number}: {e.detail}")
-    return _refuse(message.bod_id, "CancelOperationsSchedule", errors, 409 if errors else 200)
+    return _confirm(message, "CancelOperationsSchedule", errors, 409 if errors else 200)
 
 
 async def _sync(db: Database, message: b2mml.SyncMasterData, who: Principal) -> Response[bytes]:
@@ -208,9 +269,9 @@ async def _sync(db: Database, message: b2mml.SyncMasterData, who: Principal) -> 
 
         report = await db.run(load)
     except masterdata.MasterDataError as e:
-        return _refuse(message.bod_id, noun, list(e.problems), 422)
+        return _confirm(message, noun, list(e.problems), 422)
     log.info("%s from %s: %s", noun, who.name, report)
-    return _refuse(message.bod_id, noun, [], 200)
+    return _confirm(message, noun, [], 200)
 
 
 class ErpClientController(Controller):

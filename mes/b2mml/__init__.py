@@ -26,6 +26,7 @@ from mes.b2mml.messages import (
     ScheduleRequest,
     SegmentRequest,
     SyncMasterData,
+    choose_amount,
     decode,
 )
 from mes.b2mml.outbound import (
@@ -68,6 +69,7 @@ __all__ = [
     "SegmentResponseData",
     "SyncMasterData",
     "acknowledge_operations_schedule",
+    "choose_amount",
     "confirm_bod",
     "decode",
     "parse_xml",

@@ -38,29 +38,36 @@ answer: ``Process/@acknowledgeCode``, ``Change/@responseCode`` (Always or OnErro
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal, TypeAlias, cast
 
 from pydantic import ValidationError
 
+from mes import units
 from mes.b2mml.parsing import (
     DEFAULT_MAX_BYTES,
     B2MMLError,
     Element,
+    QuantityData,
     bod_id_of,
     child,
     children,
     datetime_of,
     decimal_of,
     local_name,
+    origin_of,
     parse_datetime,
     parse_xml,
-    quantity_of,
+    quantities_of,
     text,
+    texts,
 )
 from mes.b2mml.sync import SYNC_NOUNS, plant_of
-from mes.production_orders import ProductionOrderIn
+from mes.erp_segments import ErpLotChoice, ErpOrderData, ErpSegmentData
+from mes.production_orders import ErpProductionOrderIn
 
 __all__ = [
     "CancelOperationsSchedule",
@@ -89,6 +96,15 @@ class SegmentRequest:
     operations_definition_id: str
     #: The routing step (ISA-95 operations segment) id, as in the plant's routings.
     operations_segment_id: str
+    #: The step's Produced quantity (another material than the product), when given.
+    quantity: Decimal | None = None
+    unit: str | None = None
+    earliest_start: datetime | None = None
+    latest_end: datetime | None = None
+    #: ``EquipmentRequirement/EquipmentID``: the work unit(s) the ERP wants.
+    equipment: tuple[str, ...] = ()
+    #: Chosen lots: (MaterialRequirement ID, material or None, lot, quantity, unit).
+    lots: tuple[tuple[str, str | None, str, Decimal | None, str | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +124,8 @@ class ScheduleRequest:
     #: ``RequestState`` as the ERP sent it.
     state: str | None
     segments: list[SegmentRequest]
+    #: Every Quantity of the product's Produced MaterialRequirement, for ``amount``.
+    quantities: list[QuantityData] = field(default_factory=list)
 
     @property
     def segment_ids(self) -> list[str]:
@@ -119,18 +137,28 @@ class ScheduleRequest:
 class OrderRequest(ScheduleRequest):
     """A new production order: one ``OperationsRequest`` of type Production."""
 
-    def to_order_in(self) -> ProductionOrderIn:
-        """The order as the JSON route takes it; ``B2MMLError`` naming the request if unfit."""
+    def to_order_in(self, product_unit: str | None = None) -> ErpProductionOrderIn:
+        """The order as the JSON route takes it, with the ERP's ids and per-step data;
+        ``B2MMLError`` naming the request if unfit.
+
+        ``product_unit`` is the product's unit in master data: the amount to make is the
+        quantity in (or converted to) it, see ``choose_amount``.
+        """
         where = f"OperationsRequest {self.order_number}"
         problems = []
+        quantity, unit = self.quantity, self.unit
         if self.product is None:
             problems.append(
                 f"{where}: no MaterialRequirement with MaterialUse Produced names the product"
             )
-        elif self.quantity is None:
+        elif not self.quantities:
             problems.append(f"{where}: the Produced MaterialRequirement has no Quantity")
-        elif self.unit is None:
-            problems.append(f"{where}: the Produced quantity has no UnitOfMeasure")
+        else:
+            try:
+                amount, unit = choose_amount(self.quantities, product_unit, where)
+                quantity = float(amount)
+            except B2MMLError as exc:
+                problems.extend(exc.reasons)
         if self.due is None:
             problems.append(f"{where}: no EndTime (the due date)")
         elif self.due.tzinfo is None:
@@ -138,13 +166,17 @@ class OrderRequest(ScheduleRequest):
         if problems:
             raise B2MMLError(problems)
         try:
-            return ProductionOrderIn(
+            return ErpProductionOrderIn(
                 order_number=self.order_number,
                 product=cast(str, self.product),
-                quantity=cast(float, self.quantity),
-                unit=cast(str, self.unit),
+                quantity=cast(float, quantity),
+                unit=cast(str, unit),
                 due=cast(datetime, self.due),
                 priority=0 if self.priority is None else self.priority,
+                erp=ErpOrderData(
+                    schedule_id=self.schedule_id,
+                    segments=[_segment_data(s) for s in self.segments],
+                ),
             )
         except ValidationError as exc:
             raise B2MMLError(
@@ -153,6 +185,84 @@ class OrderRequest(ScheduleRequest):
                     for err in exc.errors(include_url=False)
                 ]
             ) from None
+
+
+def _segment_data(s: SegmentRequest) -> ErpSegmentData:
+    return ErpSegmentData(
+        id=s.id,
+        process_segment_id=s.process_segment_id,
+        operations_segment_id=s.operations_segment_id,
+        quantity=None if s.quantity is None else float(s.quantity),
+        unit=s.unit,
+        earliest_start=s.earliest_start,
+        latest_end=s.latest_end,
+        equipment=list(s.equipment),
+        lots=[
+            ErpLotChoice(
+                requirement_id=rid,
+                material=material,
+                lot=lot,
+                quantity=None if qty is None else float(qty),
+                unit=unit,
+            )
+            for rid, material, lot, qty, unit in s.lots
+        ],
+    )
+
+
+#: ``Quantity/Key`` values that say "this is the amount" (case ignored).
+AMOUNT_KEYS = frozenset(
+    {
+        "amount", "quantity", "orderquantity", "plannedquantity", "targetquantity",
+        "requiredquantity", "totalquantity", "total", "produced", "producedquantity", "order",
+    }
+)  # fmt: skip
+
+
+def choose_amount(
+    quantities: list[QuantityData], target_unit: str | None, where: str
+) -> tuple[Decimal, str]:
+    """The amount to make among a requirement's quantities, by meaning, not by position.
+
+    Quantities keyed as the amount (``Key`` Amount, Quantity, OrderQuantity, …) are taken
+    before unkeyed ones; other keys (Rate, Throughput, …) are never the amount, nor is a
+    rate such as ``t/h``, nor a quantity without a unit. What is left must be in
+    ``target_unit`` (the product's) or convertible to it, and say one amount; none left or
+    several different amounts is a refusal naming what was found. Returns (amount, unit):
+    in ``target_unit`` when given.
+    """
+    keyed = [q for q in quantities if q.key and q.key.strip().lower() in AMOUNT_KEYS]
+    pool = keyed or [q for q in quantities if not q.key]
+    found = ", ".join(q.describe() for q in quantities)
+    amounts: list[tuple[Decimal, str]] = []
+    for q in pool:
+        if q.unit is None or units.is_rate(q.unit):
+            continue
+        to = target_unit or (amounts[0][1] if amounts else q.unit)
+        value = units.convert(q.value, q.unit, to)
+        if value is None:
+            if target_unit is None:
+                raise B2MMLError(
+                    f"{where}: quantities in {amounts[0][1]} and {q.unit} ({found}): "
+                    "which one is the amount to make is ambiguous; key it (Key Amount)"
+                )
+            continue
+        amounts.append((value, to))
+    distinct = {v.normalize() for v, _ in amounts}
+    if pool and all(q.unit is None for q in pool):
+        raise B2MMLError(f"{where}: the Produced quantity has no UnitOfMeasure")
+    if not amounts:
+        wanted = f"in the product's unit {target_unit!r}" if target_unit else "with a unit"
+        raise B2MMLError(
+            f"{where}: no Quantity {wanted} that is an amount to make (found {found}; "
+            "rates and other keyed quantities are not)"
+        )
+    if len(distinct) > 1:
+        raise B2MMLError(
+            f"{where}: {len(distinct)} different amounts to make ({found}); which one is "
+            "meant is ambiguous; key the amount (Key Amount)"
+        )
+    return amounts[0]
 
 
 @dataclass(frozen=True)
@@ -236,7 +346,7 @@ def decode(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     try:
         return _decode(root, name)
     except B2MMLError as exc:
-        raise B2MMLError(exc.reasons, bod_id_of(root), name) from None
+        raise B2MMLError(exc.reasons, bod_id_of(root), name, *origin_of(root)) from None
 
 
 def _decode(root: Element, name: str) -> Message:
@@ -366,24 +476,36 @@ def _request(request: Element, schedule_id: str, schedule_type: str | None) -> d
 
     product = unit = None
     quantity: float | None = None
+    quantities: list[QuantityData] = []
     produced = [
         requirement
         for segment in segments
         for requirement in children(segment, "MaterialRequirement")
         if text(requirement, "MaterialUse") == "Produced"
     ]
+    product_requirement = None
     if produced:
         # The last one: the routing's last step makes the product, earlier ones intermediates.
-        requirement = produced[-1]
-        product = text(requirement, "MaterialDefinitionID")
-        req_where = f"{where}.MaterialRequirement {text(requirement, 'ID')}"
+        product_requirement = produced[-1]
+        product = text(product_requirement, "MaterialDefinitionID")
+        req_where = f"{where}.MaterialRequirement {text(product_requirement, 'ID')}"
+        amount = None
         try:
-            amount = quantity_of(requirement, req_where)
+            quantities = quantities_of(product_requirement, req_where)
         except B2MMLError as exc:
             problems.extend(exc.reasons)
-            amount = None
+        # When this is ambiguous, the product's unit may settle it: to_order_in decides.
+        with suppress(B2MMLError):
+            amount = choose_amount(quantities, None, req_where) if quantities else None
         if amount is not None:
             quantity, unit = float(amount[0]), amount[1]
+
+    segment_requests = []
+    for s in segments:
+        try:
+            segment_requests.append(_segment_request(s, where, product_requirement))
+        except B2MMLError as exc:
+            problems.extend(exc.reasons)
 
     priority = None
     priority_text = text(request, "Priority")
@@ -417,13 +539,69 @@ def _request(request: Element, schedule_id: str, schedule_type: str | None) -> d
         "priority": priority,
         "description": text(request, "Description"),
         "state": text(request, "RequestState"),
-        "segments": [
-            SegmentRequest(
-                id=cast(str, text(s, "ID")),
-                process_segment_id=cast(str, text(s, "ProcessSegmentID")),
-                operations_definition_id=cast(str, text(s, "OperationsDefinitionID")),
-                operations_segment_id=cast(str, text(s, "OperationsSegmentID")),
-            )
-            for s in children(request, "SegmentRequirement")
-        ],
+        "segments": segment_requests,
+        "quantities": quantities,
     }
+
+
+def _segment_request(
+    segment: Element, where: str, product_requirement: Element | None
+) -> SegmentRequest:
+    """One segment requirement with what it asks of its step; every problem named."""
+    seg_id = cast(str, text(segment, "ID"))
+    s_where = f"{where}.SegmentRequirement {seg_id}"
+    problems: list[str] = []
+    quantity: tuple[Decimal, str] | None = None
+    lots: list[tuple[str, str | None, str, Decimal | None, str | None]] = []
+    for requirement in children(segment, "MaterialRequirement"):
+        r_id = cast(str, text(requirement, "ID"))
+        r_where = f"{s_where}.MaterialRequirement {r_id}"
+        use = text(requirement, "MaterialUse")
+        lot_ids = texts(requirement, "MaterialLotID")
+        amount = None
+        if requirement is not product_requirement and (use == "Produced" or lot_ids):
+            try:
+                found = quantities_of(requirement, r_where)
+                amount = choose_amount(found, None, r_where) if found else None
+            except B2MMLError as exc:
+                problems.extend(exc.reasons)
+        if use == "Produced":
+            if requirement is not product_requirement and amount is not None:
+                quantity = amount
+            continue
+        materials = texts(requirement, "MaterialDefinitionID")
+        for lot in lot_ids:
+            # A quantity with several lots cannot say how much of each: each covers the need.
+            qty = amount if amount is not None and len(lot_ids) == 1 else None
+            lots.append(
+                (
+                    r_id,
+                    materials[0] if materials else None,
+                    lot,
+                    None if qty is None else qty[0],
+                    None if qty is None else qty[1],
+                )
+            )
+    try:
+        earliest = datetime_of(segment, "EarliestStartTime", s_where)
+        latest = datetime_of(segment, "LatestEndTime", s_where)
+    except B2MMLError as exc:
+        problems.extend(exc.reasons)
+        earliest = latest = None
+    equipment = tuple(
+        e for r in children(segment, "EquipmentRequirement") for e in texts(r, "EquipmentID")
+    )
+    if problems:
+        raise B2MMLError(problems)
+    return SegmentRequest(
+        id=seg_id,
+        process_segment_id=cast(str, text(segment, "ProcessSegmentID")),
+        operations_definition_id=cast(str, text(segment, "OperationsDefinitionID")),
+        operations_segment_id=cast(str, text(segment, "OperationsSegmentID")),
+        quantity=None if quantity is None else quantity[0],
+        unit=None if quantity is None else quantity[1],
+        earliest_start=earliest,
+        latest_end=latest,
+        equipment=equipment,
+        lots=tuple(lots),
+    )

@@ -346,6 +346,10 @@ class SegmentResponseData:
     #: The work unit that ran it.
     equipment_id: str | None = None
     material_actuals: list[MaterialActualData] = field(default_factory=list)
+    #: The ERP's SegmentRequirement ID that asked for this step, when it sent one.
+    segment_requirement_id: str | None = None
+    #: The MES's job response id, once the machine reported.
+    job_response_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -370,6 +374,7 @@ class OperationsPerformanceData:
 
         return {
             "order_number": self.order_number,
+            "operations_request_id": self.order_number,
             "state": self.state,
             "operations_definition_id": self.operations_definition_id,
             "schedule_id": self.schedule_id,
@@ -380,6 +385,8 @@ class OperationsPerformanceData:
                     "id": seg.id,
                     "process_segment_id": seg.process_segment_id,
                     "operations_segment_id": seg.operations_segment_id,
+                    "segment_requirement_id": seg.segment_requirement_id,
+                    "job_response_id": seg.job_response_id,
                     "state": seg.state,
                     "actual_start": when(seg.actual_start),
                     "actual_end": when(seg.actual_end),
@@ -418,6 +425,8 @@ class OperationsPerformanceData:
                     id=seg["id"],
                     process_segment_id=seg["process_segment_id"],
                     operations_segment_id=seg.get("operations_segment_id"),
+                    segment_requirement_id=seg.get("segment_requirement_id"),
+                    job_response_id=seg.get("job_response_id"),
                     state=seg["state"],
                     actual_start=when(seg.get("actual_start")),
                     actual_end=when(seg.get("actual_end")),
@@ -494,9 +503,13 @@ def _segment_response(
     _sub(element, "OperationsType", "Production")
     _sub(element, "ProcessSegmentID", seg.process_segment_id)
     _sub(element, "OperationsRequestID", perf.order_number)
+    if seg.segment_requirement_id is not None:
+        _sub(element, "SegmentRequirementID", seg.segment_requirement_id)
     _sub(element, "OperationsDefinitionID", perf.operations_definition_id)
     if seg.operations_segment_id is not None:
         _sub(element, "OperationsSegmentID", seg.operations_segment_id)
+    if seg.job_response_id is not None:
+        _sub(element, "JobResponseID", seg.job_response_id)
     _response_state(element, "SegmentState", seg.state, where)
     if seg.equipment_id is not None:
         actual = _sub(element, "EquipmentActual")

@@ -66,10 +66,16 @@ class B2MMLError(ValueError):
         reasons: str | Sequence[str],
         bod_id: str | None = None,
         message_type: str | None = None,
+        sender: str | None = None,
+        created: datetime | None = None,
     ) -> None:
         self.reasons: list[str] = [reasons] if isinstance(reasons, str) else list(reasons)
         self.bod_id = bod_id
         self.message_type = message_type
+        #: The refused message's ``Sender/LogicalID`` and ``CreationDateTime``, when readable,
+        #: so the answer can echo them.
+        self.sender = sender
+        self.created = created
         super().__init__("; ".join(self.reasons))
 
 
@@ -190,10 +196,12 @@ def parse_xml(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Element:
         raise B2MMLError(
             "the message has a DOCTYPE; B2MML uses none, and DTDs and entities are refused"
         )
+    parser = _new_parser()
     try:
-        root = etree.fromstring(data, _new_parser())
+        root = etree.fromstring(data, parser)
     except etree.XMLSyntaxError as exc:
-        reasons = _describe(list(exc.error_log)) or [str(exc)]
+        # The parser's own log: the exception's may still hold an earlier validation's errors.
+        reasons = _describe(list(parser.error_log)) or [str(exc)]
         raise B2MMLError(["not well-formed XML: " + r for r in reasons]) from None
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
@@ -208,8 +216,22 @@ def parse_xml(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Element:
         )
     errors = validation_errors(root)
     if errors:
-        raise B2MMLError(errors, bod_id, message_type)
+        raise B2MMLError(errors, bod_id, message_type, *origin_of(root))
     return root
+
+
+def origin_of(root: Element) -> tuple[str | None, datetime | None]:
+    """``Sender/LogicalID`` and ``CreationDateTime`` of a message, as far as readable."""
+    area = child(root, "ApplicationArea")
+    if area is None:
+        return None, None
+    sender = child(area, "Sender")
+    created = text(area, "CreationDateTime")
+    try:
+        when = datetime.fromisoformat(created) if created else None
+    except ValueError:
+        when = None
+    return (text(sender, "LogicalID") if sender is not None else None), when
 
 
 # --- reading helpers (namespace-aware, whatever prefix the sender chose) ----------------------
@@ -302,3 +324,46 @@ def quantity_of(element: Element, where: str) -> tuple[Decimal, str | None] | No
     if unit is None and string is not None:
         unit = (string.get("unitCode") or "").strip() or None
     return decimal_of(value, f"{where}.Quantity"), unit
+
+
+class QuantityData:
+    """One ``Quantity`` (QuantityValueType): number, unit (``UnitOfMeasure`` or the
+    ``unitCode`` of ``QuantityString``) and ``Key`` (what the quantity is, when keyed)."""
+
+    __slots__ = ("key", "unit", "value")
+
+    def __init__(self, value: Decimal, unit: str | None, key: str | None) -> None:
+        self.value, self.unit, self.key = value, unit, key
+
+    def __repr__(self) -> str:
+        return f"QuantityData({self.value!r}, {self.unit!r}, {self.key!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuantityData) and (self.value, self.unit, self.key) == (
+            other.value,
+            other.unit,
+            other.key,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.value, self.unit, self.key))
+
+    def describe(self) -> str:
+        text_ = f"{self.value:f}" + (f" {self.unit}" if self.unit else " (no unit)")
+        return text_ + (f" (Key {self.key})" if self.key else "")
+
+
+def quantities_of(element: Element, where: str) -> list[QuantityData]:
+    """Every ``Quantity`` of an element, in document order (empty ones left out)."""
+    found = []
+    for quantity in children(element, "Quantity"):
+        string = child(quantity, "QuantityString")
+        value = text_of(string)
+        if value is None:
+            continue
+        unit = text(quantity, "UnitOfMeasure")
+        if unit is None and string is not None:
+            unit = (string.get("unitCode") or "").strip() or None
+        number = decimal_of(value, f"{where}.Quantity")
+        found.append(QuantityData(number, unit, text(quantity, "Key")))
+    return found

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from mes import units as unit_vocabulary
 from mes.masterdata.schema import EquipmentEntry, Plant, walk_equipment
 from mes.models import (
     ControllerEndpoint,
@@ -205,8 +206,8 @@ def check_plant(plant: Plant, stored: Stored | None = None) -> list[str]:
         if material_unit_ is None:
             if not deferred:
                 problems.append(f"{path}: unknown material {material_id!r}")
-        elif unit is not None and unit != material_unit_:
-            # The MES converts no units: stock is booked in the material's unit.
+        elif unit is not None and not unit_vocabulary.same(unit, material_unit_):
+            # Stock is booked in the material's unit; KGM is kg, EA is ea (mes.units).
             problems.append(
                 f"{path}: unit {unit!r} differs from {material_id}'s unit {material_unit_!r}"
             )
