@@ -1,10 +1,8 @@
 """erp fidelity: the ERP's ids and per-step data on orders
 
 Revision ID: 0005
-Revises: 0003
-Create Date: 2026-12-01 10:00:00.000000
-
-Re-point ``down_revision`` at "0004" once 0004 (workflow_started_at) is merged.
+Revises: 0004
+Create Date: 2026-11-29 02:10:00.000000
 """
 
 from collections.abc import Sequence
@@ -15,7 +13,7 @@ from alembic import op
 import mes.models
 
 revision: str = "0005"
-down_revision: str | None = "0003"
+down_revision: str | None = "0004"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
