@@ -318,26 +318,30 @@ def change_state(
 
 
 def mark_dispatched(session: Session, job_order_id: str) -> None:
-    """The PLC accepted the job (AllowedToStart): job Ready; the order is now Running."""
+    """The PLC accepted the job (AllowedToStart): job Ready. The order is not Running yet:
+    nothing runs until the machine starts the job (and the ERP may still change it)."""
     job = _job(session, job_order_id)
-    now = utcnow()
     if job.state == RequestState.WAITING:
         change_state(session, job, RequestState.READY)
-        job.dispatched_at = now
-    order = job.segment_requirement.operations_request
-    if order.state == RequestState.RELEASED:
-        change_state(session, order, RequestState.RUNNING)
-        order.started_at = now
+    if job.dispatched_at is None:
+        job.dispatched_at = utcnow()
     session.commit()
 
 
 def mark_running(session: Session, job_order_id: str, at: datetime | None = None) -> None:
-    """The machine started the job."""
+    """The machine started the job: the job, and its order if it was not yet, are Running."""
     job = _job(session, job_order_id)
+    now = at or utcnow()
     if job.state in (RequestState.WAITING, RequestState.READY):
         change_state(session, job, RequestState.RUNNING)
-        job.started_at = at or utcnow()
-        session.commit()
+    if job.started_at is None:
+        job.started_at = now
+    order = job.segment_requirement.operations_request
+    if order.state == RequestState.RELEASED:
+        change_state(session, order, RequestState.RUNNING)
+    if order.started_at is None:
+        order.started_at = now
+    session.commit()
 
 
 def record_job_response(session: Session, response: JobResponseData) -> tuple[str, list[str]]:

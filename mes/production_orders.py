@@ -501,16 +501,18 @@ def change_order(
     due: datetime | None = None,
     priority: int | None = None,
 ) -> tuple[bool, str | None]:
-    """Change quantity, due or priority of an order that has not started.
+    """Change quantity, due or priority of an order until a machine starts on it.
 
-    Returns (accepted, reason); once a work order of it went to a PLC the change is refused
-    with the reason, and nothing changes.
+    Work orders already queued on a PLC are sent again as they are now (the caller tells
+    their workflows: ``WorkflowClient.order_changed``). Returns (accepted, reason); once a
+    machine started a work order of it the change is refused with the reason, and nothing
+    changes.
     """
     order = _by_number(session, order_number)
     if order is None:
         return False, f"unknown order {order_number}"
     jobs = [r.job_order for r in order.segment_requirements if r.job_order is not None]
-    if order.state != RequestState.RELEASED or any(j.dispatched_at for j in jobs):
+    if order.state in FINAL_STATES or order.started_at or any(j.started_at for j in jobs):
         return False, f"order {order_number} is {order.state} and has started; it cannot change"
     if quantity is not None and not (0 < quantity <= 1e9):
         return False, f"quantity {quantity} must be above 0"
@@ -520,6 +522,9 @@ def change_order(
         before["quantity"], after["quantity"] = order.quantity, quantity
         for req in order.segment_requirements:
             req.quantity = req.quantity / order.quantity * quantity
+            if req.job_order is not None:
+                # Its materials are worked out again for the new amount when it is sent.
+                req.job_order.material_requirements = None
         order.quantity = quantity
     if due is not None and due != order.due:
         before["due"], after["due"] = order.due.isoformat(), due.isoformat()

@@ -70,6 +70,15 @@ class WorkflowClient:
         with contextlib.suppress(RPCError):  # an ended workflow has nothing left to report
             await handle.signal(ProductionOrderWorkflow.report)
 
+    async def order_changed(self, order_number: str) -> None:
+        """Tell an order's workflow that the ERP changed it (its queued jobs are re-sent)."""
+        client = await self.client()
+        handle: WorkflowHandle[ProductionOrderWorkflow, Any] = client.get_workflow_handle_for(
+            ProductionOrderWorkflow.run, order_workflow_id(order_number)
+        )
+        with contextlib.suppress(RPCError):  # no workflow yet: it plans the changed order
+            await handle.signal(ProductionOrderWorkflow.order_changed)
+
     async def cancel_order(self, order_number: str, command: OrderCommand) -> bool:
         """Cancel an order through its workflow (answered at once; the machines follow).
 

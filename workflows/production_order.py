@@ -117,7 +117,8 @@ class JobOrderWorkflow:
         self._dispatch: Dispatch | None = None
         self._on_plc = False  # the job was stored on its PLC (and not withdrawn since)
         self._plc_state = JobState.NOT_ALLOWED_TO_START
-        self._update_plc = False  # a new priority to send to the PLC
+        self._update_plc = False  # a new priority or recipe to send to the PLC
+        self._changed = False  # the order changed: prepare the job again
         self._refused: tuple[str, int] | None = None  # a command the PLC refused in that state
         self._intent = 0  # bumped by every decision, so waits notice
         self._note = ""
@@ -182,6 +183,8 @@ class JobOrderWorkflow:
             if self._stopped():
                 self._note = ""
                 return False
+            if self._changed:
+                self._changed, self._dispatch = False, None
             if self._dispatch is None:  # not prepared yet, or changed since
                 try:
                     self._dispatch = await self._activity(MesActivities.prepare_job, self._job_id)
@@ -250,7 +253,6 @@ class JobOrderWorkflow:
             self._state = READY
         elif self._state == HELD and self._held_from == WAITING:
             self._held_from = READY  # held while dispatching: revoked below, Ready on resume
-        await self._tell_order()
         return True
 
     async def _follow(self) -> JobOutcome | None:
@@ -262,6 +264,14 @@ class JobOrderWorkflow:
         dispatch = self._dispatch
         assert dispatch is not None
         while not self._plc_state.is_final:
+            if self._changed:
+                self._changed = False
+                if self._plc_state in _NOT_STARTED:
+                    # Queued on the PLC, not started: send it as it is now.
+                    self._dispatch = dispatch = await self._activity(
+                        MesActivities.prepare_job, self._job_id
+                    )
+                    self._update_plc = True
             command = self._next_command()
             if command is not None:
                 before = self._plc_state
@@ -297,7 +307,10 @@ class JobOrderWorkflow:
                     return await self._off_plc("wait")
                 raise _Attention(f"following the job failed: {_reason(e)}") from e
             self._refused = None
+            started = self._state == READY and self._plc_state == JobState.RUNNING
             self._note_running()
+            if started:
+                await self._tell_order()  # the order may be Running now: that is news
 
         try:
             outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
@@ -355,7 +368,7 @@ class JobOrderWorkflow:
             self._held_from = RUNNING  # it started before the hold reached the PLC
 
     async def _tell_order(self) -> None:
-        """The first dispatch makes the order Running: its workflow reports that."""
+        """The machine started a job: the order may be Running now; its workflow reports."""
         parent = workflow.info().parent
         if parent is not None:
             await workflow.get_external_workflow_handle(parent.workflow_id).signal("report")
@@ -368,6 +381,14 @@ class JobOrderWorkflow:
         self._released = True
         self._parent_word = True
         self._intent += 1
+
+    @workflow.signal
+    def order_changed(self) -> None:
+        """The ERP changed the order (quantity, due, priority) before this job started: it
+        is prepared again and, if already queued on its PLC, updated there."""
+        if not is_final(self._state):
+            self._changed = True
+            self._intent += 1
 
     @workflow.signal
     def cancel_remaining(self, reason: str) -> None:
@@ -560,6 +581,15 @@ class ProductionOrderWorkflow:
     def report(self) -> None:
         """The order's state changed: deliver the new ERP message(s)."""
         self._report = True
+
+    @workflow.signal
+    async def order_changed(self) -> None:
+        """The ERP changed the order before it started: the steps not done are told."""
+        first = (self._step or 1) - 1
+        for job in self._jobs[first:]:
+            # A step that ended this very moment has nothing to change.
+            with contextlib.suppress(Exception):
+                await job.signal(JobOrderWorkflow.order_changed)
 
     @workflow.query
     def status(self) -> OrderStatus:

@@ -108,7 +108,7 @@ class B2mmlController(Controller):
         if isinstance(message, b2mml.ProcessOperationsSchedule):
             response = await _process(db, workflows, message, who)
         elif isinstance(message, b2mml.ChangeOperationsSchedule):
-            response = await _change(db, message, who)
+            response = await _change(db, workflows, message, who)
         elif isinstance(message, b2mml.CancelOperationsSchedule):
             response = await _cancel(steering, message, who)
         else:
@@ -214,7 +214,10 @@ def _order_unit(s: Session, number: str) -> str | None:
 
 
 async def _change(
-    db: Database, message: b2mml.ChangeOperationsSchedule, who: Principal
+    db: Database,
+    workflows: WorkflowClient,
+    message: b2mml.ChangeOperationsSchedule,
+    who: Principal,
 ) -> Response[bytes]:
     results: list[tuple[str, bool, str | None]] = []
     for req in message.requests:
@@ -240,6 +243,8 @@ async def _change(
                 priority=req.priority,
             )
         )
+        if accepted:
+            await workflows.order_changed(req.order_number)
         results.append((req.order_number, accepted, reason))
     status = 200 if all(ok for _, ok, _ in results) else 409
     return _xml(b2mml.respond_operations_schedule(message, results, SENDER), status)

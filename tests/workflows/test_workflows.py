@@ -1075,6 +1075,27 @@ async def test_change_priority_after_dispatch_updates_the_plc(rig: Rig) -> None:
     assert (await finished(order)).state == "Completed"
 
 
+async def test_order_changed_by_the_erp_resends_jobs_not_started(rig: Rig) -> None:
+    """The ERP changed the order before a machine started on it: the queued job is
+    prepared again and updated on its PLC; the job not yet sent is prepared again when it
+    goes."""
+    plant = rig.plant
+    j1, j2 = plant.jobs
+    order = await rig.start_order()
+    await rig.following(j1)
+    assert plant.count("prepare_job", j2) == 0
+
+    await order.signal(ProductionOrderWorkflow.order_changed)
+
+    await until(lambda: plant.plc_commands(j1) == ["update"], "j1 updated on the PLC")
+    assert plant.count("prepare_job", j1) == 2  # the job order as it is now
+    assert plant.plc[j1] == ALLOWED
+    await plant.run(j1, j2)
+    assert (await finished(order)).state == "Completed"
+    assert plant.count("prepare_job", j2) == 1  # prepared once, after the change
+    assert plant.plc_commands(j2) == ["clear"]
+
+
 async def test_change_priority_of_held_ready_job_updates_the_plc(rig: Rig) -> None:
     plant = rig.plant
     j1, _ = plant.jobs
