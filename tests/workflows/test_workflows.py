@@ -1393,7 +1393,7 @@ async def test_response_that_cannot_be_recorded_is_held_and_recorded_on_resume(
     held = await rig.state(j1, "Held")
     reason = "recording the job response failed: ProductionError: unknown material FLOUR-X"
     assert held.note == f"needs attention: {reason}"
-    assert plant.recorded(j1) == [("Held", "system", reason)]
+    await until(lambda: plant.recorded(j1) == [("Held", "system", reason)], "j1 recorded Held")
 
     await rig.update(j1, JobOrderWorkflow.resume, cmd())
     assert (await finished(order)).state == "Completed"
