@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 from temporalio.client import Client as TemporalClient
 
+from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
 from mes import audit
 from mes.auth import create_token
@@ -437,8 +438,36 @@ class Plant:
             raise AssertionError(
                 f"{len(open_)} of {len(ids)} orders not final after {timeout_s} s: {open_}; "
                 f"work orders not final: {self.open_jobs()}; ERP messages undelivered: "
-                f"{self.undelivered(ids)}"
+                f"{self.undelivered(ids)}; pending activities: {await self.pending(ids)}"
             ) from None
+
+    async def pending(self, ids: list[int]) -> dict[str, list[str]]:
+        """What the unfinished orders' workflows (and their jobs') wait for, from Temporal:
+        the name of the failure when an order is stuck."""
+        with self.engine.connect() as c:
+            numbers = [
+                str(r[0])
+                for r in c.execute(
+                    text(
+                        "SELECT external_id FROM operations_request WHERE id = ANY(:ids)"
+                        " AND state NOT IN ('Completed', 'Aborted', 'Cancelled')"
+                        " UNION SELECT o.external_id FROM erp_message m"
+                        " JOIN operations_request o ON o.id = m.operations_request_id"
+                        " WHERE o.id = ANY(:ids) AND m.delivered_at IS NULL"
+                    ),
+                    {"ids": ids},
+                )
+            ]
+        out: dict[str, list[str]] = {}
+        with contextlib.suppress(Exception):
+            client = await TemporalClient.connect(self.temporal_address)
+            for number in numbers[:10]:
+                desc = await client.get_workflow_handle(f"order-{number}").describe()
+                out[number] = [str(desc.status)] + [
+                    f"{a.activity_type.name} attempt {a.attempt}"
+                    for a in desc.raw_description.pending_activities
+                ]
+        return out
 
     def undelivered(self, ids: list[int]) -> int:
         """The orders' ERP messages still to deliver (their workflows end after the last)."""
@@ -472,6 +501,26 @@ class Plant:
                 )
             ).scalar_one()
         return int(n)
+
+    async def plc_jobs(self) -> dict[str, int]:
+        """Every job on the simulator's JobOrderLists and its OPC 10031-4 state number."""
+        jobs: dict[str, int] = {}
+        async with OpcuaClient(self.plc_url) as opcua:
+            await opcua.load_data_type_definitions()
+            jc = await opcua.get_namespace_index(JOBCONTROL_NS_URI)
+            ns = await opcua.get_namespace_index(SIM_NAMESPACE_URI)
+            for unit in UNITS:
+                node = await opcua.nodes.objects.get_child(
+                    [
+                        f"{ns}:{unit}",
+                        f"{ns}:JobManagement",
+                        f"{ns}:JobOrderControl",
+                        f"{jc}:JobOrderList",
+                    ]
+                )
+                for e in await node.read_value() or []:
+                    jobs[str(e.JobOrder.JobOrderID)] = int(e.State[0].StateNumber)
+        return jobs
 
     async def processed_counts(self) -> dict[str, int]:
         """Each unit's PackML ProdProcessedCount, read from the simulator over OPC UA: items
@@ -673,8 +722,8 @@ def check_plant(
             counts.stock_off[lot_id] = (float(quantity), expected)
 
     # --- the audit chain ---
-    with plant.sessions()() as s:
-        report = audit.verify(s)
+    with plant.sessions()() as session:
+        report = audit.verify(session)
     counts.audit_events = report.events
     assert report.intact, report
 

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from mes.machines import JobState
 from tests.faults.harness import (
     HELD_BY_LOST_JOB,
     STOCK_RACE,
@@ -63,7 +64,7 @@ async def test_worker_killed_mid_run(plant: Plant) -> None:
         plant.workers[0].kill()
         await asyncio.sleep(1)
         await plant.start_worker()
-        await plant.until_final(ids, timeout_s=180)
+        await plant.until_final(ids, timeout_s=170)
     counts = check_plant(plant, ids)
     await check_plc_runs(plant, counts)
     finish("worker-kill", counts, started)
@@ -71,8 +72,9 @@ async def test_worker_killed_mid_run(plant: Plant) -> None:
 
 async def test_temporal_restarted(plant: Plant) -> None:
     """(b) Stop the Temporal dev server (SIGTERM) mid-run and start it again on the same
-    database file and port. Orders the ERP posts meanwhile are stored and answered 503; the
-    ERP posts them again once Temporal is back, as the API asks."""
+    database file and port. Orders the ERP posts meanwhile are stored and answered 503 (or,
+    when the client's own retries outlast the outage, 202); the ERP posts them again once
+    Temporal is back, as a 503 asks, and the second post finds the stored order."""
     started = asyncio.get_running_loop().time()
     async with asyncio.timeout(200):
         ids = await plant.post_orders(ORDERS // 2, "B")
@@ -81,6 +83,7 @@ async def test_temporal_restarted(plant: Plant) -> None:
         late = order_bodies(ORDERS - ORDERS // 2, "B-late")
         answers = await plant.post(late, timeout_s=60)
         assert {r.status_code for r in answers} <= {202, 503}, [r.text for r in answers]
+        away = sorted(r.status_code for r in answers)
         await asyncio.sleep(2)
         plant.temporal.start()
         await plant.wait_temporal()
@@ -90,7 +93,7 @@ async def test_temporal_restarted(plant: Plant) -> None:
         await plant.until_final(ids, timeout_s=150)
     counts = check_plant(plant, ids)
     await check_plc_runs(plant, counts)
-    finish("temporal-restart", counts, started)
+    finish(f"temporal-restart (answers while away: {away})", counts, started)
 
 
 async def test_plc_killed_and_restarted(plant: Plant) -> None:
@@ -100,17 +103,19 @@ async def test_plc_killed_and_restarted(plant: Plant) -> None:
     started = asyncio.get_running_loop().time()
     async with asyncio.timeout(200):
         ids = await plant.post_orders(ORDERS, "C")
-        await plant.until_progress(0.2)
-        async with asyncio.timeout(30):
-            while not plant.running_jobs():
-                await asyncio.sleep(0.05)
+        await plant.until_progress(0.1)
+        # Kill it while it runs a job (the MES lags behind the machine: the database alone
+        # does not tell whether the PLC still holds unrecorded work).
+        async with asyncio.timeout(60):
+            while JobState.RUNNING not in (await plant.plc_jobs()).values():
+                await asyncio.sleep(0.02)
         plant.plc.kill()
         await asyncio.sleep(2)
         plant.plc_started_at = datetime.now(UTC)
         plant.plc.start()
         await plant.wait_plc()
         resumed: list[tuple[str, str]] = []
-        await plant.until_final(ids, timeout_s=180, resume_held=resumed)
+        await plant.until_final(ids, timeout_s=150, resume_held=resumed)
     assert resumed, "no work order was held after the PLC lost its jobs"
     assert all(HELD_BY_LOST_JOB in reason for _, reason in resumed), resumed
     counts = check_plant(plant, ids)
