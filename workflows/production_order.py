@@ -315,6 +315,10 @@ class JobOrderWorkflow:
         try:
             outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
         except ActivityError as e:
+            # Ended, but the PLC forgot the job (a restart) before its response was read:
+            # lost like any other job, not a failed workflow that strands the order.
+            if _error_type(e) == "UnknownJobOrderError":
+                return await self._off_plc("record")
             raise _Attention(f"recording the job response failed: {_reason(e)}") from e
         # Recorded: now the PLC may forget it (it takes room until cleared). A clear that
         # fails leaves an ended job on the PLC, never the outcome in doubt.
