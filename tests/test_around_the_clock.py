@@ -294,10 +294,13 @@ async def plant(temporal_env: WorkflowEnvironment) -> AsyncIterator[Plant]:
 
 
 def client(plant: Plant, role: str) -> httpx.AsyncClient:
+    # A fresh connection per request: the server closes idle kept-alive ones after 5 s,
+    # and a request sent on one it is closing fails with no answer.
     return httpx.AsyncClient(
         base_url=plant.api_url,
         timeout=60,
         headers={"Authorization": f"Bearer {plant.tokens[role]}"},
+        limits=httpx.Limits(max_keepalive_connections=0),
     )
 
 

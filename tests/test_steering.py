@@ -60,6 +60,8 @@ def client(stack: Stack, role: str) -> httpx.AsyncClient:
         base_url=stack.api_url,
         timeout=60,
         headers={"Authorization": f"Bearer {stack.tokens[role]}"},
+        # A fresh connection per request: the server closes idle kept-alive ones after 5 s.
+        limits=httpx.Limits(max_keepalive_connections=0),
     )
 
 
