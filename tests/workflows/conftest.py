@@ -14,13 +14,20 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from mes.launch import temporal_binary
+from tests.workflows.plant import FakePlant, Rig
+from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
 
 STARTUP_TIMEOUT_S = 60.0
 
@@ -103,3 +110,32 @@ async def workflow_env() -> WorkflowEnvironment:
     if _server is None:
         _server = DevServer()
     return WorkflowEnvironment.from_client(await _server.connect())
+
+
+@pytest.fixture
+def steps() -> int:
+    """Routing steps of the test's order (override with ``parametrize("steps", ...)``)."""
+    return 2
+
+
+@pytest.fixture
+async def rig(workflow_env: WorkflowEnvironment, steps: int) -> AsyncIterator[Rig]:
+    plant = FakePlant(steps)
+    task_queue = f"wf-test-{uuid.uuid4().hex}"
+    worker = Worker(
+        workflow_env.client,
+        task_queue=task_queue,
+        workflows=[ProductionOrderWorkflow, JobOrderWorkflow],
+        activities=plant.activities(),
+        # Not the default, a hash of the bytecode of every loaded module: seconds.
+        build_id="workflow-tests",
+        # Heartbeats go out at once, so a cancelled activity learns it promptly.
+        max_heartbeat_throttle_interval=timedelta(milliseconds=100),
+        default_heartbeat_throttle_interval=timedelta(milliseconds=100),
+    )
+    rig = Rig(workflow_env.client, task_queue, plant)
+    async with worker:
+        yield rig
+        for handle in rig.started:  # a failed test leaves nothing running
+            with contextlib.suppress(RPCError):
+                await handle.terminate("test over")
