@@ -27,7 +27,7 @@ from __future__ import annotations
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Annotated, Any
 
-from pydantic import PlainSerializer
+from pydantic import BeforeValidator, Field, PlainSerializer
 from sqlalchemy import Numeric
 
 PRECISION = 18
@@ -78,5 +78,22 @@ def plain(value: Any) -> Any:
 
 #: An API quantity: ``Decimal`` in Python, a number in JSON (pydantic would write a string).
 QuantityNumber = Annotated[
-    Decimal, PlainSerializer(json_number, return_type=float, when_used="json")
+    Decimal,
+    PlainSerializer(json_number, return_type=float, when_used="json"),
+    # Litestar documents a plain Decimal as a string; this one is a number.
+    Field(json_schema_extra={"type": "number"}),
 ]
+
+
+def _number_in(value: object) -> object:
+    """A JSON number as a ``Decimal`` (a float through its shortest repr); a string or a
+    boolean is refused, as a strict float would refuse it."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("Input should be a valid number")
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    return value
+
+
+#: An API quantity as received: a JSON number (not a string), parsed into a ``Decimal``.
+QuantityIn = Annotated[QuantityNumber, BeforeValidator(_number_in)]
