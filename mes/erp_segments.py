@@ -39,7 +39,7 @@ from mes.models import (
     ProcessSegment,
     SegmentRequirement,
 )
-from mes.quantities import QuantityNumber, exact, json_number
+from mes.quantities import QuantityNumber, exact, json_number, text
 
 __all__ = ["ErpLotChoice", "ErpOrderData", "ErpSegmentData", "SegmentPlan", "plan_segments"]
 
@@ -163,11 +163,11 @@ def plan_segments(
             amount = units.convert(seg.quantity, seg.unit or step_unit, step_unit)
             if amount is None:
                 problems.append(
-                    f"{where}: quantity {seg.quantity:g} {seg.unit} is not in step "
+                    f"{where}: quantity {text(seg.quantity)} {seg.unit} is not in step "
                     f"{step.external_id}'s unit {step_unit!r}"
                 )
             elif amount <= 0:
-                problems.append(f"{where}: quantity {seg.quantity:g} must be above 0")
+                problems.append(f"{where}: quantity {text(seg.quantity)} must be above 0")
             else:
                 plan.quantity = exact(amount)
         scale = (plan.quantity or default_quantity) / default_quantity
@@ -260,7 +260,9 @@ def _lots(
         else:
             need = exact(spec.quantity * order_quantity)
         if need > lot.quantity:
-            problems.append(f"{c_where} holds {lot.quantity:g} {lot.unit}, not enough for {need:g}")
+            problems.append(
+                f"{c_where} holds {text(lot.quantity)} {lot.unit}, not enough for {text(need)}"
+            )
             continue
         plan.lots.append(
             {"material": material, "lot": lot.external_id, "quantity": json_number(need)}

@@ -45,7 +45,7 @@ from mes.models import (
     WorkMaster,
     utcnow,
 )
-from mes.quantities import SCALE, Quantity, exact, json_number
+from mes.quantities import SCALE, Quantity, exact, json_number, text
 
 
 class ProductionError(Exception):
@@ -259,8 +259,8 @@ def _pick_lots(
         left -= take
     if left > 0:
         raise ProductionError(
-            f"not enough released stock of {material.external_id}: {need:g} needed, "
-            f"{need - left:g} available"
+            f"not enough released stock of {material.external_id}: {text(need)} needed, "
+            f"{text(need - left)} available"
         )
     return picked
 

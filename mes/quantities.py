@@ -28,6 +28,7 @@ from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, PlainSerializer
+from pydantic_core import PydanticCustomError
 from sqlalchemy import Numeric
 
 PRECISION = 18
@@ -65,6 +66,11 @@ def json_number(value: Decimal) -> float:
     return float(value)
 
 
+def text(value: Decimal) -> str:
+    """A quantity for people and messages: ``Decimal("50000.000000")`` → "50000"."""
+    return format(value.normalize(), "f") if value.is_finite() else str(value)
+
+
 def plain(value: Any) -> Any:
     """``value`` with every ``Decimal`` in it (lists, dicts) made a JSON number."""
     if isinstance(value, Decimal):
@@ -87,13 +93,30 @@ QuantityNumber = Annotated[
 
 def _number_in(value: object) -> object:
     """A JSON number as a ``Decimal`` (a float through its shortest repr); a string or a
-    boolean is refused, as a strict float would refuse it."""
+    boolean is refused, as a strict float refuses it."""
     if isinstance(value, bool | str | bytes):
-        raise ValueError("Input should be a valid number")
+        raise PydanticCustomError("float_type", "Input should be a valid number")
     if isinstance(value, float):
         return Decimal(repr(value))
     return value
 
 
+def _number_lax(value: object) -> object:
+    """A number, or a string of one (a plant file), as a ``Decimal``; errors as a float's."""
+    if isinstance(value, float):
+        return Decimal(repr(value))
+    if isinstance(value, str):
+        try:
+            return Decimal(value.strip())
+        except InvalidOperation:
+            raise PydanticCustomError(
+                "float_parsing",
+                "Input should be a valid number, unable to parse string as a number",
+            ) from None
+    return value
+
+
 #: An API quantity as received: a JSON number (not a string), parsed into a ``Decimal``.
 QuantityIn = Annotated[QuantityNumber, BeforeValidator(_number_in)]
+#: A quantity in master data (plant file, B2MML Sync): a number or a string of one.
+QuantityLax = Annotated[QuantityNumber, BeforeValidator(_number_lax)]

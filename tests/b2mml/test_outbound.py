@@ -328,7 +328,7 @@ def test_performance_to_json_round_trips() -> None:
                     )
                 ]
             },
-            "nan is not a finite number",
+            "NaN is not a finite number",
         ),
         (
             {
