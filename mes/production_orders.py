@@ -86,6 +86,7 @@ class ProductionOrderIn(BaseModel):
         """A hash of the order's content, insensitive to key order and time-zone notation."""
         body = self.model_dump(mode="json")
         body["due"] = self.due.timestamp()
+        # As a float, as before quantities were decimals: a stored order's hash still matches.
         body["quantity"] = float(self.quantity)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
