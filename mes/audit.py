@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import event, inspect, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from mes import quantities
 from mes.models import (
     AuditChainHead,
     AuditEvent,
@@ -70,8 +71,9 @@ def record(
         action=action,
         object_type=object_type,
         object_id=object_id,
-        before=before,
-        after=after,
+        # JSON: quantities (``Decimal``) as numbers.
+        before=quantities.plain(before),
+        after=quantities.plain(after),
         reason=reason,
     )
     session.info.setdefault(_PENDING, []).append(ev)
@@ -120,7 +122,7 @@ _MASTER_DATA: tuple[type[Base], ...] = (
 
 
 def _plain(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
+    return value.isoformat() if isinstance(value, datetime) else quantities.plain(value)
 
 
 def _row(obj: Base) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from mes.models import (
     ProcessSegment,
     SegmentRequirement,
 )
+from mes.quantities import QuantityNumber, exact, json_number, text
 
 __all__ = ["ErpLotChoice", "ErpOrderData", "ErpSegmentData", "SegmentPlan", "plan_segments"]
 
@@ -52,7 +53,7 @@ class ErpLotChoice(BaseModel):
     requirement_id: str
     material: str | None = None
     lot: Id
-    quantity: float | None = None
+    quantity: QuantityNumber | None = None
     unit: str | None = None
 
 
@@ -63,7 +64,7 @@ class ErpSegmentData(BaseModel):
     id: Id
     process_segment_id: str | None = None
     operations_segment_id: str | None = None
-    quantity: float | None = None
+    quantity: QuantityNumber | None = None
     unit: str | None = None
     earliest_start: datetime | None = None
     latest_end: datetime | None = None
@@ -85,7 +86,7 @@ class SegmentPlan:
 
     step: OperationsSegment
     erp_id: str
-    quantity: float | None = None
+    quantity: Decimal | None = None
     earliest_start: datetime | None = None
     latest_end: datetime | None = None
     equipment_id: int | None = None
@@ -127,7 +128,7 @@ def _step_of(
 def plan_segments(
     session: Session,
     routing: OperationsDefinition,
-    order_quantity: float,
+    order_quantity: Decimal,
     segments: list[ErpSegmentData],
 ) -> tuple[list[SegmentPlan], list[str]]:
     """Map and check the ERP's segment requirements against the routing and stock.
@@ -155,20 +156,20 @@ def plan_segments(
         plan = SegmentPlan(step=step, erp_id=seg.id)
         plans.append(plan)
         produced = [m for m in step.materials if m.use == MaterialUse.PRODUCED]
-        per_unit = produced[0].quantity if produced else 1.0
+        per_unit = produced[0].quantity if produced else Decimal(1)
         default_quantity = per_unit * order_quantity
         if seg.quantity is not None:
             step_unit = produced[0].unit if produced else routing.product.unit
-            amount = units.convert(Decimal(str(seg.quantity)), seg.unit or step_unit, step_unit)
+            amount = units.convert(seg.quantity, seg.unit or step_unit, step_unit)
             if amount is None:
                 problems.append(
-                    f"{where}: quantity {seg.quantity:g} {seg.unit} is not in step "
+                    f"{where}: quantity {text(seg.quantity)} {seg.unit} is not in step "
                     f"{step.external_id}'s unit {step_unit!r}"
                 )
             elif amount <= 0:
-                problems.append(f"{where}: quantity {seg.quantity:g} must be above 0")
+                problems.append(f"{where}: quantity {text(seg.quantity)} must be above 0")
             else:
-                plan.quantity = float(amount)
+                plan.quantity = exact(amount)
         scale = (plan.quantity or default_quantity) / default_quantity
         _times(seg, plan, where, problems)
         _equipment(session, seg, step, plan, where, problems)
@@ -219,7 +220,7 @@ def _lots(
     session: Session,
     seg: ErpSegmentData,
     step: OperationsSegment,
-    order_quantity: float,
+    order_quantity: Decimal,
     plan: SegmentPlan,
     where: str,
     problems: list[str],
@@ -249,19 +250,23 @@ def _lots(
             problems.append(f"{c_where} is {lot.disposition}, not Released")
             continue
         if choice.quantity is not None:
-            wanted = units.convert(Decimal(str(choice.quantity)), choice.unit or lot.unit, lot.unit)
+            wanted = units.convert(choice.quantity, choice.unit or lot.unit, lot.unit)
             if wanted is None:
                 problems.append(
                     f"{c_where}: quantity unit {choice.unit!r} is not the lot's unit {lot.unit!r}"
                 )
                 continue
-            need = float(wanted)
+            need = exact(wanted)
         else:
-            need = spec.quantity * order_quantity
-        if need > lot.quantity + 1e-9:
-            problems.append(f"{c_where} holds {lot.quantity:g} {lot.unit}, not enough for {need:g}")
+            need = exact(spec.quantity * order_quantity)
+        if need > lot.quantity:
+            problems.append(
+                f"{c_where} holds {text(lot.quantity)} {lot.unit}, not enough for {text(need)}"
+            )
             continue
-        plan.lots.append({"material": material, "lot": lot.external_id, "quantity": round(need, 6)})
+        plan.lots.append(
+            {"material": material, "lot": lot.external_id, "quantity": json_number(need)}
+        )
 
 
 def apply_plans(requirements: list[SegmentRequirement], plans: list[SegmentPlan]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import cast
 
 from sqlalchemy import case, func, select, update
@@ -44,6 +45,7 @@ from mes.models import (
     WorkMaster,
     utcnow,
 )
+from mes.quantities import SCALE, Quantity, exact, json_number, text
 
 
 class ProductionError(Exception):
@@ -171,8 +173,8 @@ def _resolve_materials(
     specs = req.operations_segment.materials
     # The ERP may have asked this step for another quantity than the routing's share.
     produced = [s for s in specs if s.use == MaterialUse.PRODUCED]
-    default = (produced[0].quantity if produced else 1.0) * order.quantity
-    scale = req.quantity / default if default > 0 else 1.0
+    default = (produced[0].quantity if produced else Decimal(1)) * order.quantity
+    scale = req.quantity / default if default > 0 else Decimal(1)
     chosen: dict[str, list[dict[str, object]]] = {}
     for choice in req.material_lots or []:
         chosen.setdefault(str(choice["material"]), []).append(choice)
@@ -190,10 +192,10 @@ def _resolve_materials(
         else:
             # Lots the ERP chose come first; stock covers what they leave.
             for choice in chosen.get(material, []):
-                qty = float(cast(float, choice["quantity"]))
+                qty = exact(cast(float, choice["quantity"]))
                 result.append(_requirement(material, spec.use, qty, spec.unit, str(choice["lot"])))
                 need -= qty
-            if need > 1e-9:
+            if exact(need) > 0:
                 for lot, qty in _pick_lots(session, spec.material_definition, need):
                     result.append(_requirement(material, spec.use, qty, spec.unit, lot.external_id))
     return result
@@ -223,19 +225,20 @@ def produced_actuals(
     return list(session.scalars(q))
 
 
-def _requirement(material: str, use: str, qty: float, unit: str, lot: str) -> dict[str, object]:
+def _requirement(material: str, use: str, qty: Decimal, unit: str, lot: str) -> dict[str, object]:
+    # A JSON column: the quantity as a number (``mes.quantities``), rounded to the stored scale.
     return {
         "material_definition_id": material,
         "use": str(use),
-        "quantity": round(qty, 6),
+        "quantity": json_number(exact(qty)),
         "unit": unit,
         "lot_id": lot,
     }
 
 
 def _pick_lots(
-    session: Session, material: MaterialDefinition, need: float
-) -> list[tuple[MaterialLot, float]]:
+    session: Session, material: MaterialDefinition, need: Decimal
+) -> list[tuple[MaterialLot, Decimal]]:
     """Oldest released lots first until the need is covered (lots are not reserved in v1)."""
     lots = session.scalars(
         select(MaterialLot)
@@ -246,18 +249,18 @@ def _pick_lots(
         )
         .order_by(MaterialLot.created_at, MaterialLot.id)
     ).all()
-    picked: list[tuple[MaterialLot, float]] = []
-    left = need
+    picked: list[tuple[MaterialLot, Decimal]] = []
+    left = exact(need)
     for lot in lots:
-        if left <= 1e-9:
+        if left <= 0:
             break
         take = min(lot.quantity, left)
         picked.append((lot, take))
         left -= take
-    if left > 1e-9:
+    if left > 0:
         raise ProductionError(
-            f"not enough released stock of {material.external_id}: {need:g} needed, "
-            f"{need - left:g} available"
+            f"not enough released stock of {material.external_id}: {text(need)} needed, "
+            f"{text(need - left)} available"
         )
     return picked
 
@@ -402,6 +405,8 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     produced: list[MaterialLot] = []
     consumed: list[MaterialLot] = []
     for actual in response.material_actuals:
+        # The machine port carries floats (``mes.machines``): exact from here on.
+        quantity = exact(actual.quantity)
         material = materials.get(actual.material_definition_id)
         if material is None:
             raise ProductionError(
@@ -411,7 +416,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
             lot = locked.get(actual.lot_id)
             if lot is None:
                 raise ProductionError(f"machine reported consuming unknown lot {actual.lot_id}")
-            _consume(session, lot, actual.quantity, job.external_id)
+            _consume(session, lot, quantity, job.external_id)
             consumed.append(lot)
         else:
             lot = session.scalar(
@@ -421,7 +426,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
                 lot = MaterialLot(
                     external_id=actual.lot_id,
                     material_definition_id=material.id,
-                    quantity=actual.quantity,
+                    quantity=quantity,
                     unit=actual.unit,
                 )
                 session.add(lot)
@@ -432,7 +437,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
                 material_definition_id=material.id,
                 material_lot_id=lot.id,
                 use=actual.use,
-                quantity=actual.quantity,
+                quantity=quantity,
                 unit=actual.unit,
             )
         )
@@ -476,17 +481,19 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     return state, [lot.external_id for lot in produced]
 
 
-def _consume(session: Session, lot: MaterialLot, quantity: float, job_order_id: str) -> None:
+def _consume(session: Session, lot: MaterialLot, quantity: Decimal, job_order_id: str) -> None:
     """Take ``quantity`` off a lot in one SQL statement (never below 0; at 0 it is Consumed)
     and audit the move. The arithmetic happens in the database, on the row's current value,
     so concurrent consumptions of one lot all count, whatever each session read before."""
     before = {"quantity": lot.quantity, "status": lot.status}
-    left = MaterialLot.quantity - quantity
+    # Rounded to the column's scale in SQL: a no-op on PostgreSQL (exact NUMERIC), and on
+    # SQLite (float storage) it keeps binary error from piling up over many consumptions.
+    left = func.round(MaterialLot.quantity - quantity, SCALE, type_=Quantity)
     row = session.execute(
         update(MaterialLot)
         .where(MaterialLot.id == lot.id)
         .values(
-            quantity=case((left > 0, left), else_=0.0),
+            quantity=case((left > 0, left), else_=Decimal(0)),
             status=case((left <= 0, "Consumed"), else_=MaterialLot.status),
         )
         .returning(MaterialLot.quantity, MaterialLot.status)

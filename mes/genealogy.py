@@ -20,6 +20,7 @@ from mes.models import (
     MaterialLot,
     MaterialLotAssembly,
 )
+from mes.quantities import QuantityNumber
 
 Direction = Literal["backward", "forward"]
 
@@ -27,7 +28,7 @@ Direction = Literal["backward", "forward"]
 class TraceLot(BaseModel):
     lot: str
     material: str
-    quantity: float = Field(description="Quantity on hand now")
+    quantity: QuantityNumber = Field(description="Quantity on hand now")
     unit: str
     disposition: str
     depth: int = Field(description="Steps from the traced lot (0 is the lot itself)")

@@ -63,6 +63,12 @@ class MaterialRequirement:
     ``use`` is the B2MML MaterialUse: "Consumed" or "Produced". For consumed material the
     ``lot_id`` names the lot to take; for produced material it names the lot to make (or is
     empty and the machine chooses).
+
+    ``quantity`` is a float at the port: on the wire it is an OPC UA DecimalString, written
+    from the float's shortest repr (``adapters.opcua.model.decimal_string``), and the port's
+    types cross Temporal, whose JSON converter has no ``Decimal``. The MES turns it back into
+    an exact ``Decimal`` rounded to the stored six places (``mes.quantities.exact``) before
+    anything is booked; up to 15 significant digits that is the quantity the MES sent.
     """
 
     material_definition_id: str
@@ -87,7 +93,11 @@ class JobOrderData:
 
 @dataclass(frozen=True)
 class MaterialActualData:
-    """One material actual of a job response (ISA95MaterialDataType with use and lot)."""
+    """One material actual of a job response (ISA95MaterialDataType with use and lot).
+
+    ``quantity`` is the machine's DecimalString read as a float; ``record_job_response``
+    books ``mes.quantities.exact(quantity)``: ``0.45`` is ``Decimal("0.45")``, exactly.
+    """
 
     material_definition_id: str
     use: str

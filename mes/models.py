@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import (
@@ -44,6 +45,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from mes.quantities import Quantity
 from mes.states import FINAL_STATES, RequestState
 
 __all__ = ["FINAL_STATES", "RequestState"]  # re-exported for the model's users
@@ -197,7 +199,7 @@ class MaterialLot(Base):
     material_definition_id: Mapped[int] = mapped_column(
         ForeignKey("material_definition.id"), index=True
     )
-    quantity: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit: Mapped[str] = mapped_column(String(20))
     status: Mapped[str] = mapped_column(String(30), default="Available")
     disposition: Mapped[str] = mapped_column(String(30), default=LotDisposition.RELEASED)
@@ -214,7 +216,7 @@ class MaterialSublot(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str] = mapped_column(String(100), unique=True)
     material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
-    quantity: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit: Mapped[str] = mapped_column(String(20))
 
 
@@ -346,7 +348,7 @@ class OperationsMaterialSpec(Base):
         ForeignKey("material_definition.id"), index=True
     )
     use: Mapped[str] = mapped_column(String(30))
-    quantity: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit: Mapped[str] = mapped_column(String(20))
 
     material_definition: Mapped[MaterialDefinition] = relationship()
@@ -369,7 +371,7 @@ class OperationsRequest(Base):
     material_definition_id: Mapped[int] = mapped_column(
         ForeignKey("material_definition.id"), index=True
     )
-    quantity: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit: Mapped[str] = mapped_column(String(20))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     due: Mapped[datetime] = mapped_column()
@@ -409,7 +411,7 @@ class SegmentRequirement(Base):
         ForeignKey("operations_segment.id"), index=True
     )
     sequence: Mapped[int] = mapped_column(Integer)
-    quantity: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit: Mapped[str] = mapped_column(String(20))
     state: Mapped[str] = mapped_column(String(20))
     #: The ERP's SegmentRequirement ID that asked for this step (B2MML), if any.
@@ -497,7 +499,7 @@ class MaterialActual(Base):
     )
     material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
     use: Mapped[str] = mapped_column(String(30))
-    quantity: Mapped[float] = mapped_column(Float)
+    quantity: Mapped[Decimal] = mapped_column(Quantity)
     unit: Mapped[str] = mapped_column(String(20))
 
     material_lot: Mapped[MaterialLot] = relationship()

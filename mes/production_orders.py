@@ -35,6 +35,7 @@ from mes.models import (
     SegmentRequirement,
     utcnow,
 )
+from mes.quantities import QuantityIn, QuantityNumber, exact
 from workflows.types import order_workflow_id
 
 if TYPE_CHECKING:  # the workflow client imports the workflows, which import this module
@@ -63,7 +64,7 @@ class ProductionOrderIn(BaseModel):
         Field(min_length=1, max_length=100, description="Material definition ID of the product"),
     ]
     quantity: Annotated[
-        float, Field(gt=0, le=1e9, strict=True, allow_inf_nan=False, description="How many to make")
+        QuantityIn, Field(gt=0, le=1e9, allow_inf_nan=False, description="How many to make")
     ]
     unit: Annotated[str, Field(min_length=1, max_length=20, description="Unit of the quantity")]
     due: Annotated[
@@ -85,6 +86,7 @@ class ProductionOrderIn(BaseModel):
         """A hash of the order's content, insensitive to key order and time-zone notation."""
         body = self.model_dump(mode="json")
         body["due"] = self.due.timestamp()
+        # As a float, as before quantities were decimals: a stored order's hash still matches.
         body["quantity"] = float(self.quantity)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -113,7 +115,7 @@ class JobOrderOut(BaseModel):
 class LotOut(BaseModel):
     lot: str
     material: str
-    quantity: float
+    quantity: QuantityNumber
     unit: str
 
 
@@ -123,7 +125,7 @@ class ProductionOrderOut(BaseModel):
     id: int
     order_number: str
     product: str
-    quantity: float
+    quantity: QuantityNumber
     unit: str
     priority: int
     due: datetime
@@ -245,12 +247,12 @@ def create_order(
     )
     for segment in routing.segments:
         produced = [m for m in segment.materials if m.use == MaterialUse.PRODUCED]
-        per_unit = produced[0].quantity if produced else 1.0
+        per_unit = produced[0].quantity if produced else Decimal(1)
         order.segment_requirements.append(
             SegmentRequirement(
                 operations_segment=segment,
                 sequence=segment.sequence,
-                quantity=per_unit * quantity,
+                quantity=exact(per_unit * quantity),
                 unit=produced[0].unit if produced else product.unit,
                 state=RequestState.WAITING,
             )
@@ -309,13 +311,13 @@ def check_segments(session: Session, body: ErpProductionOrderIn) -> list[str]:
     return problems
 
 
-def in_product_unit(body: ProductionOrderIn, product: MaterialDefinition) -> float:
+def in_product_unit(body: ProductionOrderIn, product: MaterialDefinition) -> Decimal:
     """The order's quantity in the product's unit: ``EA`` is ``ea``, ``t`` converts to ``kg``;
     a 422 naming the unit when it is not one the product can be counted in."""
     f = units.factor(body.unit, product.unit)
     if f is None:
         raise invalid("unit", f"product {body.product!r} is made in {product.unit!r}")
-    return body.quantity if f == 1 else float(Decimal(str(body.quantity)) * f)
+    return exact(body.quantity if f == 1 else body.quantity * f)
 
 
 def _by_number(session: Session, number: str) -> OperationsRequest | None:
@@ -497,7 +499,7 @@ def change_order(
     session: Session,
     order_number: str,
     actor: str,
-    quantity: float | None = None,
+    quantity: Decimal | None = None,
     due: datetime | None = None,
     priority: int | None = None,
 ) -> tuple[bool, str | None]:
@@ -521,7 +523,7 @@ def change_order(
     if quantity is not None and quantity != order.quantity:
         before["quantity"], after["quantity"] = order.quantity, quantity
         for req in order.segment_requirements:
-            req.quantity = req.quantity / order.quantity * quantity
+            req.quantity = exact(req.quantity / order.quantity * quantity)
             if req.job_order is not None:
                 # Its materials are worked out again for the new amount when it is sent.
                 req.job_order.material_requirements = None

@@ -21,6 +21,7 @@ from mes.models import (
 )
 from mes.models import JobResponse as JobResponseRow
 from mes.production_orders import ProductionOrderIn, create_order
+from mes.quantities import exact
 
 pytestmark = pytest.mark.postgres
 
@@ -110,7 +111,7 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
         )
         assert stock_before is not None
         assert stock_after is not None
-        assert stock_after == pytest.approx(stock_before - consumed[0].quantity)
+        assert stock_after == stock_before - exact(consumed[0].quantity)
 
     # The next step consumes exactly the lot the first step produced.
     with plant_pg() as s:

@@ -6,6 +6,7 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,7 @@ def test_reload_keeps_the_quantity_production_left_in_a_lot(
 ) -> None:
     with plant_db.begin() as s:
         lot = s.scalars(select(MaterialLot).filter_by(external_id="LOT-FLOUR-0001")).one()
-        lot.quantity = 123.5  # as if production had consumed most of it
+        lot.quantity = Decimal("123.5")  # as if production had consumed most of it
 
     report = load_plant_file(plant_db, EXAMPLE)
 

@@ -232,7 +232,7 @@ async def _change(
             except b2mml.B2MMLError as e:
                 results.append((req.order_number, False, "; ".join(e.reasons)))
                 continue
-            quantity = float(amount)
+            quantity = amount
         accepted, reason = await db.run(
             partial(
                 production_orders.change_order,

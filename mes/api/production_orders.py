@@ -17,6 +17,7 @@ from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
 from mes.models import OperationsRequest, RequestState
+from mes.quantities import QuantityNumber
 from mes.steering import Steering
 from mes.workflow_client import WorkflowClient
 
@@ -29,7 +30,7 @@ class ProductionOrderSummary(BaseModel):
     id: int
     order_number: str
     product: str
-    quantity: float
+    quantity: QuantityNumber
     unit: str
     priority: int
     due: datetime

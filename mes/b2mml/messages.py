@@ -115,7 +115,7 @@ class ScheduleRequest:
     schedule_id: str
     routing: str | None
     product: str | None
-    quantity: float | None
+    quantity: Decimal | None
     unit: str | None
     due: datetime | None
     start: datetime | None
@@ -156,7 +156,7 @@ class OrderRequest(ScheduleRequest):
         else:
             try:
                 amount, unit = choose_amount(self.quantities, product_unit, where)
-                quantity = float(amount)
+                quantity = amount
             except B2MMLError as exc:
                 problems.extend(exc.reasons)
         if self.due is None:
@@ -169,7 +169,7 @@ class OrderRequest(ScheduleRequest):
             return ErpProductionOrderIn(
                 order_number=self.order_number,
                 product=cast(str, self.product),
-                quantity=cast(float, quantity),
+                quantity=cast(Decimal, quantity),
                 unit=cast(str, unit),
                 due=cast(datetime, self.due),
                 priority=0 if self.priority is None else self.priority,
@@ -192,7 +192,7 @@ def _segment_data(s: SegmentRequest) -> ErpSegmentData:
         id=s.id,
         process_segment_id=s.process_segment_id,
         operations_segment_id=s.operations_segment_id,
-        quantity=None if s.quantity is None else float(s.quantity),
+        quantity=s.quantity,
         unit=s.unit,
         earliest_start=s.earliest_start,
         latest_end=s.latest_end,
@@ -202,7 +202,7 @@ def _segment_data(s: SegmentRequest) -> ErpSegmentData:
                 requirement_id=rid,
                 material=material,
                 lot=lot,
-                quantity=None if qty is None else float(qty),
+                quantity=qty,
                 unit=unit,
             )
             for rid, material, lot, qty, unit in s.lots
@@ -475,7 +475,7 @@ def _request(request: Element, schedule_id: str, schedule_type: str | None) -> d
         )
 
     product = unit = None
-    quantity: float | None = None
+    quantity: Decimal | None = None
     quantities: list[QuantityData] = []
     produced = [
         requirement
@@ -498,7 +498,7 @@ def _request(request: Element, schedule_id: str, schedule_type: str | None) -> d
         with suppress(B2MMLError):
             amount = choose_amount(quantities, None, req_where) if quantities else None
         if amount is not None:
-            quantity, unit = float(amount[0]), amount[1]
+            quantity, unit = amount[0], amount[1]
 
     segment_requests = []
     for s in segments:

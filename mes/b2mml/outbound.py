@@ -20,7 +20,6 @@ only the noun.
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from mes.b2mml.messages import (
 )
 from mes.b2mml.parsing import NS, RELEASE_ID, Element, validation_errors
 from mes.models import MaterialUse, RequestState
+from mes.quantities import exact, json_number
 
 __all__ = [
     "MaterialActualData",
@@ -98,14 +98,12 @@ def _echo_timestamp(value: datetime) -> str:
     return value.isoformat() if value.tzinfo is None else _timestamp(value, "")
 
 
-def _number(value: float, where: str) -> str:
-    """A float as an ``xsd:decimal`` lexical form: 500 → "500", 0.006 → "0.006"."""
-    value = float(value)  # an int passes as a float to the type checker, not to is_integer
-    if not math.isfinite(value):
+def _number(value: Decimal, where: str) -> str:
+    """A quantity as an ``xsd:decimal`` lexical form, digit for digit, without exponent or
+    trailing zeros: 500.000000 → "500", 0.006 → "0.006", 88.65 → "88.65"."""
+    if not value.is_finite():
         raise ValueError(f"{where}: {value} is not a finite number")
-    if value.is_integer():
-        return str(int(value))
-    return format(Decimal(repr(value)), "f")
+    return format(value.normalize(), "f")
 
 
 def _root(name: str, sender: str, bod_id: str | None, release: bool = True) -> Element:
@@ -324,7 +322,7 @@ class MaterialActualData:
     """Material one step used or made (ISA-95 material actual)."""
 
     material_definition_id: str
-    quantity: float
+    quantity: Decimal
     unit: str
     #: "Consumed", "Produced", … (ISA-95 MaterialUse)
     use: str
@@ -395,7 +393,7 @@ class OperationsPerformanceData:
                         {
                             "material_definition_id": ma.material_definition_id,
                             "lot_id": ma.lot_id,
-                            "quantity": ma.quantity,
+                            "quantity": json_number(ma.quantity),
                             "unit": ma.unit,
                             "use": ma.use,
                         }
@@ -431,7 +429,10 @@ class OperationsPerformanceData:
                     actual_start=when(seg.get("actual_start")),
                     actual_end=when(seg.get("actual_end")),
                     equipment_id=seg.get("equipment_id"),
-                    material_actuals=[MaterialActualData(**ma) for ma in seg["material_actuals"]],
+                    material_actuals=[
+                        MaterialActualData(**(ma | {"quantity": exact(ma["quantity"])}))
+                        for ma in seg["material_actuals"]
+                    ],
                 )
                 for seg in data["segments"]
             ],

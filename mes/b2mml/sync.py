@@ -263,7 +263,7 @@ def _material_spec(spec: Element, where: str) -> dict[str, Any]:
     if problems:
         raise B2MMLError(problems)
     assert amount is not None  # for mypy: checked just above
-    entry: dict[str, Any] = {"material": materials[0], "use": use, "quantity": float(amount[0])}
+    entry: dict[str, Any] = {"material": materials[0], "use": use, "quantity": amount[0]}
     if amount[1] is not None:
         entry["unit"] = amount[1]
     return entry

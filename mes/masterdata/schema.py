@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mes.models import EquipmentLevel, MaterialUse
+from mes.quantities import QuantityLax
 
 # Lengths follow the columns in mes/models.py, so a valid file never fails in the database.
 
@@ -68,7 +69,7 @@ class LotEntry(_Entry):
 
     id: Id
     material: Id
-    quantity: Annotated[float, Field(ge=0)]
+    quantity: Annotated[QuantityLax, Field(ge=0)]
     unit: Unit | None = None
 
 
@@ -122,7 +123,7 @@ class MaterialSpecEntry(_Entry):
 
     material: Id
     use: MaterialUse
-    quantity: Annotated[float, Field(gt=0)]
+    quantity: Annotated[QuantityLax, Field(gt=0)]
     unit: Unit | None = None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 
@@ -59,7 +60,7 @@ def test_process_example_gives_two_orders() -> None:
     assert [s.id for s in bread.segments] == ["PO-2030-0001-10", "PO-2030-0001-20"]
     order = rolls.to_order_in()
     # The Produced requirement, not the bags consumed beside it.
-    assert (order.product, order.quantity, order.unit) == ("ROLL-6PK", 200.0, "ea")
+    assert (order.product, order.quantity, order.unit) == ("ROLL-6PK", Decimal(200), "ea")
     assert (order.due, order.priority) == (datetime(2030, 3, 1, 17, tzinfo=UTC), 3)
     assert rolls.routing == "OD-ROLL-6PK"
     assert rolls.segment_ids == ["MIX", "BAKE", "PACK"]
@@ -74,7 +75,7 @@ def test_change_example() -> None:
     assert message.response_code == "Always"
     (change,) = message.requests
     assert change.order_number == "PO-2030-0001"
-    assert (change.quantity, change.unit) == (600.0, "ea")
+    assert (change.quantity, change.unit) == (Decimal(600), "ea")
     assert change.due == datetime(2030, 3, 1, 16, tzinfo=CET)
     assert change.priority == 8
     assert change.segment_ids == ["BAKE"]

@@ -117,7 +117,7 @@ def test_third_party_schedule_decodes_with_per_step_data() -> None:
     message = process("third-party-schedule.xml")
     (request,) = message.requests
     order = request.to_order_in("ea")
-    assert (order.quantity, order.unit) == (12.0, "ea")  # the rate (41.9 EA/H) is skipped
+    assert (order.quantity, order.unit) == (Decimal(12), "ea")  # the rate (41.9 EA/H) is skipped
     assert order.erp.schedule_id == "ACME-SCHED-77"
     mix, bake, pack = order.erp.segments
     assert (mix.id, mix.equipment) == ("0010", ["WU-MIXER-2"])
@@ -190,7 +190,7 @@ def test_segment_data_refused_with_a_reason(
     plant_db: sessionmaker[Session], segment: ErpSegmentData, reason: str
 ) -> None:
     with plant_db() as s:
-        _, problems = plan_segments(s, _routing(s), 10, [segment])
+        _, problems = plan_segments(s, _routing(s), Decimal(10), [segment])
     assert len(problems) == 1
     assert problems[0].startswith("SegmentRequirement S1")
     assert reason in problems[0]
@@ -204,7 +204,10 @@ def test_a_lot_not_released_is_refused(plant_db: sessionmaker[Session]) -> None:
         lot.disposition = "Restricted"
         s.commit()
         _, problems = plan_segments(
-            s, _routing(s), 10, [seg(lots=[{"requirement_id": "M", "lot": "LOT-BAG6-0001"}])]
+            s,
+            _routing(s),
+            Decimal(10),
+            [seg(lots=[{"requirement_id": "M", "lot": "LOT-BAG6-0001"}])],
         )
     assert problems
     assert "is Restricted, not Released" in problems[0]
@@ -279,7 +282,7 @@ def test_json_order_in_ea_for_a_product_in_ea_upper_case(plant_db: sessionmaker[
     )
     with plant_db() as s:
         order, _ = create_order(s, body)
-        assert (order.quantity, order.unit) == (5.0, "ea")
+        assert (order.quantity, order.unit) == (Decimal(5), "ea")
 
 
 # --- answers echo what they answer ------------------------------------------------------------

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -212,9 +212,15 @@ def performance(state: str = "Running", **changes: Any) -> OperationsPerformance
                 actual_end=T0 + timedelta(minutes=40),
                 equipment_id="WU-MIXER-1",
                 material_actuals=[
-                    MaterialActualData("FLOUR-WHEAT", 150.0, "kg", "Consumed", "LOT-FLOUR-0001"),
-                    MaterialActualData("YEAST-FRESH", 0.006 * 500, "kg", "Consumed", "LOT-Y-1"),
-                    MaterialActualData("DOUGH-WHITE", 260.0, "kg", "Produced", "LOT-DOUGH-1"),
+                    MaterialActualData(
+                        "FLOUR-WHEAT", Decimal(150), "kg", "Consumed", "LOT-FLOUR-0001"
+                    ),
+                    MaterialActualData(
+                        "YEAST-FRESH", Decimal("0.006") * 500, "kg", "Consumed", "LOT-Y-1"
+                    ),
+                    MaterialActualData(
+                        "DOUGH-WHITE", Decimal(260), "kg", "Produced", "LOT-DOUGH-1"
+                    ),
                 ],
             ),
             SegmentResponseData(
@@ -267,15 +273,17 @@ def test_performance_is_valid_in_every_request_state(state: str) -> None:
     ]
 
 
-@pytest.mark.parametrize("quantity", [0.1, 1e-7, 123456789.125, 6, 0.0])
-def test_performance_quantities_are_xsd_decimals(quantity: float) -> None:
-    actual = MaterialActualData("BREAD-WHITE", quantity, "ea", "Produced", None)
+@pytest.mark.parametrize(
+    "quantity", ["0.1", "1e-7", "123456789.125", "6", "0.0", "88.650000", "0.000001"]
+)
+def test_performance_quantities_are_xsd_decimals(quantity: str) -> None:
+    actual = MaterialActualData("BREAD-WHITE", Decimal(quantity), "ea", "Produced", None)
     segment = SegmentResponseData("S1", "BAKE", "Completed", material_actuals=[actual])
     perf = performance("Completed", segments=[segment], actual_start=None, actual_end=None)
 
     root = valid(sync_operations_performance(perf, "p", "MES"), "SyncOperationsPerformance")
     text = root.findtext(".//b:QuantityString", namespaces=N)
-    assert float(text) == quantity
+    assert Decimal(text) == Decimal(quantity)  # digit for digit, no float on the way
     assert "e" not in text.lower()
 
 
@@ -314,11 +322,13 @@ def test_performance_to_json_round_trips() -> None:
                         "S",
                         "MIX",
                         "Running",
-                        material_actuals=[MaterialActualData("X", math.nan, "kg", "Consumed")],
+                        material_actuals=[
+                            MaterialActualData("X", Decimal("NaN"), "kg", "Consumed")
+                        ],
                     )
                 ]
             },
-            "nan is not a finite number",
+            "NaN is not a finite number",
         ),
         (
             {
@@ -327,7 +337,7 @@ def test_performance_to_json_round_trips() -> None:
                         "S",
                         "MIX",
                         "Running",
-                        material_actuals=[MaterialActualData("X", 1, "kg", "Eaten")],
+                        material_actuals=[MaterialActualData("X", Decimal(1), "kg", "Eaten")],
                     )
                 ]
             },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -180,8 +181,8 @@ def test_each_noun_maps_to_its_plant_section() -> None:
         ("BAKE", "WM-BAKE-LOAF"),
     ]
     assert routing["steps"][1]["materials"] == [
-        {"material": "DOUGH-WHITE", "use": "Consumed", "quantity": 0.52, "unit": "kg"},
-        {"material": "DOUGH-PROOFED", "use": "Produced", "quantity": 0.52, "unit": "kg"},
+        {"material": "DOUGH-WHITE", "use": "Consumed", "quantity": Decimal("0.52"), "unit": "kg"},
+        {"material": "DOUGH-PROOFED", "use": "Produced", "quantity": Decimal("0.52"), "unit": "kg"},
     ]
 
 
