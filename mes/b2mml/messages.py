@@ -5,7 +5,11 @@
 - ``ProcessOperationsSchedule``: new production orders (``OrderRequest``);
 - ``ChangeOperationsSchedule``: changed orders (``OrderChange``);
 - ``CancelOperationsSchedule``: order numbers to cancel;
-- ``SyncMasterData``: a ``Sync…`` master data message as plant data (``mes.masterdata``).
+- ``SyncOperationsSchedule``: orders to create or change (``OrderRequest``): each request
+  the MES does not hold yet is processed as by a Process, each one it holds changed as by
+  a Change (``as_process``, ``as_change``);
+- ``SyncMasterData``: a ``Sync…`` master data message as plant data (``mes.masterdata``),
+  lots (``SyncMaterialLot``, ``SyncMaterialInformation``) included.
 
 Where each field is read (paths below ``DataArea/OperationsSchedule/OperationsRequest``):
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, TypeAlias, cast
@@ -48,6 +53,7 @@ from pydantic import ValidationError
 
 from mes import units
 from mes.b2mml.parsing import (
+    AMOUNT_KEYS,
     DEFAULT_MAX_BYTES,
     B2MMLError,
     Element,
@@ -80,6 +86,7 @@ __all__ = [
     "ScheduleRequest",
     "SegmentRequest",
     "SyncMasterData",
+    "SyncOperationsSchedule",
     "decode",
 ]
 
@@ -210,15 +217,6 @@ def _segment_data(s: SegmentRequest) -> ErpSegmentData:
     )
 
 
-#: ``Quantity/Key`` values that say "this is the amount" (case ignored).
-AMOUNT_KEYS = frozenset(
-    {
-        "amount", "quantity", "orderquantity", "plannedquantity", "targetquantity",
-        "requiredquantity", "totalquantity", "total", "produced", "producedquantity", "order",
-    }
-)  # fmt: skip
-
-
 def choose_amount(
     quantities: list[QuantityData], target_unit: str | None, where: str
 ) -> tuple[Decimal, str]:
@@ -316,6 +314,42 @@ class CancelOperationsSchedule(_Envelope):
 
 
 @dataclass(frozen=True)
+class SyncOperationsSchedule(_Envelope):
+    """Orders to create or change, whichever each one needs (the ERP's "this is the
+    schedule now")."""
+
+    schedule_id: str
+    requests: list[OrderRequest]
+
+    def as_process(self, numbers: set[str]) -> ProcessOperationsSchedule:
+        """The requests ``numbers`` (new orders) as a ``ProcessOperationsSchedule``."""
+        return ProcessOperationsSchedule(
+            bod_id=self.bod_id,
+            sender=self.sender,
+            confirmation_code=self.confirmation_code,
+            created=self.created,
+            schedule_id=self.schedule_id,
+            requests=[r for r in self.requests if r.order_number in numbers],
+        )
+
+    def as_change(self, numbers: set[str]) -> ChangeOperationsSchedule:
+        """The requests ``numbers`` (known orders) as a ``ChangeOperationsSchedule``."""
+        names = [f.name for f in dataclass_fields(ScheduleRequest)]
+        return ChangeOperationsSchedule(
+            bod_id=self.bod_id,
+            sender=self.sender,
+            confirmation_code=self.confirmation_code,
+            created=self.created,
+            schedule_id=self.schedule_id,
+            requests=[
+                OrderChange(**{n: getattr(r, n) for n in names})
+                for r in self.requests
+                if r.order_number in numbers
+            ],
+        )
+
+
+@dataclass(frozen=True)
 class SyncMasterData(_Envelope):
     """A ``Sync…`` master data message as plant data (the shape of ``mes.masterdata.Plant``).
 
@@ -324,13 +358,17 @@ class SyncMasterData(_Envelope):
     """
 
     #: The noun: MaterialClass, MaterialDefinition, Equipment, ProcessSegment,
-    #: OperationsDefinition or WorkMaster.
+    #: OperationsDefinition, WorkMaster, MaterialLot or MaterialInformation.
     noun: str
     plant: dict[str, Any] = field(default_factory=dict)
 
 
 Message: TypeAlias = (
-    ProcessOperationsSchedule | ChangeOperationsSchedule | CancelOperationsSchedule | SyncMasterData
+    ProcessOperationsSchedule
+    | ChangeOperationsSchedule
+    | CancelOperationsSchedule
+    | SyncOperationsSchedule
+    | SyncMasterData
 )
 
 
@@ -380,11 +418,23 @@ def _decode(root: Element, name: str) -> Message:
         return CancelOperationsSchedule(
             **envelope, schedule_id=_schedule_id(schedules), order_ids=list(dict.fromkeys(ids))
         )
+    if name == "SyncOperationsSchedule":
+        schedules = children(data_area, "OperationsSchedule")
+        return SyncOperationsSchedule(
+            **envelope,
+            schedule_id=_schedule_id(schedules),
+            requests=[OrderRequest(**fields) for fields in _requests(schedules)],
+        )
     noun = name.removeprefix("Sync")
     if name.startswith("Sync") and noun in SYNC_NOUNS:
         return SyncMasterData(**envelope, noun=noun, plant=plant_of(noun, data_area))
     accepted = ", ".join(
-        ["ProcessOperationsSchedule", "ChangeOperationsSchedule", "CancelOperationsSchedule"]
+        [
+            "ProcessOperationsSchedule",
+            "ChangeOperationsSchedule",
+            "CancelOperationsSchedule",
+            "SyncOperationsSchedule",
+        ]
         + [f"Sync{n}" for n in SYNC_NOUNS]
     )
     raise B2MMLError(f"{name} is valid B2MML but not a message the MES takes ({accepted})")
