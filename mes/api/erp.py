@@ -75,10 +75,15 @@ class B2mmlController(Controller):
         description=(
             "ProcessOperationsSchedule (new production orders), ChangeOperationsSchedule "
             "(quantity, due or priority of an order not started), CancelOperationsSchedule, "
-            "and Sync{MaterialDefinition,Equipment,OperationsDefinition,WorkMaster,…} "
-            "(master data). Answers AcknowledgeOperationsSchedule, RespondOperationsSchedule or "
-            "ConfirmBOD; refused messages get a ConfirmBOD listing the errors (4xx) and change "
-            "nothing. Idempotent on BODID and on each OperationsRequest ID. " + roles_note(B2MML_IN)
+            "SyncOperationsSchedule (each request new: processed; known: changed), "
+            "Sync{MaterialClass,MaterialDefinition,Equipment,ProcessSegment,"
+            "OperationsDefinition,WorkMaster} (master data) and SyncMaterialLot / "
+            "SyncMaterialInformation (stock lots, in the material's unit). Answers "
+            "AcknowledgeOperationsSchedule, RespondOperationsSchedule or ConfirmBOD, each "
+            "echoing the message answered (OriginalApplicationArea: sender, creation time, "
+            "BODID); refused messages get a ConfirmBOD or Acknowledge listing the errors (4xx) "
+            "and change nothing. Idempotent on BODID and on each OperationsRequest ID. "
+            + roles_note(B2MML_IN)
         ),
         request_body_media_type=XML,
         media_type=XML,
