@@ -12,6 +12,7 @@ import json
 import logging
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -178,13 +179,15 @@ async def _accept(
         problems: dict[str, list[str]] = {}
         for request in message.requests:
             number = request.order_number
-            unit = s.scalar(
-                select(MaterialDefinition.unit).where(
+            product = s.execute(
+                select(MaterialDefinition.unit, MaterialDefinition.unit_conversions).where(
                     MaterialDefinition.external_id == request.product
                 )
-            )
+            ).one_or_none()
+            unit = None if product is None else str(product.unit)
+            own = {} if product is None else dict(product.unit_conversions or {})
             try:
-                body = request.to_order_in(unit)
+                body = request.to_order_in(unit, {u: Decimal(str(size)) for u, size in own.items()})
             except b2mml.B2MMLError as e:
                 problems.setdefault(number, []).extend(e.reasons)
                 continue

@@ -144,12 +144,17 @@ class ScheduleRequest:
 class OrderRequest(ScheduleRequest):
     """A new production order: one ``OperationsRequest`` of type Production."""
 
-    def to_order_in(self, product_unit: str | None = None) -> ErpProductionOrderIn:
+    def to_order_in(
+        self,
+        product_unit: str | None = None,
+        product_conversions: dict[str, Decimal] | None = None,
+    ) -> ErpProductionOrderIn:
         """The order as the JSON route takes it, with the ERP's ids and per-step data;
         ``B2MMLError`` naming the request if unfit.
 
         ``product_unit`` is the product's unit in master data: the amount to make is the
-        quantity in (or converted to) it, see ``choose_amount``.
+        quantity in (or converted to) it, see ``choose_amount``; ``product_conversions`` are
+        the product's own units (``MaterialDefinition.unit_conversions``).
         """
         where = f"OperationsRequest {self.order_number}"
         problems = []
@@ -162,7 +167,9 @@ class OrderRequest(ScheduleRequest):
             problems.append(f"{where}: the Produced MaterialRequirement has no Quantity")
         else:
             try:
-                amount, unit = choose_amount(self.quantities, product_unit, where)
+                amount, unit = choose_amount(
+                    self.quantities, product_unit, where, product_conversions
+                )
                 quantity = float(amount)
             except B2MMLError as exc:
                 problems.extend(exc.reasons)
@@ -218,7 +225,10 @@ def _segment_data(s: SegmentRequest) -> ErpSegmentData:
 
 
 def choose_amount(
-    quantities: list[QuantityData], target_unit: str | None, where: str
+    quantities: list[QuantityData],
+    target_unit: str | None,
+    where: str,
+    conversions: dict[str, Decimal] | None = None,
 ) -> tuple[Decimal, str]:
     """The amount to make among a requirement's quantities, by meaning, not by position.
 
@@ -227,7 +237,8 @@ def choose_amount(
     rate such as ``t/h``, nor a quantity without a unit. What is left must be in
     ``target_unit`` (the product's) or convertible to it, and say one amount; none left or
     several different amounts is a refusal naming what was found. Returns (amount, unit):
-    in ``target_unit`` when given.
+    in ``target_unit`` when given. ``conversions``: the material's own units, sizes in
+    ``target_unit`` (``mes.units.factor``).
     """
     keyed = [q for q in quantities if q.key and q.key.strip().lower() in AMOUNT_KEYS]
     pool = keyed or [q for q in quantities if not q.key]
@@ -237,7 +248,7 @@ def choose_amount(
         if q.unit is None or units.is_rate(q.unit):
             continue
         to = target_unit or (amounts[0][1] if amounts else q.unit)
-        value = units.convert(q.value, q.unit, to)
+        value = units.convert(q.value, q.unit, to, conversions if target_unit else None)
         if value is None:
             if target_unit is None:
                 raise B2MMLError(

@@ -317,3 +317,13 @@ def test_lot_count_by_sql_helper_sees_lots(plant_db: sessionmaker[Session]) -> N
         assert counts(plant_db)["material_lot"] == s.scalar(
             select(func.count()).select_from(MaterialLot)
         )
+
+
+def test_an_order_amount_in_the_products_own_unit_is_converted() -> None:
+    from mes.b2mml import choose_amount
+    from mes.b2mml.parsing import QuantityData
+
+    amounts = [QuantityData(Decimal(2), "CASE", None)]
+    assert choose_amount(amounts, "ea", "OperationsRequest X", {"CASE": Decimal(24)}) == (48, "ea")
+    with pytest.raises(B2MMLError):
+        choose_amount(amounts, "ea", "OperationsRequest X")
