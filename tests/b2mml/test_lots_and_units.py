@@ -324,6 +324,9 @@ def test_an_order_amount_in_the_products_own_unit_is_converted() -> None:
     from mes.b2mml.parsing import QuantityData
 
     amounts = [QuantityData(Decimal(2), "CASE", None)]
-    assert choose_amount(amounts, "ea", "OperationsRequest X", {"CASE": Decimal(24)}) == (48, "ea")
+    assert choose_amount(amounts, "ea", "OperationsRequest X", {"CASE": Decimal(24)}) == (
+        Decimal(48),
+        "ea",
+    )
     with pytest.raises(B2MMLError):
         choose_amount(amounts, "ea", "OperationsRequest X")
