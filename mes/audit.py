@@ -167,7 +167,8 @@ def _audit_master_data(session: Session, _context: object, _instances: object) -
                 after=_row(obj),
             )
     for obj in session.dirty:
-        if isinstance(obj, _MASTER_DATA) and session.is_modified(obj, include_collections=False):
+        audited = isinstance(obj, (*_MASTER_DATA, MaterialLot))
+        if audited and session.is_modified(obj, include_collections=False):
             state = inspect(obj)
             before, after = {}, {}
             for attr in state.mapper.column_attrs:
@@ -175,7 +176,21 @@ def _audit_master_data(session: Session, _context: object, _instances: object) -
                 if hist.has_changes():
                     before[attr.key] = _plain(hist.deleted[0]) if hist.deleted else None
                     after[attr.key] = _plain(hist.added[0]) if hist.added else None
-            if after:
+            if not after:
+                continue
+            if isinstance(obj, MaterialLot):
+                # A lot changed through the ORM (the ERP's stock sync); production's own
+                # consumption is an UPDATE statement that records "lot.consumed" itself.
+                record(
+                    session,
+                    actor=actor,
+                    action="lot.updated",
+                    object_type="material_lot",
+                    object_id=obj.external_id,
+                    before=before,
+                    after=after,
+                )
+            else:
                 add("updated", obj, before, after)
     for obj in session.deleted:
         if isinstance(obj, _MASTER_DATA):

@@ -250,7 +250,16 @@ def _lots(
             problems.append(f"{c_where} is {lot.disposition}, not Released")
             continue
         if choice.quantity is not None:
-            wanted = units.convert(choice.quantity, choice.unit or lot.unit, lot.unit)
+            wanted = units.convert(
+                choice.quantity,
+                choice.unit or lot.unit,
+                lot.unit,
+                # The material's own units (1 BAG = 25 kg); the lot is in the material's unit.
+                {
+                    u: Decimal(str(f))
+                    for u, f in (lot.material_definition.unit_conversions or {}).items()
+                },
+            )
             if wanted is None:
                 problems.append(
                     f"{c_where}: quantity unit {choice.unit!r} is not the lot's unit {lot.unit!r}"

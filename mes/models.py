@@ -185,6 +185,9 @@ class MaterialDefinition(Base):
         ForeignKey("material_class.id"), index=True
     )
     unit: Mapped[str] = mapped_column(String(20))
+    #: The material's own units: unit → how many ``unit`` one of it is, as a decimal string
+    #: ({"BAG": "25"}: a bag of this material is 25 kg); see ``mes.units.factor``.
+    unit_conversions: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     material_class: Mapped[MaterialClass | None] = relationship()
 

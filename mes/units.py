@@ -7,10 +7,16 @@ spells it. ``canonical`` maps any known spelling, case ignored, to one Rec 20 co
 dimension (mass, volume, length, time, count), exactly, as ``Decimal``. A rate (``t/h``,
 ``KGS``) is never an amount: ``is_rate`` tells it apart. Unknown units compare by their
 upper-cased text, so a plant's own unit still matches itself.
+
+Some units are the material's own: a BAG of FLOUR is 25 kg, a BAG of SUGAR 50 kg. Master
+data may give a material such conversions (``MaterialDefinition.unit_conversions``: unit
+→ how many of the material's unit one of it is); ``factor`` and ``convert`` take them as
+``per_material`` and use them where the standard vocabulary has no conversion.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from decimal import Decimal
 
 __all__ = ["canonical", "convert", "dimension", "factor", "is_rate", "same"]
@@ -87,9 +93,7 @@ def is_rate(unit: str) -> bool:
     return dimension(unit) == "rate"
 
 
-def factor(source: str, target: str) -> Decimal | None:
-    """How many ``target`` one ``source`` is (``factor("t", "kg") == 1000``); 1 for the same
-    unit; None when they are of different or unknown dimensions, or rates."""
+def _standard(source: str, target: str) -> Decimal | None:
     if same(source, target):
         return Decimal(1)
     a, b = _UNITS.get(canonical(source)), _UNITS.get(canonical(target))
@@ -98,7 +102,46 @@ def factor(source: str, target: str) -> Decimal | None:
     return a[1] / b[1]
 
 
-def convert(value: Decimal, source: str, target: str) -> Decimal | None:
-    """``value`` in ``source`` expressed in ``target``; None when they do not convert."""
-    f = factor(source, target)
+def factor(
+    source: str,
+    target: str,
+    per_material: Mapping[str, Decimal] | None = None,
+    base: str | None = None,
+) -> Decimal | None:
+    """How many ``target`` one ``source`` is (``factor("t", "kg") == 1000``); 1 for the same
+    unit; None when they are of different or unknown dimensions, or rates.
+
+    ``per_material`` adds one material's own units: unit → how many ``base`` (the
+    material's unit; ``target`` when not given) one of it is, so with ``{"BAG": 25}`` and
+    base kg, ``factor("BAG", "t") == 0.025``. The standard vocabulary wins where it knows
+    both units.
+    """
+    found = _standard(source, target)
+    if found is not None or not per_material:
+        return found
+    base = target if base is None else base
+    sizes = {canonical(unit): Decimal(size) for unit, size in per_material.items()}
+
+    def in_base(unit: str) -> Decimal | None:
+        own = sizes.get(canonical(unit))
+        if own is not None:
+            return own
+        return _standard(unit, base)
+
+    a, b = in_base(source), in_base(target)
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def convert(
+    value: Decimal,
+    source: str,
+    target: str,
+    per_material: Mapping[str, Decimal] | None = None,
+    base: str | None = None,
+) -> Decimal | None:
+    """``value`` in ``source`` expressed in ``target``; None when they do not convert
+    (``per_material`` and ``base`` as for ``factor``)."""
+    f = factor(source, target, per_material, base)
     return None if f is None else value * f

@@ -63,6 +63,21 @@ def test_upgrade_load_twice_and_a_bad_file(tmp_path: Path) -> None:
     assert row_counts(tmp_path) == counts
 
 
+def test_load_takes_b2mml_lot_messages(tmp_path: Path) -> None:
+    assert run(tmp_path, "db", "upgrade").returncode == 0
+    with plant_file() as sample:
+        assert run(tmp_path, "load", str(sample)).returncode == 0
+    fixtures = Path(__file__).resolve().parent / "b2mml" / "fixtures"
+    stock = fixtures / "third-party-material-lot.xml"
+    lots = row_counts(tmp_path)["material_lot"]
+    first = run(tmp_path, "load", str(stock))
+    assert first.returncode == 0, first.stderr
+    assert "created 2, updated 0" in first.stdout
+    assert row_counts(tmp_path)["material_lot"] == lots + 2
+    again = run(tmp_path, "load", str(stock))
+    assert "created 0, updated 0" in again.stdout
+
+
 def test_openapi_check_and_help(tmp_path: Path) -> None:
     assert run(tmp_path, "openapi", "--check").returncode == 0
     helped = run(tmp_path, "--help")

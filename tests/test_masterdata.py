@@ -507,8 +507,9 @@ BAD_FILES = [
         id="last-step-does-not-produce-product",
     ),
     pytest.param(
-        _set(("lots", 1, "unit"), "t"),
-        "lots[1] (LOT-FLOUR-0001): unit 't' differs from FLOUR-WHEAT's unit 'kg'",
+        _set(("lots", 1, "unit"), "ea"),
+        "lots[1] (LOT-FLOUR-0001): unit 'ea' does not convert to FLOUR-WHEAT's unit 'kg' "
+        "(give the material a conversion for it)",
         id="lot-unit-mismatch",
     ),
 ]
@@ -799,8 +800,9 @@ def test_partial_given_lists_replace_what_is_stored(plant_db: sessionmaker[Sessi
             "job could be sent to it",
         ),
         (
-            {"lots": [{"id": "LOT-X", "material": "FLOUR-WHEAT", "quantity": 1, "unit": "t"}]},
-            "lots[0] (LOT-X): unit 't' differs from FLOUR-WHEAT's unit 'kg'",
+            {"lots": [{"id": "LOT-X", "material": "FLOUR-WHEAT", "quantity": 1, "unit": "BAG"}]},
+            "lots[0] (LOT-X): unit 'BAG' does not convert to FLOUR-WHEAT's unit 'kg' "
+            "(give the material a conversion for it)",
         ),
         (
             {"equipment": [{"id": "WU-OVEN-1", "level": "WorkUnit", "endpoint": None}]},

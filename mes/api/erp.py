@@ -12,6 +12,7 @@ import json
 import logging
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from functools import partial
 from typing import Annotated, Any, Literal
 
@@ -75,10 +76,15 @@ class B2mmlController(Controller):
         description=(
             "ProcessOperationsSchedule (new production orders), ChangeOperationsSchedule "
             "(quantity, due or priority of an order not started), CancelOperationsSchedule, "
-            "and Sync{MaterialDefinition,Equipment,OperationsDefinition,WorkMaster,…} "
-            "(master data). Answers AcknowledgeOperationsSchedule, RespondOperationsSchedule or "
-            "ConfirmBOD; refused messages get a ConfirmBOD listing the errors (4xx) and change "
-            "nothing. Idempotent on BODID and on each OperationsRequest ID. " + roles_note(B2MML_IN)
+            "SyncOperationsSchedule (each request new: processed; known: changed), "
+            "Sync{MaterialClass,MaterialDefinition,Equipment,ProcessSegment,"
+            "OperationsDefinition,WorkMaster} (master data) and SyncMaterialLot / "
+            "SyncMaterialInformation (stock lots, in the material's unit). Answers "
+            "AcknowledgeOperationsSchedule, RespondOperationsSchedule or ConfirmBOD, each "
+            "echoing the message answered (OriginalApplicationArea: sender, creation time, "
+            "BODID); refused messages get a ConfirmBOD or Acknowledge listing the errors (4xx) "
+            "and change nothing. Idempotent on BODID and on each OperationsRequest ID. "
+            + roles_note(B2MML_IN)
         ),
         request_body_media_type=XML,
         media_type=XML,
@@ -111,6 +117,8 @@ class B2mmlController(Controller):
             response = await _change(db, workflows, message, who)
         elif isinstance(message, b2mml.CancelOperationsSchedule):
             response = await _cancel(steering, message, who)
+        elif isinstance(message, b2mml.SyncOperationsSchedule):
+            response = await _sync_schedule(db, workflows, message, who)
         else:
             response = await _sync(db, message, who)
 
@@ -145,6 +153,23 @@ async def _process(
     """All or nothing: every request is decoded with its product's unit and checked (order,
     routing, segment requirements, chosen lots and equipment) before any is stored. A refusal
     is an ``AcknowledgeOperationsSchedule`` rejecting every request, with the reasons."""
+    accepted = await _accept(db, workflows, message, who, message)
+    if isinstance(accepted, Response):
+        return accepted
+    if message.acknowledge_code is None and message.confirmation_code == "Always":
+        return _confirm(message, "ProcessOperationsSchedule", [], 200)  # a ConfirmBOD "Accepted"
+    return _xml(b2mml.acknowledge_operations_schedule(message, accepted, SENDER), 200)
+
+
+async def _accept(
+    db: Database,
+    workflows: WorkflowClient,
+    message: b2mml.ProcessOperationsSchedule,
+    who: Principal,
+    answered: b2mml.ProcessOperationsSchedule,
+) -> list[tuple[str, str]] | Response[bytes]:
+    """Check and store the new orders of ``message``: (order number, state) of each, or the
+    refusal to send, which rejects every request of ``answered`` (the message as a whole)."""
     noun = "ProcessOperationsSchedule"
 
     def check(
@@ -154,13 +179,15 @@ async def _process(
         problems: dict[str, list[str]] = {}
         for request in message.requests:
             number = request.order_number
-            unit = s.scalar(
-                select(MaterialDefinition.unit).where(
+            product = s.execute(
+                select(MaterialDefinition.unit, MaterialDefinition.unit_conversions).where(
                     MaterialDefinition.external_id == request.product
                 )
-            )
+            ).one_or_none()
+            unit = None if product is None else str(product.unit)
+            own = {} if product is None else dict(product.unit_conversions or {})
             try:
-                body = request.to_order_in(unit)
+                body = request.to_order_in(unit, {u: Decimal(str(size)) for u, size in own.items()})
             except b2mml.B2MMLError as e:
                 problems.setdefault(number, []).extend(e.reasons)
                 continue
@@ -191,10 +218,10 @@ async def _process(
                 if r.order_number in problems
                 else "not taken: the schedule is refused as a whole (" + everything[0] + ")",
             )
-            for r in message.requests
+            for r in answered.requests
         ]
         return _xml(
-            b2mml.acknowledge_operations_schedule(message, [], SENDER, rejected=rejected), 422
+            b2mml.acknowledge_operations_schedule(answered, [], SENDER, rejected=rejected), 422
         )
 
     accepted = []
@@ -204,9 +231,7 @@ async def _process(
         except DomainError as e:
             return _confirm(message, noun, [e.detail], e.status)
         accepted.append((out.order_number, out.state))
-    if message.acknowledge_code is None and message.confirmation_code == "Always":
-        return _confirm(message, noun, [], 200)  # a ConfirmBOD "Accepted"
-    return _xml(b2mml.acknowledge_operations_schedule(message, accepted, SENDER), 200)
+    return accepted
 
 
 def _order_unit(s: Session, number: str) -> str | None:
@@ -219,6 +244,18 @@ async def _change(
     message: b2mml.ChangeOperationsSchedule,
     who: Principal,
 ) -> Response[bytes]:
+    results = await _changes(db, workflows, message, who)
+    status = 200 if all(ok for _, ok, _ in results) else 409
+    return _xml(b2mml.respond_operations_schedule(message, results, SENDER), status)
+
+
+async def _changes(
+    db: Database,
+    workflows: WorkflowClient,
+    message: b2mml.ChangeOperationsSchedule,
+    who: Principal,
+) -> list[tuple[str, bool, str | None]]:
+    """Change each order: (order number, accepted, reason when refused)."""
     results: list[tuple[str, bool, str | None]] = []
     for req in message.requests:
         quantity = req.quantity
@@ -246,8 +283,46 @@ async def _change(
         if accepted:
             await workflows.order_changed(req.order_number)
         results.append((req.order_number, accepted, reason))
-    status = 200 if all(ok for _, ok, _ in results) else 409
-    return _xml(b2mml.respond_operations_schedule(message, results, SENDER), status)
+    return results
+
+
+async def _sync_schedule(
+    db: Database,
+    workflows: WorkflowClient,
+    message: b2mml.SyncOperationsSchedule,
+    who: Principal,
+) -> Response[bytes]:
+    """Process or change, per request: one the MES does not hold is a new order (as in a
+    Process, all new ones or none), one it holds is changed (as in a Change). Only new
+    ones: answered as a Process; only known ones: as a Change; both: one
+    ``AcknowledgeOperationsSchedule`` over every request (a changed order Accepted with
+    its state, or Rejected with the reason). New orders refused: nothing is changed."""
+    numbers = [r.order_number for r in message.requests]
+
+    def held(s: Session) -> dict[str, str]:
+        rows = s.execute(
+            select(OperationsRequest.external_id, OperationsRequest.state).where(
+                OperationsRequest.external_id.in_(numbers)
+            )
+        )
+        return {str(number): str(state) for number, state in rows}
+
+    known = await db.run(held)
+    new = set(numbers) - set(known)
+    if not known:
+        return await _process(db, workflows, message.as_process(new), who)
+    if not new:
+        return await _change(db, workflows, message.as_change(set(known)), who)
+    everything = message.as_process(set(numbers))
+    accepted = await _accept(db, workflows, message.as_process(new), who, everything)
+    if isinstance(accepted, Response):
+        return accepted
+    results = await _changes(db, workflows, message.as_change(set(known)), who)
+    states = await db.run(held)
+    accepted += [(number, states[number]) for number, ok, _ in results if ok]
+    rejected = [(number, reason or "change refused") for number, ok, reason in results if not ok]
+    answer = b2mml.acknowledge_operations_schedule(everything, accepted, SENDER, rejected=rejected)
+    return _xml(answer, 409 if rejected else 200)
 
 
 async def _cancel(

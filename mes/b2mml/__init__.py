@@ -5,7 +5,8 @@ The Business To Manufacturing Markup Language (B2MML) is used courtesy of MESA I
 In: ``decode(data)`` turns a hardened, XSD-validated message into a typed one:
 ``ProcessOperationsSchedule`` (new orders; ``OrderRequest.to_order_in()`` gives the JSON
 route's ``ProductionOrderIn``), ``ChangeOperationsSchedule``, ``CancelOperationsSchedule``,
-or ``SyncMasterData`` (plant data for ``mes.masterdata.load_plant(..., partial=True)``).
+``SyncOperationsSchedule`` (orders to create or change) or ``SyncMasterData`` (plant
+data, lots included, for ``mes.masterdata.load_plant(..., partial=True)``).
 Anything refused is a ``B2MMLError`` with its reasons and, when readable, the ``BODID``.
 
 Out: ``acknowledge_operations_schedule``, ``respond_operations_schedule``, ``confirm_bod``
@@ -26,6 +27,7 @@ from mes.b2mml.messages import (
     ScheduleRequest,
     SegmentRequest,
     SyncMasterData,
+    SyncOperationsSchedule,
     choose_amount,
     decode,
 )
@@ -68,6 +70,7 @@ __all__ = [
     "SegmentRequest",
     "SegmentResponseData",
     "SyncMasterData",
+    "SyncOperationsSchedule",
     "acknowledge_operations_schedule",
     "choose_amount",
     "confirm_bod",

@@ -5,7 +5,11 @@
 - ``ProcessOperationsSchedule``: new production orders (``OrderRequest``);
 - ``ChangeOperationsSchedule``: changed orders (``OrderChange``);
 - ``CancelOperationsSchedule``: order numbers to cancel;
-- ``SyncMasterData``: a ``Sync…`` master data message as plant data (``mes.masterdata``).
+- ``SyncOperationsSchedule``: orders to create or change (``OrderRequest``): each request
+  the MES does not hold yet is processed as by a Process, each one it holds changed as by
+  a Change (``as_process``, ``as_change``);
+- ``SyncMasterData``: a ``Sync…`` master data message as plant data (``mes.masterdata``),
+  lots (``SyncMaterialLot``, ``SyncMaterialInformation``) included.
 
 Where each field is read (paths below ``DataArea/OperationsSchedule/OperationsRequest``):
 
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal, TypeAlias, cast
@@ -48,6 +53,7 @@ from pydantic import ValidationError
 
 from mes import units
 from mes.b2mml.parsing import (
+    AMOUNT_KEYS,
     DEFAULT_MAX_BYTES,
     B2MMLError,
     Element,
@@ -80,6 +86,7 @@ __all__ = [
     "ScheduleRequest",
     "SegmentRequest",
     "SyncMasterData",
+    "SyncOperationsSchedule",
     "decode",
 ]
 
@@ -137,12 +144,17 @@ class ScheduleRequest:
 class OrderRequest(ScheduleRequest):
     """A new production order: one ``OperationsRequest`` of type Production."""
 
-    def to_order_in(self, product_unit: str | None = None) -> ErpProductionOrderIn:
+    def to_order_in(
+        self,
+        product_unit: str | None = None,
+        product_conversions: dict[str, Decimal] | None = None,
+    ) -> ErpProductionOrderIn:
         """The order as the JSON route takes it, with the ERP's ids and per-step data;
         ``B2MMLError`` naming the request if unfit.
 
         ``product_unit`` is the product's unit in master data: the amount to make is the
-        quantity in (or converted to) it, see ``choose_amount``.
+        quantity in (or converted to) it, see ``choose_amount``; ``product_conversions`` are
+        the product's own units (``MaterialDefinition.unit_conversions``).
         """
         where = f"OperationsRequest {self.order_number}"
         problems = []
@@ -155,7 +167,9 @@ class OrderRequest(ScheduleRequest):
             problems.append(f"{where}: the Produced MaterialRequirement has no Quantity")
         else:
             try:
-                amount, unit = choose_amount(self.quantities, product_unit, where)
+                amount, unit = choose_amount(
+                    self.quantities, product_unit, where, product_conversions
+                )
                 quantity = amount
             except B2MMLError as exc:
                 problems.extend(exc.reasons)
@@ -210,17 +224,11 @@ def _segment_data(s: SegmentRequest) -> ErpSegmentData:
     )
 
 
-#: ``Quantity/Key`` values that say "this is the amount" (case ignored).
-AMOUNT_KEYS = frozenset(
-    {
-        "amount", "quantity", "orderquantity", "plannedquantity", "targetquantity",
-        "requiredquantity", "totalquantity", "total", "produced", "producedquantity", "order",
-    }
-)  # fmt: skip
-
-
 def choose_amount(
-    quantities: list[QuantityData], target_unit: str | None, where: str
+    quantities: list[QuantityData],
+    target_unit: str | None,
+    where: str,
+    conversions: dict[str, Decimal] | None = None,
 ) -> tuple[Decimal, str]:
     """The amount to make among a requirement's quantities, by meaning, not by position.
 
@@ -229,7 +237,8 @@ def choose_amount(
     rate such as ``t/h``, nor a quantity without a unit. What is left must be in
     ``target_unit`` (the product's) or convertible to it, and say one amount; none left or
     several different amounts is a refusal naming what was found. Returns (amount, unit):
-    in ``target_unit`` when given.
+    in ``target_unit`` when given. ``conversions``: the material's own units, sizes in
+    ``target_unit`` (``mes.units.factor``).
     """
     keyed = [q for q in quantities if q.key and q.key.strip().lower() in AMOUNT_KEYS]
     pool = keyed or [q for q in quantities if not q.key]
@@ -239,7 +248,7 @@ def choose_amount(
         if q.unit is None or units.is_rate(q.unit):
             continue
         to = target_unit or (amounts[0][1] if amounts else q.unit)
-        value = units.convert(q.value, q.unit, to)
+        value = units.convert(q.value, q.unit, to, conversions if target_unit else None)
         if value is None:
             if target_unit is None:
                 raise B2MMLError(
@@ -316,6 +325,42 @@ class CancelOperationsSchedule(_Envelope):
 
 
 @dataclass(frozen=True)
+class SyncOperationsSchedule(_Envelope):
+    """Orders to create or change, whichever each one needs (the ERP's "this is the
+    schedule now")."""
+
+    schedule_id: str
+    requests: list[OrderRequest]
+
+    def as_process(self, numbers: set[str]) -> ProcessOperationsSchedule:
+        """The requests ``numbers`` (new orders) as a ``ProcessOperationsSchedule``."""
+        return ProcessOperationsSchedule(
+            bod_id=self.bod_id,
+            sender=self.sender,
+            confirmation_code=self.confirmation_code,
+            created=self.created,
+            schedule_id=self.schedule_id,
+            requests=[r for r in self.requests if r.order_number in numbers],
+        )
+
+    def as_change(self, numbers: set[str]) -> ChangeOperationsSchedule:
+        """The requests ``numbers`` (known orders) as a ``ChangeOperationsSchedule``."""
+        names = [f.name for f in dataclass_fields(ScheduleRequest)]
+        return ChangeOperationsSchedule(
+            bod_id=self.bod_id,
+            sender=self.sender,
+            confirmation_code=self.confirmation_code,
+            created=self.created,
+            schedule_id=self.schedule_id,
+            requests=[
+                OrderChange(**{n: getattr(r, n) for n in names})
+                for r in self.requests
+                if r.order_number in numbers
+            ],
+        )
+
+
+@dataclass(frozen=True)
 class SyncMasterData(_Envelope):
     """A ``Sync…`` master data message as plant data (the shape of ``mes.masterdata.Plant``).
 
@@ -324,13 +369,17 @@ class SyncMasterData(_Envelope):
     """
 
     #: The noun: MaterialClass, MaterialDefinition, Equipment, ProcessSegment,
-    #: OperationsDefinition or WorkMaster.
+    #: OperationsDefinition, WorkMaster, MaterialLot or MaterialInformation.
     noun: str
     plant: dict[str, Any] = field(default_factory=dict)
 
 
 Message: TypeAlias = (
-    ProcessOperationsSchedule | ChangeOperationsSchedule | CancelOperationsSchedule | SyncMasterData
+    ProcessOperationsSchedule
+    | ChangeOperationsSchedule
+    | CancelOperationsSchedule
+    | SyncOperationsSchedule
+    | SyncMasterData
 )
 
 
@@ -380,11 +429,23 @@ def _decode(root: Element, name: str) -> Message:
         return CancelOperationsSchedule(
             **envelope, schedule_id=_schedule_id(schedules), order_ids=list(dict.fromkeys(ids))
         )
+    if name == "SyncOperationsSchedule":
+        schedules = children(data_area, "OperationsSchedule")
+        return SyncOperationsSchedule(
+            **envelope,
+            schedule_id=_schedule_id(schedules),
+            requests=[OrderRequest(**fields) for fields in _requests(schedules)],
+        )
     noun = name.removeprefix("Sync")
     if name.startswith("Sync") and noun in SYNC_NOUNS:
         return SyncMasterData(**envelope, noun=noun, plant=plant_of(noun, data_area))
     accepted = ", ".join(
-        ["ProcessOperationsSchedule", "ChangeOperationsSchedule", "CancelOperationsSchedule"]
+        [
+            "ProcessOperationsSchedule",
+            "ChangeOperationsSchedule",
+            "CancelOperationsSchedule",
+            "SyncOperationsSchedule",
+        ]
         + [f"Sync{n}" for n in SYNC_NOUNS]
     )
     raise B2MMLError(f"{name} is valid B2MML but not a message the MES takes ({accepted})")

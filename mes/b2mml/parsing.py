@@ -50,6 +50,14 @@ DEFAULT_MAX_BYTES = 2_000_000
 #: Past this many, more schema errors only repeat the first ones' cause.
 _MAX_REASONS = 20
 
+#: ``Quantity/Key`` values that say "this is the amount" (case ignored).
+AMOUNT_KEYS = frozenset(
+    {
+        "amount", "quantity", "orderquantity", "plannedquantity", "targetquantity",
+        "requiredquantity", "totalquantity", "total", "produced", "producedquantity", "order",
+    }
+)  # fmt: skip
+
 #: An lxml element. lxml ships no type hints, so it is ``Any`` to mypy.
 Element: TypeAlias = Any
 
@@ -213,6 +221,7 @@ def parse_xml(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Element:
             f"the root element {message_type} is not in the B2MML namespace {NS}",
             bod_id,
             message_type,
+            *origin_of(root),
         )
     errors = validation_errors(root)
     if errors:

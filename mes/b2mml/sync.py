@@ -7,10 +7,26 @@ elements to keys. Where each key is read, per noun (paths below ``DataArea``):
 MaterialClass → ``material_classes``
     ``MaterialClass/ID``, first ``Description``.
 MaterialDefinition → ``materials``
-    ``ID``, first ``Description``, first ``MaterialClassID``; the unit from the
-    ``MaterialDefinitionProperty`` whose ID is UnitOfMeasure (or BaseUnitOfMeasure, UOM):
-    its ``Value/ValueString``, else its ``Value/UnitOfMeasure``. V0701 has no unit element on
-    a material definition, and the MES books every quantity in the material's unit.
+    ``ID``, first ``Description``, first ``MaterialClassID``. V0701 has no unit element on a
+    material definition (units live in ``ValueType``/``QuantityValueType`` as
+    ``UnitOfMeasure``), and the MES books every quantity in the material's unit, so the unit
+    is, first found: the ``MaterialDefinitionProperty`` whose ID is UnitOfMeasure (or
+    BaseUnitOfMeasure, UOM, BaseUOM): its ``Value/ValueString``, else its
+    ``Value/UnitOfMeasure``; else the one unit every other property's
+    ``Value/UnitOfMeasure`` gives (children included; conversions and rates left out);
+    else none, and the stored definition keeps its unit (a new one is refused). The
+    material's own units come from ``MaterialDefinitionProperty`` UnitConversion (or
+    AlternativeUnitOfMeasure): one ``Value`` per unit, ``Key`` the unit (BAG),
+    ``ValueString`` how many ``UnitOfMeasure`` (default: the material's unit) one is.
+MaterialLot → ``lots``
+    ``ID``, ``MaterialDefinitionID``, the amount among ``Quantity`` elements (keyed Amount,
+    Quantity, … or unkeyed; a rate never; converted to the material's unit on loading),
+    ``Disposition`` (else ``Status``) mapped to Released, Restricted or Rejected (see
+    ``DISPOSITIONS``). The MES keeps no storage location, sublots or lot properties.
+MaterialInformation → ``material_classes``, ``materials``, ``lots``
+    Each ``MaterialInformation``'s ``MaterialClass``, ``MaterialDefinition`` and
+    ``MaterialLot`` elements, read as above, loaded together (a lot may be of a material
+    defined beside it).
 ProcessSegment → ``process_segments``
     ``ID``, first ``Description``.
 Equipment → ``equipment``
@@ -41,12 +57,16 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, cast
 
+from mes import units
 from mes.b2mml.parsing import (
+    AMOUNT_KEYS,
     B2MMLError,
     Element,
+    QuantityData,
     child,
     children,
     decimal_of,
+    quantities_of,
     quantity_of,
     text,
     texts,
@@ -62,9 +82,27 @@ SYNC_NOUNS: dict[str, str] = {
     "Equipment": "equipment",
     "OperationsDefinition": "routings",
     "WorkMaster": "work_masters",
+    "MaterialLot": "lots",
+    "MaterialInformation": "materials",
 }
 
+#: ``Disposition``/``Status`` of a lot (case, blanks, dashes and underscores ignored) →
+#: the MES's ``LotDisposition``. V0701's DispositionType: Planned, In-Process, Restricted,
+#: UnRestricted, Closed; the rest are common ERP statuses.
+DISPOSITIONS: dict[str, str] = dict.fromkeys(
+    ("unrestricted", "released", "available", "approved", "accepted", "free", "unrestricteduse"),
+    "Released",
+)
+DISPOSITIONS |= dict.fromkeys(
+    ("restricted", "planned", "inprocess", "quarantine", "qualityinspection", "inspection",
+     "onhold", "hold", "held", "blocked", "pending"),
+    "Restricted",
+)  # fmt: skip
+DISPOSITIONS |= dict.fromkeys(("rejected", "closed", "scrapped", "scrap"), "Rejected")
+
 _UNIT_PROPERTIES = {"unitofmeasure", "baseunitofmeasure", "uom", "baseuom"}
+_CONVERSION_PROPERTIES = {"unitconversion", "unitconversions", "alternativeunitofmeasure"}
+_CONVERSION_PROPERTIES |= {"alternativeunit", "alternativeuom"}
 _ENDPOINT_PROPERTIES = {
     "controllerprotocol": "protocol",
     "controllerurl": "url",
@@ -82,6 +120,8 @@ _SECONDS |= dict.fromkeys(("h", "hour", "hours"), Decimal(3600))
 def plant_of(noun: str, data_area: Element) -> dict[str, Any]:
     """The plant data of one ``Sync…`` message's ``DataArea``; ``B2MMLError`` lists every
     element the MES cannot map, naming it by noun and ID."""
+    if noun == "MaterialInformation":
+        return _material_information(data_area)
     elements = children(data_area, noun)
     problems: list[str] = []
     entries: list[dict[str, Any]] = []
@@ -136,17 +176,136 @@ def _material_definition(element: Element) -> dict[str, Any]:
     if classes:
         entry["material_class"] = classes[0]
     unit = None
+    conversions: list[dict[str, Any]] = []
+    problems: list[str] = []
+    others: list[Element] = []
     for key, prop in _properties(element, "MaterialDefinitionProperty").items():
         value = child(prop, "Value")
         if key in _UNIT_PROPERTIES and value is not None:
             unit = _value_string(value) or text(value, "UnitOfMeasure")
+        elif key in _CONVERSION_PROPERTIES:
+            for v in children(prop, "Value"):
+                try:
+                    conversions.append(_conversion(v, f"{where}.{text(prop, 'ID')}"))
+                except B2MMLError as exc:
+                    problems.extend(exc.reasons)
+        else:
+            others.append(prop)
+    if problems:
+        raise B2MMLError(problems)
     if unit is None:
-        raise B2MMLError(
-            f"{where}: no unit; give a MaterialDefinitionProperty with ID UnitOfMeasure "
-            "and the unit as its Value/ValueString"
-        )
-    entry["unit"] = unit
+        found = {units.canonical(u): u for u in _value_units(others) if not units.is_rate(u)}
+        if len(found) == 1:
+            unit = next(iter(found.values()))
+    if unit is not None:
+        entry["unit"] = unit
+    if conversions:
+        entry["conversions"] = conversions
     return entry
+
+
+def _value_units(properties: list[Element]) -> list[str]:
+    """Every ``Value/UnitOfMeasure`` of these properties and their children."""
+    found = []
+    for prop in properties:
+        for value in children(prop, "Value"):
+            u = text(value, "UnitOfMeasure")
+            if u is not None:
+                found.append(u)
+        found += _value_units(children(prop, "MaterialDefinitionPropertyChild"))
+    return found
+
+
+def _conversion(value: Element, where: str) -> dict[str, Any]:
+    unit = text(value, "Key")
+    number = _value_string(value)
+    if unit is None or number is None:
+        raise B2MMLError(
+            f"{where}: a unit conversion needs Key (the unit, such as BAG) and ValueString "
+            "(how many of the material's unit, or of UnitOfMeasure, one is)"
+        )
+    size = decimal_of(number, f"{where}.{unit}")
+    if size <= 0:
+        raise B2MMLError(f"{where}.{unit}: {number} is not a positive factor")
+    entry: dict[str, Any] = {"unit": unit, "factor": float(size)}
+    of = text(value, "UnitOfMeasure")
+    if of is not None:
+        entry["of"] = of
+    return entry
+
+
+def _material_lot(element: Element) -> dict[str, Any]:
+    lot_id = _id(element)
+    where = f"MaterialLot {lot_id}"
+    problems = []
+    entry: dict[str, Any] = {"id": lot_id}
+    material = text(element, "MaterialDefinitionID")
+    if material is None:
+        problems.append(f"{where}: no MaterialDefinitionID (the material it is a lot of)")
+    else:
+        entry["material"] = material
+    try:
+        amount = _lot_amount(quantities_of(element, where), where)
+    except B2MMLError as exc:
+        problems.extend(exc.reasons)
+    else:
+        entry["quantity"] = amount.value
+        if amount.unit is not None:
+            entry["unit"] = amount.unit
+    for name in ("Disposition", "Status"):
+        given = text(element, name)
+        if given is None:
+            continue
+        mapped = DISPOSITIONS.get("".join(c for c in given.lower() if c.isalnum()))
+        if mapped is None:
+            problems.append(
+                f"{where}: {name} {given!r} is not a disposition the MES knows "
+                "(Released: UnRestricted, Released, Available, …; Restricted: Restricted, "
+                "Quarantine, Blocked, …; Rejected: Rejected, Closed, Scrapped)"
+            )
+        else:
+            entry["disposition"] = mapped
+        break
+    if problems:
+        raise B2MMLError(problems)
+    return entry
+
+
+def _lot_amount(quantities: list[QuantityData], where: str) -> QuantityData:
+    """The lot's amount: keyed as the amount, else unkeyed; never a rate; one value."""
+    keyed = [q for q in quantities if q.key and q.key.strip().lower() in AMOUNT_KEYS]
+    pool = [q for q in keyed or [q for q in quantities if not q.key] if not _rate(q)]
+    if not pool:
+        found = ", ".join(q.describe() for q in quantities) or "none"
+        raise B2MMLError(f"{where}: no Quantity that is the lot's amount (found {found})")
+    amount = pool[0]
+    if amount.value < 0:
+        raise B2MMLError(f"{where}: quantity {amount.describe()} is negative")
+    return amount
+
+
+def _rate(q: QuantityData) -> bool:
+    return q.unit is not None and units.is_rate(q.unit)
+
+
+def _material_information(data_area: Element) -> dict[str, Any]:
+    problems: list[str] = []
+    plant: dict[str, list[dict[str, Any]]] = {"material_classes": [], "materials": [], "lots": []}
+    readers = (
+        ("MaterialClass", "material_classes", _material_class),
+        ("MaterialDefinition", "materials", _material_definition),
+        ("MaterialLot", "lots", _material_lot),
+    )
+    for info in children(data_area, "MaterialInformation"):
+        for name, section, reader in readers:
+            for element in children(info, name):
+                try:
+                    plant[section].append(reader(element))
+                except B2MMLError as exc:
+                    problems.extend(exc.reasons)
+    if problems:
+        raise B2MMLError(problems)
+    return {section: entries for section, entries in plant.items() if entries}
 
 
 def _equipment(element: Element) -> dict[str, Any]:
@@ -370,4 +529,5 @@ _READERS = {
     "Equipment": _equipment,
     "OperationsDefinition": _operations_definition,
     "WorkMaster": _work_master,
+    "MaterialLot": _material_lot,
 }

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mes import units as unit_vocabulary
-from mes.masterdata.schema import EquipmentEntry, Plant, walk_equipment
+from mes.masterdata.schema import EquipmentEntry, MaterialEntry, Plant, walk_equipment
 from mes.models import (
     ControllerEndpoint,
     Equipment,
@@ -43,6 +44,36 @@ class MasterDataError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
+def conversion_sizes(material: MaterialEntry, unit: str) -> tuple[dict[str, str], list[str]]:
+    """A material entry's own units as stored (unit → how many ``unit`` one is, a decimal
+    string), and the problems with them: an ``of`` that is not convertible to ``unit``, a
+    unit listed twice, or one the standard vocabulary already converts."""
+    sizes: dict[str, str] = {}
+    problems: list[str] = []
+    for j, c in enumerate(material.conversions):
+        where = f"conversions[{j}] ({c.unit})"
+        size = unit_vocabulary.convert(Decimal(str(c.factor)), c.of or unit, unit)
+        if size is None:
+            problems.append(f"{where}: {c.of!r} does not convert to the material's unit {unit!r}")
+            continue
+        if unit_vocabulary.factor(c.unit, unit) is not None:
+            problems.append(
+                f"{where}: {c.unit!r} already converts to {unit!r}; only units the standard "
+                "vocabulary does not know need a conversion"
+            )
+            continue
+        if any(unit_vocabulary.same(c.unit, known) for known in sizes):
+            problems.append(f"{where}: listed twice")
+            continue
+        sizes[c.unit] = format(size.normalize(), "f")
+    return sizes, problems
+
+
+def decimal_sizes(sizes: dict[str, str] | None) -> dict[str, Decimal]:
+    """Stored conversions (``MaterialDefinition.unit_conversions``) as ``Decimal``."""
+    return {unit: Decimal(str(size)) for unit, size in (sizes or {}).items()}
+
+
 def _num(x: float) -> str:
     """300.0 → "300", 0.006 → "0.006": numbers as the engineer wrote them."""
     return str(int(x)) if x.is_integer() else repr(x)
@@ -60,6 +91,8 @@ class Stored:
     material_classes: set[str] = field(default_factory=set)
     #: material id → its unit
     materials: dict[str, str] = field(default_factory=dict)
+    #: material id → its own units (``MaterialDefinition.unit_conversions``)
+    conversions: dict[str, dict[str, str]] = field(default_factory=dict)
     #: equipment id → (level, has an endpoint, parent id)
     equipment: dict[str, tuple[str, bool, str | None]] = field(default_factory=dict)
     process_segments: set[str] = field(default_factory=set)
@@ -91,13 +124,18 @@ class Stored:
                 )
             )
         )
+        material_rows = session.execute(
+            select(
+                MaterialDefinition.external_id,
+                MaterialDefinition.unit,
+                MaterialDefinition.unit_conversions,
+            )
+        ).all()
         return cls(
             material_classes=set(session.scalars(select(MaterialClass.external_id))),
-            materials={
-                row.external_id: row.unit
-                for row in session.execute(
-                    select(MaterialDefinition.external_id, MaterialDefinition.unit)
-                )
+            materials={row.external_id: row.unit for row in material_rows},
+            conversions={
+                row.external_id: dict(row.unit_conversions or {}) for row in material_rows
             },
             equipment=equipment,
             process_segments=set(session.scalars(select(ProcessSegment.external_id))),
@@ -189,22 +227,61 @@ def check_plant(plant: Plant, stored: Stored | None = None) -> list[str]:
     stored_classes = stored.material_classes if stored is not None else set()
     unique("materials", [m.id for m in plant.materials])
     materials = {m.id: m for m in plant.materials}
+    stored_materials = stored.materials if stored is not None else {}
     for i, m in enumerate(plant.materials):
         class_id = m.material_class
         if class_id is None or class_id in classes or class_id in stored_classes or deferred:
             continue
         problems.append(f"materials[{i}] ({m.id}): unknown material_class {class_id!r}")
 
+    for i, m in enumerate(plant.materials):
+        path = f"materials[{i}] ({m.id})"
+        if m.unit is None and not partial:
+            problems.append(f"{path}.unit: Field required")
+        elif m.unit is None and not deferred and m.id not in stored_materials:
+            problems.append(
+                f"{path}: no unit given (no UnitOfMeasure anywhere on it) and no stored "
+                f"{m.id} whose unit it could keep"
+            )
+        unit = m.unit or stored_materials.get(m.id)
+        if unit is not None:
+            problems.extend(f"{path}.{p}" for p in conversion_sizes(m, unit)[1])
+
     def material_unit(material_id: str) -> str | None:
         material = materials.get(material_id)
-        if material is not None:
+        if material is not None and material.unit is not None:
             return material.unit
-        return stored.materials.get(material_id) if stored is not None else None
+        return stored_materials.get(material_id)
+
+    def material_conversions(material_id: str) -> dict[str, Decimal]:
+        material = materials.get(material_id)
+        unit = material_unit(material_id)
+        if (
+            material is not None
+            and unit is not None
+            and (not partial or "conversions" in material.model_fields_set)
+        ):
+            return decimal_sizes(conversion_sizes(material, unit)[0])
+        return decimal_sizes(stored.conversions.get(material_id) if stored is not None else None)
+
+    def check_lot_unit(path: str, material_id: str, unit: str | None) -> None:
+        material_unit_ = material_unit(material_id)
+        if material_unit_ is None:
+            if not deferred and material_id not in materials:  # else: its missing unit is said
+                problems.append(f"{path}: unknown material {material_id!r}")
+        elif unit is not None and (
+            unit_vocabulary.factor(unit, material_unit_, material_conversions(material_id)) is None
+        ):
+            # Stock is booked in the material's unit: a lot's unit must convert to it.
+            problems.append(
+                f"{path}: unit {unit!r} does not convert to {material_id}'s unit "
+                f"{material_unit_!r} (give the material a conversion for it)"
+            )
 
     def check_unit(path: str, material_id: str, unit: str | None) -> None:
         material_unit_ = material_unit(material_id)
         if material_unit_ is None:
-            if not deferred:
+            if not deferred and material_id not in materials:  # else: its missing unit is said
                 problems.append(f"{path}: unknown material {material_id!r}")
         elif unit is not None and not unit_vocabulary.same(unit, material_unit_):
             # Stock is booked in the material's unit; KGM is kg, EA is ea (mes.units).
@@ -214,7 +291,7 @@ def check_plant(plant: Plant, stored: Stored | None = None) -> list[str]:
 
     unique("lots", [lot.id for lot in plant.lots])
     for i, lot in enumerate(plant.lots):
-        check_unit(f"lots[{i}] ({lot.id})", lot.material, lot.unit)
+        check_lot_unit(f"lots[{i}] ({lot.id})", lot.material, lot.unit)
 
     segments = unique("process_segments", [s.id for s in plant.process_segments])
     stored_segments = stored.process_segments if stored is not None else set()
@@ -280,7 +357,7 @@ def check_plant(plant: Plant, stored: Stored | None = None) -> list[str]:
     for i, routing in enumerate(plant.routings):
         r_path = f"routings[{i}] ({routing.id})"
         if material_unit(routing.product) is None:
-            if not deferred:
+            if not deferred and routing.product not in materials:
                 problems.append(f"{r_path}: unknown product {routing.product!r}")
         elif routing.product in routing_of_product:
             # Orders name a product; one routing per product keeps that unambiguous.
@@ -375,7 +452,7 @@ def check_against_database(session: Session, plant: Plant, partial: bool = False
                 "material"
             )
 
-    units = {m.id: m.unit for m in plant.materials}
+    units = {m.id: m.unit for m in plant.materials if m.unit is not None}
     mislabelled = session.execute(
         select(MaterialDefinition.external_id, MaterialLot.unit, func.count())
         .join(MaterialLot, MaterialLot.material_definition_id == MaterialDefinition.id)

@@ -11,7 +11,9 @@ What loading does and does not do:
   specification that production records already refer to cannot be removed; the loader says
   so instead (give the routing a new id to change it).
 - Lots are created when missing, but an existing lot's quantity is never overwritten:
-  production consumes lots, so the file's quantity is only the opening stock.
+  production consumes lots, so the file's quantity is only the opening stock. A lot's
+  quantity is converted to its material's unit (``mes.units``, with the material's own
+  ``conversions``: 1 BAG of FLOUR = 25 kg).
 
 A plant file is complete: everything it refers to is defined in it. A **partial** load
 (``partial=True``; B2MML ``Sync…`` messages carry one noun at a time) may also refer to
@@ -25,12 +27,17 @@ noun cannot undo another:
   has no place for either). Given, even empty, they replace what is stored, as in a file.
 - Every check still runs before the first write, against the file and the database
   together, and names the entry; ``read_master_data_file`` reads B2MML ``.xml`` files.
+- A material without a ``unit`` keeps its stored one, and without a ``conversions`` key
+  its stored conversions.
+- Lots are the ERP's stock (``SyncMaterialLot``): a stored lot takes the message's
+  quantity and, when given, disposition (its status follows: Available, or Consumed at 0).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,8 +45,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 from sqlalchemy.sql.base import ExecutableOption
 
-from mes import audit
-from mes.masterdata.checks import MasterDataError, Stored, check_against_database, check_plant
+from mes import audit, units
+from mes.masterdata.checks import (
+    MasterDataError,
+    Stored,
+    check_against_database,
+    check_plant,
+    conversion_sizes,
+    decimal_sizes,
+)
 from mes.masterdata.reading import read_master_data_file
 from mes.masterdata.schema import Plant, StepEntry, walk_equipment
 from mes.models import (
@@ -190,27 +204,39 @@ class _Loader:
         materials = _existing(s, MaterialDefinition, material_ids)
         for m in plant.materials:
             class_id = classes[m.material_class].id if m.material_class else None
-            values = {"description": m.description, "material_class_id": class_id, "unit": m.unit}
+            values: dict[str, Any] = {"description": m.description, "material_class_id": class_id}
+            # Checked: a material without a unit is a stored one (partial), which keeps its own.
+            unit = m.unit if m.unit is not None else materials[m.id].unit
+            values["unit"] = unit
+            if not self.partial or "conversions" in m.model_fields_set:
+                values["unit_conversions"] = conversion_sizes(m, unit)[0]
             self.upsert(MaterialDefinition, materials, m.id, values)
         s.flush()
 
         lots = _existing(s, MaterialLot, [lot.id for lot in plant.lots])
         for lot in plant.lots:
-            if lot.id in lots:
+            if lot.id in lots and not self.partial:
                 # Production consumes lots: the file's quantity is opening stock only.
                 self.report.unchanged += 1
                 continue
             material = materials[lot.material]
-            self.upsert(
-                MaterialLot,
-                lots,
-                lot.id,
-                {
-                    "material_definition_id": material.id,
-                    "quantity": lot.quantity,
-                    "unit": material.unit,
-                },
+            quantity = units.convert(
+                Decimal(str(lot.quantity)),
+                lot.unit or material.unit,
+                material.unit,
+                decimal_sizes(material.unit_conversions),
             )
+            if quantity is None:  # checked before: cannot happen
+                raise MasterDataError(f"lot {lot.id}: unit {lot.unit!r} does not convert")
+            values = {
+                "material_definition_id": material.id,
+                "quantity": quantity,
+                "unit": material.unit,
+                "status": "Available" if quantity > 0 else "Consumed",
+            }
+            if lot.disposition is not None:
+                values["disposition"] = lot.disposition.value
+            self.upsert(MaterialLot, lots, lot.id, values)
 
         segment_ids = [p.id for p in plant.process_segments]
         segment_ids += [w.process_segment for w in plant.work_masters]

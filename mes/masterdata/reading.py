@@ -70,7 +70,8 @@ def read_master_data_file(path: str | Path) -> tuple[Plant, bool]:
 
     ``.yaml``/``.yml``/``.json`` are plant files (complete, see ``read_plant_file``);
     ``.xml`` holds one B2MML ``Sync…`` message (MaterialClass, MaterialDefinition,
-    Equipment, ProcessSegment, OperationsDefinition, WorkMaster), which is partial. Raises
+    Equipment, ProcessSegment, OperationsDefinition, WorkMaster, MaterialLot or
+    MaterialInformation), which is partial. Raises
     ``MasterDataError`` for anything wrong with the file, its XML or its content.
     """
     p = Path(path)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mes.models import EquipmentLevel, MaterialUse
+from mes.models import EquipmentLevel, LotDisposition, MaterialUse
 from mes.quantities import QuantityLax
 
 # Lengths follow the columns in mes/models.py, so a valid file never fails in the database.
@@ -55,22 +55,43 @@ class MaterialClassEntry(_Entry):
     description: Description = ""
 
 
+class ConversionEntry(_Entry):
+    """One of a material's own units: 1 ``unit`` is ``factor`` ``of`` (default: the
+    material's unit). ``{unit: BAG, factor: 25, of: kg}``: a bag of it is 25 kg."""
+
+    unit: Unit
+    factor: Annotated[float, Field(gt=0)]
+    of: Unit | None = None
+
+
 class MaterialEntry(_Entry):
-    """A material definition: raw material, intermediate or product."""
+    """A material definition: raw material, intermediate or product.
+
+    ``unit`` is required in a plant file; a partial load (B2MML) may leave it out for a
+    stored material, which keeps its unit.
+    """
 
     id: Id
     description: Description = ""
     material_class: Id | None = None
-    unit: Unit
+    unit: Unit | None = None
+    #: The material's own units (BAG, DRUM, …) where the standard vocabulary has none.
+    conversions: list[ConversionEntry] = []
 
 
 class LotEntry(_Entry):
-    """A stock lot; ``quantity`` is the opening stock, used only when the lot is created."""
+    """A stock lot, in ``unit`` (converted to the material's unit; default: that unit).
+
+    A plant file's ``quantity`` is the opening stock, used only when the lot is created; a
+    partial load (B2MML ``SyncMaterialLot``: the ERP holds the stock) also updates a stored
+    lot's quantity and disposition.
+    """
 
     id: Id
     material: Id
     quantity: Annotated[QuantityLax, Field(ge=0)]
     unit: Unit | None = None
+    disposition: LotDisposition | None = None
 
 
 class ProcessSegmentEntry(_Entry):

@@ -134,12 +134,12 @@ def test_xml_outside_the_b2mml_namespace_is_refused() -> None:
 
 
 def test_valid_b2mml_of_another_kind_is_refused_with_its_bod_id() -> None:
-    data = PROCESS.replace(b"ProcessOperationsSchedule", b"SyncOperationsSchedule").replace(
-        b'<Process acknowledgeCode="Always"/>', b"<Sync/>"
+    data = PROCESS.replace(b"ProcessOperationsSchedule", b"GetOperationsSchedule").replace(
+        b'<Process acknowledgeCode="Always"/>', b"<Get/>"
     )
     error = refused(data)
-    assert error.reasons[0].startswith("SyncOperationsSchedule is valid B2MML but not a message")
-    assert (error.bod_id, error.message_type) == (BOD_ID, "SyncOperationsSchedule")
+    assert error.reasons[0].startswith("GetOperationsSchedule is valid B2MML but not a message")
+    assert (error.bod_id, error.message_type) == (BOD_ID, "GetOperationsSchedule")
 
 
 def test_parse_xml_returns_the_validated_root() -> None:

@@ -224,10 +224,16 @@ def test_equipment_of_one_message_nest_by_hierarchy_scope() -> None:
     ("data", "reasons"),
     [
         (
-            sync("MaterialDefinition", "<MaterialDefinition><ID>X</ID></MaterialDefinition>"),
+            sync(
+                "MaterialLot",
+                "<MaterialLot><ID>L</ID><Disposition>Other</Disposition></MaterialLot>",
+            ),
             [
-                "MaterialDefinition X: no unit; give a MaterialDefinitionProperty with ID "
-                "UnitOfMeasure and the unit as its Value/ValueString"
+                "MaterialLot L: no MaterialDefinitionID (the material it is a lot of)",
+                "MaterialLot L: no Quantity that is the lot's amount (found none)",
+                "MaterialLot L: Disposition 'Other' is not a disposition the MES knows "
+                "(Released: UnRestricted, Released, Available, …; Restricted: Restricted, "
+                "Quarantine, Blocked, …; Rejected: Rejected, Closed, Scrapped)",
             ],
         ),
         (
@@ -447,8 +453,13 @@ def test_load_plant_file_takes_a_sync_message(plant_db: sessionmaker[Session]) -
         ("broken.xml", b"<SyncEquipment", "broken.xml: not well-formed XML: line 1"),
         (
             "bad.xml",
-            MATERIALS.replace(b"<ID>UnitOfMeasure</ID>", b"<ID>Colour</ID>", 1),
-            "bad.xml: MaterialDefinition DOUGH-PROOFED: no unit",
+            sync(
+                "MaterialLot",
+                "<MaterialLot><ID>L</ID><MaterialDefinitionID>FLOUR-WHEAT</MaterialDefinitionID>"
+                "<Quantity><QuantityString>-5</QuantityString><UnitOfMeasure>kg</UnitOfMeasure>"
+                "</Quantity></MaterialLot>",
+            ),
+            "bad.xml: MaterialLot L: quantity -5 kg is negative",
         ),
     ],
 )
