@@ -131,3 +131,39 @@ def test_not_enough_stock_is_a_production_error(plant_pg: sessionmaker[Session])
         ids = execution.plan_order(s, order_id)
     with plant_pg() as s, pytest.raises(execution.ProductionError, match="not enough"):
         execution.prepare_job(s, ids[0])
+
+
+def test_an_order_runs_and_stops_changing_only_once_a_machine_starts(
+    plant_pg: sessionmaker[Session],
+) -> None:
+    """Queued on a PLC is not running: the order stays Released and the ERP may still change
+    it (the queued job's materials are worked out again); once a machine starts a job the
+    order is Running and a change is refused."""
+    from mes.models import OperationsRequest
+    from mes.production_orders import change_order
+
+    order_id, number = _order(plant_pg, quantity=10)
+    with plant_pg() as s:
+        first = execution.plan_order(s, order_id)
+        execution.prepare_job(s, first[0])
+        execution.mark_dispatched(s, first[0])
+    with plant_pg() as s:
+        order = s.get_one(OperationsRequest, order_id)
+        assert (order.state, order.started_at) == ("Released", None)
+        assert change_order(s, number, "erp", quantity=exact(12)) == (True, None)
+        job = s.scalars(select(JobOrder).where(JobOrder.external_id == first[0])).one()
+        assert job.material_requirements is None  # worked out again for 12 when re-sent
+    with plant_pg() as s:
+        _target, plc_order = execution.prepare_job(s, first[0])
+        produced = [m for m in plc_order.material_requirements if m.use == "Produced"]
+        assert produced
+        execution.mark_running(s, first[0])
+    with plant_pg() as s:
+        order = s.get_one(OperationsRequest, order_id)
+        assert order.state == "Running"
+        assert order.started_at is not None
+        accepted, reason = change_order(s, number, "erp", quantity=exact(14))
+        assert not accepted
+        assert reason is not None
+        assert "has started" in reason
+        assert s.get_one(OperationsRequest, order_id).quantity == exact(12)
