@@ -1,6 +1,6 @@
 """Plant master data: the plant file, its validation, and its upsert into the ISA-95 tables.
 
-A plant file (YAML or JSON, see ``examples/plant.yaml``) describes one plant: the equipment
+A plant file (YAML or JSON, see ``mes/samples/plant.yaml``) describes one plant: the equipment
 hierarchy with the controller endpoint of each work unit, material classes, material
 definitions, stock lots, process segments, work masters (recipes with parameters, the work
 units that run them and the test specifications on what they measure) and routings
