@@ -556,13 +556,13 @@ class JobOrderWorkflow:
         )
 
     async def _activity(self, method: Any, arg: Any, *, plc: bool = False) -> Any:
-        """Run an activity to its end; ``plc``: one that talks to the PLC (heartbeats, and
-        is retried often while the PLC cannot be reached)."""
+        """Run a short activity to its end; ``plc``: one that talks to the PLC (retried
+        often while the PLC cannot be reached). Only the long ones (dispatch, the wait)
+        heartbeat: a short one that is slow under load must not time out for that."""
         return await workflow.execute_activity_method(
             method,
             arg,
             start_to_close_timeout=STEP_TIMEOUT,
-            heartbeat_timeout=PLC_HEARTBEAT if plc else None,
             retry_policy=PLC_RETRY if plc else RETRY,
         )
 
