@@ -116,6 +116,7 @@ class JobOrderWorkflow:
         self._cancel_actor = "system"
         self._dispatch: Dispatch | None = None
         self._on_plc = False  # the job was stored on its PLC (and not withdrawn since)
+        self._sending = False  # a dispatch attempt is under way
         self._plc_state = JobState.NOT_ALLOWED_TO_START
         self._update_plc = False  # a new priority or recipe to send to the PLC
         self._changed = False  # the order changed: prepare the job again
@@ -231,10 +232,11 @@ class JobOrderWorkflow:
             # withdraw whatever is there.
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
-        await workflow.wait_condition(lambda: handle.done() or self._cancel_reason is not None)
-        if not handle.done():
-            handle.cancel()
+        self._sending = True
         try:
+            await workflow.wait_condition(lambda: handle.done() or self._cancel_reason is not None)
+            if not handle.done():
+                handle.cancel()
             await handle
         except ActivityError as e:
             if self._cancel_reason is None:
@@ -246,6 +248,8 @@ class JobOrderWorkflow:
             self._plc_state = JobState.ALLOWED_TO_START
             self._note = ""
             return True
+        finally:
+            self._sending = False
         self._note = ""
         self._on_plc = True
         self._plc_state = JobState.ALLOWED_TO_START
@@ -442,7 +446,8 @@ class JobOrderWorkflow:
         return self._cancel_reason is not None or self._state != WAITING
 
     def _dispatching(self) -> bool:
-        return self._note == "dispatching"
+        """A dispatch attempt is under way: the job may be reaching its PLC."""
+        return self._sending
 
     def _pending(self) -> list[str]:
         if not self._on_plc:
