@@ -1,4 +1,5 @@
-"""API tokens: one role each, shown once, stored as a SHA-256 hash, revocable.
+"""API tokens: one role each, shown once, stored as a SHA-256 hash, revocable, and with an
+optional expiry (an expired token is refused as a revoked one is).
 
 Tokens are 256-bit random strings, so a plain SHA-256 (no salt, no slow hash) is enough to
 make a stolen table useless; it also lets a request find its token by one indexed lookup.
@@ -7,9 +8,10 @@ make a stolen table useless; it also lets a request find its token by one indexe
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -34,6 +36,13 @@ class Principal:
         """How the audit trail names this caller."""
         return f"{self.name} ({self.role})"
 
+    @property
+    def order_scope(self) -> str | None:
+        """The ERP client whose orders alone this caller sees and changes: an ERP token sees
+        the orders it sent (``OperationsRequest.source`` is its name); every other role sees
+        all (None)."""
+        return self.name if self.role == Role.ERP else None
+
 
 @dataclass(frozen=True)
 class TokenInfo:
@@ -41,29 +50,63 @@ class TokenInfo:
     role: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= utcnow()
+
+
+_LIFETIME = re.compile(r"^([1-9][0-9]{0,5})([smhdw])$")
+_LIFETIME_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_lifetime(text: str) -> timedelta:
+    """``30d`` → 30 days: a whole number and one of s, m (minutes), h, d, w."""
+    found = _LIFETIME.match(text.strip())
+    if found is None:
+        raise invalid(
+            "expires_in", f"{text!r} is not a lifetime such as 90m, 12h, 30d or 4w (s, m, h, d, w)"
+        )
+    return timedelta(**{_LIFETIME_UNITS[found[2]]: int(found[1])})
 
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_token(session: Session, name: str, role: str, actor: str = audit.SYSTEM) -> str:
-    """Create a token for ``name`` with ``role``; returns the token (never stored in clear)."""
+def create_token(
+    session: Session,
+    name: str,
+    role: str,
+    actor: str = audit.SYSTEM,
+    expires_at: datetime | None = None,
+) -> str:
+    """Create a token for ``name`` with ``role``, valid until ``expires_at`` (a time to come;
+    None: until revoked); returns the token (never stored in clear)."""
     try:
         parsed = Role(role)
     except ValueError:
         raise invalid("role", f"unknown role {role!r}; one of {', '.join(Role)}") from None
     if not name or len(name) > 100:
         raise invalid("name", "a name of 1 to 100 characters is required")
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise invalid("expires_at", "give a time zone (Z or an offset such as +01:00)")
+        if expires_at <= utcnow():
+            raise invalid("expires_at", f"{expires_at.isoformat()} is not in the future")
     token = PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(name=name, role=parsed, token_hash=_digest(token)))
+    session.add(ApiToken(name=name, role=parsed, token_hash=_digest(token), expires_at=expires_at))
     audit.record(
         session,
         actor=actor,
         action="token.created",
         object_type="api_token",
         object_id=name,
-        after={"role": str(parsed)},
+        after={
+            "role": str(parsed),
+            "expires_at": expires_at.isoformat() if expires_at else None,
+        },
     )
     try:
         session.commit()
@@ -73,12 +116,14 @@ def create_token(session: Session, name: str, role: str, actor: str = audit.SYST
     return token
 
 
+def _info(t: ApiToken) -> TokenInfo:
+    return TokenInfo(t.name, t.role, t.created_at, t.revoked_at, t.expires_at)
+
+
 def list_tokens(session: Session) -> list[TokenInfo]:
-    """All tokens, revoked ones included (without their secrets, which are not stored)."""
-    return [
-        TokenInfo(t.name, t.role, t.created_at, t.revoked_at)
-        for t in session.scalars(select(ApiToken).order_by(ApiToken.name))
-    ]
+    """All tokens, revoked and expired ones included (without their secrets, which are not
+    stored)."""
+    return [_info(t) for t in session.scalars(select(ApiToken).order_by(ApiToken.name))]
 
 
 def revoke_token(session: Session, name: str, actor: str = audit.SYSTEM) -> TokenInfo:
@@ -98,14 +143,14 @@ def revoke_token(session: Session, name: str, actor: str = audit.SYSTEM) -> Toke
             after={"revoked": True},
         )
         session.commit()
-    return TokenInfo(tok.name, tok.role, tok.created_at, tok.revoked_at)
+    return _info(tok)
 
 
 def authenticate(session: Session, token: str) -> Principal | None:
-    """The caller a token belongs to, or None for an unknown or revoked token."""
+    """The caller a token belongs to, or None for an unknown, revoked or expired token."""
     if not token.startswith(PREFIX):
         return None
     tok = session.scalar(select(ApiToken).where(ApiToken.token_hash == _digest(token)))
-    if tok is None or tok.revoked_at is not None:
+    if tok is None or tok.revoked_at is not None or _info(tok).expired:
         return None
     return Principal(tok.name, Role(tok.role))

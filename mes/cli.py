@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from mes.settings import Settings
@@ -69,7 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     tc = token_sub.add_parser("create", help="create a token; prints it alone, once")
     tc.add_argument("--role", required=True, choices=["erp", "supervisor", "auditor", "admin"])
     tc.add_argument("--name", required=True)
-    token_sub.add_parser("list", help="list tokens (names, roles, revoked)")
+    expiry = tc.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires-in", metavar="LIFETIME", help="valid for this long: 90m, 12h, 30d, 4w"
+    )
+    expiry.add_argument(
+        "--expires-at", metavar="ISO", help="valid until then (ISO 8601 with a time zone)"
+    )
+    token_sub.add_parser("list", help="list tokens (name, role, created, expiry, state)")
     tr = token_sub.add_parser("revoke", help="revoke a token by name")
     tr.add_argument("name")
     ec = sub.add_parser(
@@ -170,11 +178,17 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
     with open_database(settings.database_url) as sessions, sessions() as s:
         try:
             if args.token_command == "create":
-                print(auth.create_token(s, args.name, args.role, actor="cli"))
+                expires = _expiry(args.expires_in, args.expires_at)
+                print(auth.create_token(s, args.name, args.role, "cli", expires))
             elif args.token_command == "list":
                 for t in auth.list_tokens(s):
-                    revoked = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "active"
-                    print(f"{t.name:<30}{t.role:<12}{t.created_at:%Y-%m-%d %H:%M}  {revoked}")
+                    until = f"{t.expires_at:%Y-%m-%d %H:%M}" if t.expires_at else "-"
+                    state = "expired" if t.expired else "active"
+                    state = f"revoked {t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else state
+                    print(
+                        f"{t.name:<30}{t.role:<12}{t.created_at:%Y-%m-%d %H:%M}  "
+                        f"expires {until:<18}{state}"
+                    )
             else:
                 auth.revoke_token(s, args.name, actor="cli")
                 print(f"revoked {args.name}")
@@ -182,6 +196,22 @@ def _token(settings: Settings, args: argparse.Namespace) -> int:
             print(f"error: {e.detail}", file=sys.stderr)
             return 1
     return 0
+
+
+def _expiry(expires_in: str | None, expires_at: str | None) -> datetime | None:
+    """The expiry ``--expires-in`` (from now) or ``--expires-at`` give; None: no expiry."""
+    from mes import auth
+    from mes.errors import invalid
+    from mes.models import utcnow
+
+    if expires_in is not None:
+        return utcnow() + auth.parse_lifetime(expires_in)
+    if expires_at is None:
+        return None
+    try:
+        return datetime.fromisoformat(expires_at)
+    except ValueError:
+        raise invalid("expires_at", f"{expires_at!r} is not an ISO 8601 time") from None
 
 
 def openapi_document() -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -263,6 +264,22 @@ async def running_worker(
 # --- the API ----------------------------------------------------------------------------------
 
 
+class _NoQueryStrings(logging.Filter):
+    """Drops the query string from the paths in uvicorn's access log: one may carry a
+    secret (a token put in a URL, which the API refuses), and a log is no place for it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                a.partition("?")[0] if isinstance(a, str) and a.startswith("/") else a
+                for a in record.args
+            )
+        return True
+
+
+ACCESS_LOG_FILTER = _NoQueryStrings()
+
+
 class _HostedServer(uvicorn.Server):
     """A uvicorn server that leaves SIGINT/SIGTERM to its host (:func:`wait_for_stop_signal`),
     which stops it in order with everything else it started."""
@@ -291,9 +308,10 @@ async def api_server(
 
     port = port or free_port()
     app = create_app(settings, sessions, temporal)
-    api = _HostedServer(
-        uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
-    )
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+    # After the config, which sets up uvicorn's loggers; adding the same filter twice is a no-op.
+    logging.getLogger("uvicorn.access").addFilter(ACCESS_LOG_FILTER)
+    api = _HostedServer(config)
     task = asyncio.create_task(api.serve(), name=f"api:{port}")
     try:
         while not api.started:

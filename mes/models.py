@@ -624,6 +624,8 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column()
+    #: After this the token is refused as a revoked one is; None: it does not expire.
+    expires_at: Mapped[datetime | None] = mapped_column()
 
 
 # --- ERP integration ------------------------------------------------------------------------
@@ -679,6 +681,8 @@ class B2mmlMessage(Base):
     bod_id: Mapped[str] = mapped_column(String(150), unique=True)
     noun: Mapped[str] = mapped_column(String(60))
     sender: Mapped[str] = mapped_column(String(100))
+    #: The token (ERP client) that sent it: its answer is replayed to that client alone.
+    client: Mapped[str | None] = mapped_column(String(100))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     status: Mapped[int] = mapped_column(Integer)
     response: Mapped[str] = mapped_column(Text)

@@ -1,7 +1,10 @@
 """Production orders (ISA-95 operations requests): accept from the ERP, read back.
 
 The ERP's order number is the business key: the same number with the same body is the same
-order (a retried post), with another body a conflict. Accepting an order stores the request
+order (a retried post), with another body a conflict. Each order belongs to the ERP client
+that sent it (``source``, its token's name): reading and changing take that client as
+``source`` and treat another's order as unknown; a number another client took is a conflict
+that says nothing of the other's order. Accepting an order stores the request
 and one segment requirement per routing step in one transaction; the API then starts the
 order's workflow, whose id is derived from the same number, and records that it did
 (``workflow_started_at``; an order without it is started by ``mes.relay``).
@@ -17,7 +20,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -208,7 +211,7 @@ def create_order(
     fingerprint = body.fingerprint()
     existing = _by_number(session, body.order_number)
     if existing is not None:
-        return _same_or_conflict(existing, fingerprint), False
+        return _same_or_conflict(existing, fingerprint, source), False
     erp = body.erp if isinstance(body, ErpProductionOrderIn) else None
 
     product = session.scalar(
@@ -276,7 +279,7 @@ def create_order(
         existing = _by_number(session, body.order_number)
         if existing is None:
             raise
-        return _same_or_conflict(existing, fingerprint), False
+        return _same_or_conflict(existing, fingerprint, source), False
     return order, True
 
 
@@ -320,11 +323,28 @@ def in_product_unit(body: ProductionOrderIn, product: MaterialDefinition) -> Dec
     return exact(body.quantity if f == 1 else body.quantity * f)
 
 
-def _by_number(session: Session, number: str) -> OperationsRequest | None:
-    return session.scalar(select(OperationsRequest).where(OperationsRequest.external_id == number))
+def _by_number(
+    session: Session, number: str, source: str | None = None
+) -> OperationsRequest | None:
+    """The order with this number; with ``source``, only if that ERP client sent it."""
+    return session.scalar(
+        select(OperationsRequest).where(_sent_by(source), OperationsRequest.external_id == number)
+    )
 
 
-def _same_or_conflict(existing: OperationsRequest, fingerprint: str) -> OperationsRequest:
+def _sent_by(source: str | None) -> ColumnElement[bool]:
+    """Orders ERP client ``source`` sent (None: every order)."""
+    return true() if source is None else OperationsRequest.source == source
+
+
+def _same_or_conflict(
+    existing: OperationsRequest, fingerprint: str, source: str | None
+) -> OperationsRequest:
+    if existing.source != source:
+        # Another client's order: whether its content is the same is not this client's to know.
+        raise Conflict(
+            f"order number {existing.external_id!r} is taken; an order number can be used once"
+        )
     if existing.request_hash != fingerprint:
         raise Conflict(
             f"order {existing.external_id!r} exists with different content; "
@@ -333,11 +353,12 @@ def _same_or_conflict(existing: OperationsRequest, fingerprint: str) -> Operatio
     return existing
 
 
-def get_order(session: Session, order_id: int) -> OperationsRequest:
-    """The order with its steps, job orders and product loaded, or ``NotFound``."""
+def get_order(session: Session, order_id: int, source: str | None = None) -> OperationsRequest:
+    """The order with its steps, job orders and product loaded, or ``NotFound`` (also when
+    ``source`` is given and another ERP client sent it)."""
     order = session.scalar(
         select(OperationsRequest)
-        .where(OperationsRequest.id == order_id)
+        .where(_sent_by(source), OperationsRequest.id == order_id)
         .options(
             selectinload(OperationsRequest.product),
             selectinload(OperationsRequest.segment_requirements)
@@ -416,10 +437,19 @@ def produced_lots(session: Session, order: OperationsRequest) -> list[LotOut]:
 
 
 def list_orders(
-    session: Session, state: str | None = None, limit: int = 100, offset: int = 0
+    session: Session,
+    state: str | None = None,
+    limit: int = 100,
+    offset: int = 0,
+    source: str | None = None,
 ) -> list[OperationsRequest]:
-    """Orders, newest first, optionally only those in one state."""
-    q = select(OperationsRequest).options(selectinload(OperationsRequest.product))
+    """Orders, newest first, optionally only those in one state; with ``source``, only those
+    that ERP client sent."""
+    q = (
+        select(OperationsRequest)
+        .where(_sent_by(source))
+        .options(selectinload(OperationsRequest.product))
+    )
     if state is not None:
         q = q.where(OperationsRequest.state == state)
     q = q.order_by(OperationsRequest.id.desc()).limit(limit).offset(offset)
@@ -474,11 +504,11 @@ def set_order_priority(
     session.commit()
 
 
-def check_order(session: Session, body: ProductionOrderIn) -> None:
+def check_order(session: Session, body: ProductionOrderIn, source: str | None = None) -> None:
     """Everything ``create_order`` would refuse, without writing: for all-or-nothing batches."""
     existing = _by_number(session, body.order_number)
     if existing is not None:
-        _same_or_conflict(existing, body.fingerprint())
+        _same_or_conflict(existing, body.fingerprint(), source)
         return
     product = session.scalar(
         select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
@@ -502,15 +532,17 @@ def change_order(
     quantity: Decimal | None = None,
     due: datetime | None = None,
     priority: int | None = None,
+    source: str | None = None,
 ) -> tuple[bool, str | None]:
-    """Change quantity, due or priority of an order until a machine starts on it.
+    """Change quantity, due or priority of an order until a machine starts on it (with
+    ``source``, only an order that ERP client sent: another's is unknown).
 
     Work orders already queued on a PLC are sent again as they are now (the caller tells
     their workflows: ``WorkflowClient.order_changed``). Returns (accepted, reason); once a
     machine started a work order of it the change is refused with the reason, and nothing
     changes.
     """
-    order = _by_number(session, order_number)
+    order = _by_number(session, order_number, source)
     if order is None:
         return False, f"unknown order {order_number}"
     jobs = [r.job_order for r in order.segment_requirements if r.job_order is not None]
@@ -551,8 +583,10 @@ def change_order(
     return True, None
 
 
-def order_id_by_number(session: Session, order_number: str) -> int:
-    order = _by_number(session, order_number)
+def order_id_by_number(session: Session, order_number: str, source: str | None = None) -> int:
+    """The id of the order with this number (with ``source``: that ERP client's), or
+    ``NotFound``."""
+    order = _by_number(session, order_number, source)
     if order is None:
         raise NotFound("production order", order_number)
     return order.id

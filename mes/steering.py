@@ -107,10 +107,13 @@ class Steering:
         out.pending = ["cancel"] if not is_final(out.state) else []
         return out
 
-    async def cancel_order_by_number(self, order_number: str, actor: str, reason: str) -> None:
-        """The ERP's cancel names the order by its number."""
+    async def cancel_order_by_number(
+        self, order_number: str, actor: str, reason: str, source: str | None
+    ) -> None:
+        """The ERP's cancel names the order by its number; with ``source``, only an order that
+        ERP client sent (another's is ``NotFound``, as an unknown one)."""
         order_id = await self.db.run(
-            partial(production_orders.order_id_by_number, order_number=order_number)
+            partial(production_orders.order_id_by_number, order_number=order_number, source=source)
         )
         await self.cancel_order(order_id, actor, reason)
 

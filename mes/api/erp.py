@@ -4,6 +4,13 @@
 same services as the JSON routes; every answer is B2MML: AcknowledgeOperationsSchedule,
 RespondOperationsSchedule, or ConfirmBOD (with the errors when refused). A BODID seen before
 gets the answer it got then, and nothing is done twice.
+
+Who may send what: orders (the ``…OperationsSchedule`` messages) come from an ERP token;
+materials, their classes and stock lots from an ERP or admin token; master data that drives
+machines (equipment and endpoints, process segments, routings, work masters) from an admin
+token alone, as on ``/master-data``; anything else is a 403 ``ConfirmBOD`` and changes
+nothing. An ERP token reaches its own orders alone (another's is unknown to it) and its own
+BODIDs: a BODID another client used is refused (409), not answered with the other's answer.
 """
 
 from __future__ import annotations
@@ -24,11 +31,19 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mes import b2mml, masterdata, production_orders, reporting
-from mes.api.security import ADMINISTER, B2MML_IN, READ_ORDERS, allow, roles_note
+from mes.api.security import (
+    ADMINISTER,
+    B2MML_IN,
+    POST_ORDERS,
+    READ_ORDERS,
+    SYNC_MATERIALS,
+    allow,
+    roles_note,
+)
 from mes.auth import Principal
 from mes.db import Database
 from mes.errors import DomainError
-from mes.models import B2mmlMessage, MaterialDefinition, OperationsRequest
+from mes.models import B2mmlMessage, MaterialDefinition, OperationsRequest, Role
 from mes.steering import Steering
 from mes.workflow_client import WorkflowClient
 
@@ -37,6 +52,24 @@ API = "/api/v1"
 XML = "application/xml"
 SENDER = reporting.SENDER
 ErpOrderIn = production_orders.ErpProductionOrderIn
+
+#: Plant sections an ERP may sync: materials, their classes and stock lots. Every other
+#: section (equipment with its endpoints, process segments, routings, work masters) tells
+#: machines what to do and where, and is the admin's alone.
+MATERIAL_SECTIONS = frozenset({"material_classes", "materials", "lots"})
+
+
+def _noun(message: b2mml.Message) -> str:
+    if isinstance(message, b2mml.SyncMasterData):
+        return f"Sync{message.noun}"
+    return type(message).__name__
+
+
+def _senders(message: b2mml.Message) -> frozenset[Role]:
+    """The roles that may send this message, judged by what it would change."""
+    if not isinstance(message, b2mml.SyncMasterData):
+        return POST_ORDERS
+    return SYNC_MATERIALS if set(message.plant) <= MATERIAL_SECTIONS else ADMINISTER
 
 
 def _xml(body: bytes, status: int) -> Response[bytes]:
@@ -84,6 +117,9 @@ class B2mmlController(Controller):
             "echoing the message answered (OriginalApplicationArea: sender, creation time, "
             "BODID); refused messages get a ConfirmBOD or Acknowledge listing the errors (4xx) "
             "and change nothing. Idempotent on BODID and on each OperationsRequest ID. "
+            "Orders: erp (each ERP token reaches its own orders alone). Materials, material "
+            "classes and lots: erp, admin. Equipment, ProcessSegment, OperationsDefinition and "
+            "WorkMaster (they drive machines): admin; another role gets a 403 ConfirmBOD. "
             + roles_note(B2MML_IN)
         ),
         request_body_media_type=XML,
@@ -103,11 +139,21 @@ class B2mmlController(Controller):
         except b2mml.B2MMLError as e:
             return _refuse(e.bod_id, "B2MML", list(e.reasons), 400, e.sender, e.created)
 
+        noun = _noun(message)
+        senders = _senders(message)
+        if caller.role not in senders:
+            needs = ", ".join(sorted(senders))
+            refusal = f"role {caller.role} may not send {noun}; it needs one of: {needs}"
+            return _confirm(message, noun, [refusal], 403)
+
         bod_id = message.bod_id or f"anonymous-{uuid.uuid4()}"
         seen = await db.run(
             lambda s: s.scalar(select(B2mmlMessage).where(B2mmlMessage.bod_id == bod_id))
         )
         if seen is not None:
+            if seen.client != caller.name:  # not its message: nothing of it is shown
+                taken = f"BODID {bod_id} is taken; each message needs a BODID of its own"
+                return _confirm(message, noun, [taken], 409)
             return _xml(seen.response.encode(), seen.status)
 
         who = caller
@@ -131,6 +177,7 @@ class B2mmlController(Controller):
                     bod_id=bod_id,
                     noun=type(message).__name__,
                     sender=message.sender or who.name,
+                    client=who.name,
                     status=response.status_code,
                     response=bytes(response.content).decode(),
                 )
@@ -194,7 +241,7 @@ async def _accept(
             bodies.append(body)
             where = f"OperationsRequest {number}"
             try:
-                production_orders.check_order(s, body)
+                production_orders.check_order(s, body, who.name)
                 routing = production_orders.routing_of(s, body.product)
                 if request.routing and request.routing != routing:
                     problems.setdefault(number, []).append(
@@ -234,8 +281,12 @@ async def _accept(
     return accepted
 
 
-def _order_unit(s: Session, number: str) -> str | None:
-    return s.scalar(select(OperationsRequest.unit).where(OperationsRequest.external_id == number))
+def _order_unit(s: Session, number: str, source: str | None) -> str | None:
+    return s.scalar(
+        select(OperationsRequest.unit).where(
+            OperationsRequest.external_id == number, OperationsRequest.source == source
+        )
+    )
 
 
 async def _change(
@@ -261,7 +312,7 @@ async def _changes(
         quantity = req.quantity
         if req.quantities:
             # The amount by meaning, in the order's unit (a rate is never taken).
-            unit = await db.run(partial(_order_unit, number=req.order_number))
+            unit = await db.run(partial(_order_unit, number=req.order_number, source=who.name))
             try:
                 amount, _ = b2mml.choose_amount(
                     req.quantities, unit, f"OperationsRequest {req.order_number}"
@@ -278,6 +329,7 @@ async def _changes(
                 quantity=quantity,
                 due=req.due,
                 priority=req.priority,
+                source=who.name,
             )
         )
         if accepted:
@@ -300,9 +352,11 @@ async def _sync_schedule(
     numbers = [r.order_number for r in message.requests]
 
     def held(s: Session) -> dict[str, str]:
+        """This client's orders among ``numbers`` (another's number is new to it, and its
+        Process then refuses it as taken)."""
         rows = s.execute(
             select(OperationsRequest.external_id, OperationsRequest.state).where(
-                OperationsRequest.external_id.in_(numbers)
+                OperationsRequest.external_id.in_(numbers), OperationsRequest.source == who.name
             )
         )
         return {str(number): str(state) for number, state in rows}
@@ -331,7 +385,7 @@ async def _cancel(
     errors = []
     for number in message.order_ids:
         try:
-            await steering.cancel_order_by_number(number, who.actor, "ERP cancel")
+            await steering.cancel_order_by_number(number, who.actor, "ERP cancel", who.name)
         except DomainError as e:
             errors.append(f"OperationsRequest {number}: {e.detail}")
     return _confirm(message, "CancelOperationsSchedule", errors, 409 if errors else 200)
@@ -395,17 +449,19 @@ class PerformanceController(Controller):
         "/{order_id:int}/performance",
         guards=[allow(READ_ORDERS)],
         summary="The order's performance: B2MML SyncOperationsPerformance or its JSON",
-        description="The document the ERP gets with every state change. " + roles_note(READ_ORDERS),
+        description="The document the ERP gets with every state change. An ERP token reads "
+        "those of the orders it sent (another's: 404). " + roles_note(READ_ORDERS),
         media_type=XML,
     )
     async def performance(
         self,
         order_id: FromPath[int],
         db: NamedDependency[Database],
+        caller: NamedDependency[Principal],
         format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",
     ) -> Response[bytes]:
         def build(s: Session) -> tuple[str, str]:
-            order = production_orders.get_order(s, order_id)
+            order = production_orders.get_order(s, order_id, caller.order_scope)
             doc = reporting.performance(s, order)
             return reporting.render(
                 doc, format, f"MES-{order.external_id}-now-{uuid.uuid4().hex[:8]}"

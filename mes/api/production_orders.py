@@ -82,7 +82,8 @@ class ProductionOrderController(Controller):
             "Stores the order (an ISA-95 operations request with one segment requirement per "
             "routing step) and starts its workflow `order-<order_number>`. Answers 202 for a new "
             "order, 200 when the same order number is posted again with the same body, and 409 "
-            "when it is posted with a different body. A due date already past is accepted and "
+            "when it is posted with a different body, or when another ERP client took the number "
+            "(without telling of that order). A due date already past is accepted and "
             "the order is marked late. " + roles_note(POST_ORDERS)
         ),
     )
@@ -104,11 +105,13 @@ class ProductionOrderController(Controller):
         "/",
         guards=[allow(READ_ORDERS)],
         summary="List production orders, newest first",
-        description=roles_note(READ_ORDERS),
+        description="An ERP token sees the orders it sent; the other roles see all. "
+        + roles_note(READ_ORDERS),
     )
     async def list_orders(
         self,
         db: NamedDependency[Database],
+        caller: NamedDependency[Principal],
         order_state: Annotated[
             RequestState | None,
             QueryParameter(name="state", description="Only orders in this state"),
@@ -117,7 +120,13 @@ class ProductionOrderController(Controller):
         offset: Annotated[int, QueryParameter(ge=0)] = 0,
     ) -> list[ProductionOrderSummary]:
         found = await db.run(
-            partial(production_orders.list_orders, state=order_state, limit=limit, offset=offset)
+            partial(
+                production_orders.list_orders,
+                state=order_state,
+                limit=limit,
+                offset=offset,
+                source=caller.order_scope,
+            )
         )
         return [_summary(o) for o in found]
 
@@ -125,13 +134,18 @@ class ProductionOrderController(Controller):
         "/{order_id:int}",
         guards=[allow(READ_ORDERS)],
         summary="One production order with its work orders and lots",
-        description=roles_note(READ_ORDERS),
+        description="An ERP token reads the orders it sent (another's: 404). "
+        + roles_note(READ_ORDERS),
     )
     async def detail(
-        self, order_id: FromPath[int], db: NamedDependency[Database]
+        self,
+        order_id: FromPath[int],
+        db: NamedDependency[Database],
+        caller: NamedDependency[Principal],
     ) -> production_orders.ProductionOrderOut:
         def read(s: Session) -> production_orders.ProductionOrderOut:
-            return production_orders.order_out(s, production_orders.get_order(s, order_id))
+            order = production_orders.get_order(s, order_id, caller.order_scope)
+            return production_orders.order_out(s, order)
 
         return await db.run(read)
 

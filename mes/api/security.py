@@ -1,8 +1,11 @@
 """Bearer-token authentication and role guards.
 
-Every route but ``/health`` and the API docs needs a token: none, unknown or revoked → 401;
-a role the route does not admit → 403; both as problem+json. The role sets below are the
-access matrix; each route names one of them.
+Every route but ``/health`` and the API docs needs a token, in the ``Authorization``
+header alone: none, unknown, revoked or expired → 401; a token in the query string
+(``?token=``, ``?access_token=``) → 400, as query strings end up in logs; a role the route does
+not admit → 403; all as problem+json. The role sets below are the access matrix; each route
+names one of them. Within a route an ERP token reaches its own orders alone
+(``Principal.order_scope``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from litestar.middleware import (
 
 from mes.auth import Principal, authenticate
 from mes.db import Database
+from mes.errors import DomainError, FieldError
 from mes.models import Role
 
 ERP, SUPERVISOR, AUDITOR, ADMIN = Role.ERP, Role.SUPERVISOR, Role.AUDITOR, Role.ADMIN
@@ -34,7 +38,15 @@ READ_SHOP_FLOOR = frozenset({SUPERVISOR, AUDITOR})
 READ_MASTER_DATA = frozenset({ERP, SUPERVISOR, AUDITOR, ADMIN})
 READ_AUDIT = frozenset({SUPERVISOR, AUDITOR})
 ADMINISTER = frozenset({ADMIN})
-B2MML_IN = frozenset({ERP})
+#: Materials, their classes and stock lots by B2MML ``Sync…``. Master data that drives
+#: machines (equipment and endpoints, process segments, routings, work masters) is
+#: ``ADMINISTER``'s alone, by JSON or B2MML alike.
+SYNC_MATERIALS = frozenset({ERP, ADMIN})
+#: The B2MML route; each message is then checked by what it carries (``mes.api.erp``).
+B2MML_IN = POST_ORDERS | SYNC_MATERIALS | ADMINISTER
+
+#: Query parameters that would carry a token: refused, never read.
+TOKEN_QUERY_PARAMETERS = ("token", "access_token")
 
 PUBLIC_PATHS = ["^/health$", "^/schema"]
 
@@ -47,6 +59,15 @@ class TokenAuthentication(AbstractAuthenticationMiddleware):
     async def authenticate_request(
         self, connection: ASGIConnection[Any, Any, Any, Any]
     ) -> AuthenticationResult:
+        for param in TOKEN_QUERY_PARAMETERS:
+            if param in connection.query_params:
+                reason = "a token is accepted in the Authorization header alone, never in the URL"
+                raise DomainError(
+                    title="Token in the query string",
+                    detail=f"{param}: {reason} (a proxy may have logged this one: revoke it)",
+                    status=400,
+                    errors=[FieldError(param, reason)],
+                )
         scheme, _, token = connection.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise NotAuthorizedException(
@@ -56,7 +77,7 @@ class TokenAuthentication(AbstractAuthenticationMiddleware):
         principal = await db.run(partial(authenticate, token=token.strip()))
         if principal is None:
             raise NotAuthorizedException(
-                "unknown or revoked token",
+                "unknown, revoked or expired token",
                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
             )
         return AuthenticationResult(user=principal, auth=token)

@@ -8,7 +8,7 @@ from typing import Annotated
 from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from mes import auth
 from mes.api.security import ADMINISTER, allow, roles_note
@@ -23,6 +23,10 @@ class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._@\-]+$")]
     role: Role
+    expires_at: Annotated[
+        AwareDatetime | None,
+        Field(description="When the token stops working (a time to come); none: until revoked"),
+    ] = None
 
 
 class TokenOut(BaseModel):
@@ -30,6 +34,8 @@ class TokenOut(BaseModel):
     role: str
     created_at: datetime
     revoked_at: datetime | None
+    expires_at: datetime | None
+    expired: bool = Field(description="Past its expiry: refused (401) as a revoked token is")
 
 
 class NewToken(TokenOut):
@@ -43,7 +49,7 @@ class TokenController(Controller):
     @get(
         "/",
         guards=[allow(ADMINISTER)],
-        summary="API tokens (names and roles; secrets are never stored)",
+        summary="API tokens: name, role, created, expiry, revoked (secrets are never stored)",
         description=roles_note(ADMINISTER),
     )
     async def list_tokens(self, db: NamedDependency[Database]) -> list[TokenOut]:
@@ -53,7 +59,7 @@ class TokenController(Controller):
     @post(
         "/",
         guards=[allow(ADMINISTER)],
-        summary="Create a token with one role",
+        summary="Create a token with one role and, optionally, an expiry",
         description=roles_note(ADMINISTER),
     )
     async def create(
@@ -63,7 +69,9 @@ class TokenController(Controller):
         caller: NamedDependency[Principal],
     ) -> Response[NewToken]:
         actor = caller.actor
-        token = await db.run(lambda s: auth.create_token(s, data.name, data.role, actor))
+        token = await db.run(
+            lambda s: auth.create_token(s, data.name, data.role, actor, data.expires_at)
+        )
         info = next(t for t in await db.run(auth.list_tokens) if t.name == data.name)
         out = NewToken(
             **TokenOut.model_validate(info, from_attributes=True).model_dump(), token=token
