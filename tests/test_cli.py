@@ -83,3 +83,67 @@ def test_openapi_check_and_help(tmp_path: Path) -> None:
     helped = run(tmp_path, "--help")
     for command in ("demo", "dev", "serve", "worker", "db", "load", "sim", "openapi"):
         assert command in helped.stdout
+
+
+def test_token_with_an_expiry(tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from mes.auth import authenticate
+
+    assert run(tmp_path, "db", "upgrade").returncode == 0
+    made = run(tmp_path, "token", "create", "--role", "erp", "--name", "sap", "--expires-in", "30d")
+    assert made.returncode == 0, made.stderr
+    token = made.stdout.strip()
+    until = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    at = run(
+        tmp_path, "token", "create", "--role", "auditor", "--name", "aud", "--expires-at", until
+    )
+    assert at.returncode == 0, at.stderr
+    forever = run(tmp_path, "token", "create", "--role", "admin", "--name", "ops")
+    assert forever.returncode == 0, forever.stderr
+
+    bad = run(tmp_path, "token", "create", "--role", "erp", "--name", "x", "--expires-in", "30y")
+    assert bad.returncode == 1
+    assert "expires_in" in bad.stderr
+    past = run(
+        tmp_path,
+        "token",
+        "create",
+        "--role",
+        "erp",
+        "--name",
+        "y",
+        "--expires-at",
+        "2020-01-01T00:00:00Z",
+    )
+    assert past.returncode == 1
+    assert "not in the future" in past.stderr
+    naive = run(
+        tmp_path,
+        "token",
+        "create",
+        "--role",
+        "erp",
+        "--name",
+        "z",
+        "--expires-at",
+        "2040-01-01T00:00",
+    )
+    assert naive.returncode == 1
+    assert "time zone" in naive.stderr
+
+    listed = {line.split()[0]: line for line in run(tmp_path, "token", "list").stdout.splitlines()}
+    assert set(listed) == {"sap", "aud", "ops"}
+    expiry = listed["sap"].split("expires ")[1][:16]
+    in_30_days = datetime.fromisoformat(expiry).replace(tzinfo=UTC) - datetime.now(UTC)
+    assert timedelta(days=29, hours=23) < in_30_days <= timedelta(days=30)
+    assert "expires -" in listed["ops"]
+    assert all(line.endswith("active") for line in listed.values())
+    assert token not in run(tmp_path, "token", "list").stdout
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'cli.db'}")
+    with make_sessionmaker(engine)() as s:
+        caller = authenticate(s, token)
+    engine.dispose()
+    assert caller is not None
+    assert caller.name == "sap"

@@ -43,7 +43,9 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/tokens"): {"admin"},
     ("POST", "/api/v1/tokens"): {"admin"},
     ("DELETE", "/api/v1/tokens/{name}"): {"admin"},
-    ("POST", "/api/v1/b2mml"): {"erp"},
+    # Orders and materials from the ERP; master data that drives machines from the admin
+    # (each message is then judged by what it carries: tests/test_least_privilege.py).
+    ("POST", "/api/v1/b2mml"): {"erp", "admin"},
     ("POST", "/api/v1/master-data"): {"admin"},
     ("GET", "/api/v1/production-orders/{order_id}/performance"): {"erp", "supervisor", "auditor"},
     ("PUT", "/api/v1/erp-clients/{name}"): {"admin"},
