@@ -28,7 +28,6 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -52,14 +51,19 @@ class CallbackRefused(ValueError):
     """A callback URL the policy refuses; the message says why."""
 
 
-@dataclass(frozen=True)
 class CallbackPolicy:
     """Which addresses callbacks may go to besides public ones: ``allow`` lists CIDRs.
 
     Link-local, metadata, unspecified and multicast addresses stay refused whatever it lists.
     """
 
-    allow: tuple[IPNetwork, ...] = ()
+    __slots__ = ("allow",)
+
+    def __init__(self, allow: tuple[IPNetwork, ...] = ()) -> None:
+        self.allow = allow
+
+    def __repr__(self) -> str:
+        return f"CallbackPolicy(allow={[str(n) for n in self.allow]})"
 
     @classmethod
     def allowing(cls, cidrs: Iterable[str]) -> CallbackPolicy:
