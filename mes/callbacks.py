@@ -186,13 +186,13 @@ def verify_signature(
     """Why a callback's signature does not hold (None when it does): as an ERP checks it."""
     if not timestamp or not signature_header:
         return "the callback is not signed"
-    try:
-        age = (time.time() if now is None else now) - int(timestamp)
-    except ValueError:
+    if not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12:
         return f"{TIMESTAMP_HEADER} is not a Unix time"
+    age = (time.time() if now is None else now) - int(timestamp)
     if abs(age) > tolerance_s:
         return f"{TIMESTAMP_HEADER} is {age:.0f} s off (more than {tolerance_s:.0f} s)"
-    if not hmac.compare_digest(signature(secret, timestamp, body), signature_header):
+    expected = signature(secret, timestamp, body).encode()
+    if not hmac.compare_digest(expected, signature_header.encode("utf-8", "replace")):
         return "the signature does not match the body"
     return None
 

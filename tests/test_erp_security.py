@@ -27,7 +27,13 @@ from temporalio.testing import ActivityEnvironment
 from adapters.erp.client import deliver
 from adapters.erp.receiver import ErpReceiver
 from mes.auth import create_token
-from mes.callbacks import LOOPBACK, PUBLIC_ONLY, CallbackPolicy, CallbackRefused
+from mes.callbacks import (
+    LOOPBACK,
+    PUBLIC_ONLY,
+    CallbackPolicy,
+    CallbackRefused,
+    verify_signature,
+)
 from mes.cli import main
 from mes.launch import Stack, api_server, free_port
 from mes.models import ErpClient, ErpMessage, Role
@@ -383,3 +389,17 @@ def test_db_upgrade_prints_the_url_without_the_password(
         out = capsys.readouterr().out
         assert "Sup3r-Secret" not in out
         assert "postgres:***@" in out
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "signature"),
+    [("9" * 5000, "sha256=00"), ("\uff11\uff12", "sha256=00"), ("-5", "sha256=00"), (None, "x")],
+)
+def test_odd_signature_headers_are_refused_not_crashed_on(
+    timestamp: str | None, signature: str
+) -> None:
+    assert verify_signature(SECRET, timestamp, signature, b"{}") is not None
+    now = str(int(time.time()))
+    assert verify_signature(SECRET, now, "sha256=é", b"{}") == (
+        "the signature does not match the body"
+    )
