@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     erp.add_argument("--port", type=int, default=8099)
     erp.add_argument("--store", type=Path, help="JSON-lines file keeping the history")
+    erp.add_argument("--secret", help="the ERP client's signing secret: check every signature")
     token = sub.add_parser("token", help="API tokens")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     tc = token_sub.add_parser("create", help="create a token; prints it alone, once")
@@ -102,10 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return asyncio.run(run_demo())
     if args.command == "db":
+        from sqlalchemy.engine import make_url
+
         from mes.migrate import upgrade
 
         upgrade(settings.database_url)
-        print(f"database at head: {settings.database_url}")
+        shown = make_url(settings.database_url).render_as_string(hide_password=True)
+        print(f"database at head: {shown}")
         return 0
     if args.command == "load":
         return _load(settings, args.file, args.opcua_url)
@@ -143,7 +147,7 @@ async def _service(settings: Settings, args: argparse.Namespace) -> int:
             args.units, args.port, args.cycle, names, max_job_orders=args.max_jobs
         )
     if args.command == "sim" and args.sim_command == "erp":
-        return await launch.run_erp_receiver(args.port, args.store)
+        return await launch.run_erp_receiver(args.port, args.store, signing_secret=args.secret)
     raise AssertionError(f"unhandled command {args}")
 
 
@@ -163,10 +167,19 @@ def _load(settings: Settings, file: Path, opcua_url: str | None) -> int:
 
 
 def _erp_client(settings: Settings, name: str, url: str, fmt: str) -> int:
+    from mes.callbacks import CallbackPolicy
+    from mes.errors import DomainError
     from mes.launch import open_database, point_erp_client
 
+    policy = CallbackPolicy.allowing(settings.callback_allow)
     with open_database(settings.database_url) as sessions:
-        print(point_erp_client(sessions, name, url, fmt, actor="cli").model_dump_json())
+        try:
+            client = point_erp_client(sessions, name, url, fmt, policy, actor="cli")
+        except DomainError as e:
+            print(f"error: {e.detail}", file=sys.stderr)
+            return 1
+    # A new client's signing secret is in it, this once.
+    print(client.model_dump_json(exclude_none=True))
     return 0
 
 

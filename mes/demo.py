@@ -107,9 +107,11 @@ async def run_demo(timeout_s: float = 100) -> int:
                 print(f"What the ERP received at {stack.erp.url}:")
                 for m in stack.erp.messages:
                     state = _performance_state(m.text)
+                    signed = "signature ok" if m.signature_valid else "BAD SIGNATURE"
                     print(
                         f"  #{m.seq:<3}{m.order_number or '-':<18}{m.message_id:<28}"
-                        f"{m.content_type:<17}{state}{'  (duplicate)' if m.duplicate else ''}"
+                        f"{m.content_type:<17}{state:<11}{signed}"
+                        f"{'  (duplicate)' if m.duplicate else ''}"
                     )
             done = [o for o in results.values() if o["produced_lots"]]
             if done:

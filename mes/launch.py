@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -52,6 +53,7 @@ from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
 from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, PlcSimulator, SimUnit
 from mes import masterdata, samples
 from mes.auth import create_token
+from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.db import make_engine, make_sessionmaker
 from mes.migrate import upgrade
 from mes.models import (
@@ -154,12 +156,14 @@ def point_erp_client(
     name: str,
     callback_url: str,
     fmt: str,
+    policy: CallbackPolicy,
     actor: str = "system",
 ) -> ErpClientOut:
-    """Where the ERP client ``name`` (its token's name) gets its callbacks, and in which format."""
+    """Where the ERP client ``name`` (its token's name) gets its callbacks, and in which format
+    (the URL checked against ``policy``); a new client's signing secret is in the answer."""
     body = ErpClientIn.model_validate({"callback_url": callback_url, "format": fmt})
     with sessions() as s:
-        return set_erp_client(s, name, body, actor=actor)
+        return set_erp_client(s, name, body, policy, actor=actor)
 
 
 # --- Temporal ---------------------------------------------------------------------------------
@@ -255,7 +259,13 @@ async def running_worker(
     from workflows.worker import build_worker
 
     async with (
-        build_worker(client, settings.task_queue, sessions, settings.plc_poll_seconds),
+        build_worker(
+            client,
+            settings.task_queue,
+            sessions,
+            settings.plc_poll_seconds,
+            callback_policy=CallbackPolicy.allowing(settings.callback_allow),
+        ),
         relay_running(sessions, WorkflowClient(settings, client), settings.relay_seconds),
     ):
         yield
@@ -397,6 +407,8 @@ async def embedded_stack(
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
     and the erp token's client reports to it in that format.
     """
+    # Its own ERP receiver listens on loopback: allowed here explicitly (and only here).
+    settings = dataclasses.replace(settings, callback_allow=(*settings.callback_allow, *LOOPBACK))
     async with contextlib.AsyncExitStack() as stack:
         sessions = stack.enter_context(open_database(settings.database_url, migrate=True))
         plc_port = free_port()
@@ -412,7 +424,9 @@ async def embedded_stack(
         if erp_format is not None:
             erp = await stack.enter_async_context(ErpReceiver())
             erp_name = role_token_name(token_prefix, Role.ERP, suffix)
-            point_erp_client(sessions, erp_name, erp.url, erp_format)
+            policy = CallbackPolicy.allowing(settings.callback_allow)
+            erp_client = point_erp_client(sessions, erp_name, erp.url, erp_format, policy)
+            erp.signing_secret = erp_client.signing_secret
 
         await stack.enter_async_context(PlcSimulator(units, port=plc_port))
 
@@ -514,11 +528,14 @@ async def run_plc_simulator(
     return 0
 
 
-async def run_erp_receiver(port: int, store: Path | None, host: str = "127.0.0.1") -> int:
+async def run_erp_receiver(
+    port: int, store: Path | None, host: str = "127.0.0.1", signing_secret: str | None = None
+) -> int:
     """``mes sim erp``: an ERP callback receiver, printing one line per callback, until stopped.
 
     ``store`` keeps the history in a JSON-lines file across restarts; ``port`` 0 picks a
-    free port. The callback URL is printed first.
+    free port; with ``signing_secret`` (the ERP client's) each callback's signature is
+    checked. The callback URL is printed first.
     """
     banner_shown = False
 
@@ -538,7 +555,9 @@ async def run_erp_receiver(port: int, store: Path | None, host: str = "127.0.0.1
         show_banner()
         print(format_message(message), flush=True)
 
-    erp = ErpReceiver(host=host, port=port, store=store, on_message=show)
+    erp = ErpReceiver(
+        host=host, port=port, store=store, on_message=show, signing_secret=signing_secret
+    )
     async with erp:
         show_banner()
         await wait_for_stop_signal()

@@ -642,6 +642,9 @@ class ErpClient(Base):
     #: "json" or "b2mml"
     format: Mapped[str] = mapped_column(String(10))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The HMAC key that signs its callbacks (``mes.callbacks``). Kept as it is, not hashed:
+    #: the MES must sign with it. Shown to the admin once, when set or rotated.
+    signing_secret: Mapped[str] = mapped_column(String(64))
 
 
 class ErpMessage(Base):
@@ -673,16 +676,18 @@ class ErpMessage(Base):
 
 
 class B2mmlMessage(Base):
-    """A B2MML message received, by BODID: the same BODID again gets the same answer."""
+    """A B2MML message received, by client and BODID: the same client sending the same BODID
+    again gets the same answer (another client's BODID is its own, and its answer too)."""
 
     __tablename__ = "b2mml_message"
+    __table_args__ = (UniqueConstraint("client", "bod_id"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    bod_id: Mapped[str] = mapped_column(String(150), unique=True)
+    #: The API token's name that sent it.
+    client: Mapped[str] = mapped_column(String(100))
+    bod_id: Mapped[str] = mapped_column(String(150))
     noun: Mapped[str] = mapped_column(String(60))
     sender: Mapped[str] = mapped_column(String(100))
-    #: The token (ERP client) that sent it: its answer is replayed to that client alone.
-    client: Mapped[str | None] = mapped_column(String(100))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     status: Mapped[int] = mapped_column(Integer)
     response: Mapped[str] = mapped_column(Text)

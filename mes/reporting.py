@@ -25,7 +25,8 @@ from mes.b2mml import (
     SegmentResponseData,
     sync_operations_performance,
 )
-from mes.errors import NotFound
+from mes.callbacks import CallbackPolicy, CallbackRefused, new_secret
+from mes.errors import DomainError, FieldError, NotFound
 from mes.models import (
     ErpClient,
     ErpMessage,
@@ -42,7 +43,12 @@ class ErpClientIn(BaseModel):
     """Where an ERP client wants its callbacks, and in which format."""
 
     model_config = ConfigDict(extra="forbid")
-    callback_url: HttpUrl
+    callback_url: HttpUrl = Field(
+        description=(
+            "https (plain http only to loopback); link-local, metadata, unspecified and, "
+            "unless MES_CALLBACK_ALLOW lists them, loopback and private addresses are refused"
+        )
+    )
     format: str = Field(pattern="^(json|b2mml)$", description='"json" or "b2mml"')
 
 
@@ -50,23 +56,49 @@ class ErpClientOut(BaseModel):
     name: str
     callback_url: str
     format: str
+    signing_secret: str | None = Field(
+        default=None,
+        description=(
+            "The key of the HMAC-SHA256 signature every callback carries; shown only in the "
+            "answer that created the client or rotated its secret. Keep it."
+        ),
+    )
 
 
 def set_erp_client(
-    session: Session, name: str, body: ErpClientIn, actor: str = audit.SYSTEM
+    session: Session,
+    name: str,
+    body: ErpClientIn,
+    policy: CallbackPolicy,
+    actor: str = audit.SYSTEM,
 ) -> ErpClientOut:
-    """Create or change the callback settings of the ERP client ``name`` (its token's name)."""
+    """Create or change the callback settings of the ERP client ``name`` (its token's name).
+
+    The URL must pass ``policy`` (else a 422 naming ``callback_url``). A new client gets a
+    signing secret, returned this once.
+    """
+    url = str(body.callback_url)
+    try:
+        policy.check_url(url)
+    except CallbackRefused as e:
+        raise DomainError(
+            title="Callback URL refused",
+            detail=f"callback_url: {e}",
+            errors=[FieldError("callback_url", str(e))],
+        ) from None
     client = session.scalar(select(ErpClient).where(ErpClient.name == name))
     before = (
         None if client is None else {"callback_url": client.callback_url, "format": client.format}
     )
+    secret = None
     if client is None:
-        client = ErpClient(name=name, callback_url=str(body.callback_url), format=body.format)
+        secret = new_secret()
+        client = ErpClient(name=name, callback_url=url, format=body.format, signing_secret=secret)
         session.add(client)
     else:
-        client.callback_url, client.format = str(body.callback_url), body.format
+        client.callback_url, client.format = url, body.format
         client.updated_at = utcnow()
-    after = {"callback_url": str(body.callback_url), "format": body.format}
+    after = {"callback_url": url, "format": body.format}
     if before != after:
         audit.record(
             session,
@@ -78,7 +110,30 @@ def set_erp_client(
             after=after,
         )
     session.commit()
-    return ErpClientOut(name=name, callback_url=client.callback_url, format=client.format)
+    return ErpClientOut(
+        name=name, callback_url=client.callback_url, format=client.format, signing_secret=secret
+    )
+
+
+def rotate_secret(session: Session, name: str, actor: str = audit.SYSTEM) -> ErpClientOut:
+    """Give the ERP client ``name`` a new signing secret (returned this once); every callback
+    sent from now on is signed with it."""
+    client = session.scalar(select(ErpClient).where(ErpClient.name == name))
+    if client is None:
+        raise NotFound("ERP client", name)
+    client.signing_secret = secret = new_secret()
+    client.updated_at = utcnow()
+    audit.record(
+        session,
+        actor=actor,
+        action="erp_client.rotate_secret",
+        object_type="erp_client",
+        object_id=name,
+    )
+    session.commit()
+    return ErpClientOut(
+        name=name, callback_url=client.callback_url, format=client.format, signing_secret=secret
+    )
 
 
 def get_erp_client(session: Session, name: str) -> ErpClientOut:
@@ -198,6 +253,8 @@ class Delivery(BaseModel):
     url: str
     content_type: str
     body: str
+    #: The client's secret the delivery signs with (it never leaves the activity).
+    signing_secret: str
 
 
 def next_undelivered(session: Session, order_id: int) -> Delivery | None:
@@ -225,6 +282,7 @@ def next_undelivered(session: Session, order_id: int) -> Delivery | None:
         url=client.callback_url,
         content_type=msg.content_type,
         body=msg.body,
+        signing_secret=client.signing_secret,
     )
 
 

@@ -30,6 +30,9 @@ class Settings:
     max_body_bytes: int = 1_000_000
     #: How often a worker's relay looks for stored orders whose workflow is not started.
     relay_seconds: float = 5.0
+    #: CIDRs callbacks may go to besides public addresses (loopback, private nets), see
+    #: ``mes.callbacks``; empty: public addresses only, over https.
+    callback_allow: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -46,4 +49,7 @@ class Settings:
             plc_poll_seconds=float(e.get("MES_PLC_POLL_SECONDS", d.plc_poll_seconds)),
             max_body_bytes=int(e.get("MES_MAX_BODY_BYTES", d.max_body_bytes)),
             relay_seconds=float(e.get("MES_RELAY_SECONDS", d.relay_seconds)),
+            callback_allow=tuple(
+                c.strip() for c in e.get("MES_CALLBACK_ALLOW", "").split(",") if c.strip()
+            ),
         )

@@ -45,6 +45,7 @@ from temporalio.testing import WorkflowEnvironment
 from adapters.erp.receiver import ErpReceiver
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit
+from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.launch import (
     api_server,
     free_port,
@@ -249,7 +250,12 @@ def master_data(plant_urls: dict[str, tuple[str, str]]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 async def plant(temporal_env: WorkflowEnvironment) -> AsyncIterator[Plant]:
     for url in fresh_pg_database("mes_accept"):
-        settings = Settings(database_url=url, task_queue="mes-accept", plc_poll_seconds=0.1)
+        settings = Settings(
+            database_url=url,
+            task_queue="mes-accept",
+            plc_poll_seconds=0.1,
+            callback_allow=LOOPBACK,  # the ERP receiver
+        )
         async with contextlib.AsyncExitStack() as stack:
             sessions = stack.enter_context(open_database(url, migrate=True))
             independent = await stack.enter_async_context(
@@ -270,7 +276,13 @@ async def plant(temporal_env: WorkflowEnvironment) -> AsyncIterator[Plant]:
             suffix = secrets.token_hex(3)
             tokens = issue_role_tokens(sessions, "accept", suffix)
             erp = await stack.enter_async_context(ErpReceiver())
-            point_erp_client(sessions, role_token_name("accept", Role.ERP, suffix), erp.url, "json")
+            erp.signing_secret = point_erp_client(
+                sessions,
+                role_token_name("accept", Role.ERP, suffix),
+                erp.url,
+                "json",
+                CallbackPolicy.allowing(LOOPBACK),
+            ).signing_secret
             await stack.enter_async_context(running_worker(temporal_env.client, settings, sessions))
             api_url = await stack.enter_async_context(
                 api_server(settings, sessions, temporal_env.client)
@@ -432,6 +444,7 @@ async def erp_has_every_change(plant: Plant, order_number: str, timeout: float =
     assert rows, f"{order_number}: no ERP message at all"
     assert all(d for *_, d in rows), f"{order_number}: undelivered ERP messages {rows}"
     assert {r[0] for r in rows} <= {m.message_id for m in received}, (order_number, rows)
+    assert all(m.signature_valid for m in received), f"{order_number}: a callback not signed"
     assert rows[-1][1] == state, f"{order_number}: last ERP message says {rows[-1][1]}, not {state}"
     last = max(received, key=lambda m: m.message_id)
     body = json.loads(last.body)

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import ActivityEnvironment
 
 import workflows.activities
+from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.production_orders import ProductionOrderIn, create_order
 from mes.reporting import ErpClientIn, set_erp_client
 from workflows.activities import MesActivities
@@ -46,6 +47,9 @@ async def slow_erp() -> AsyncIterator[tuple[str, list[bytes]]]:
         yield f"http://127.0.0.1:{port}/callbacks", received
 
 
+ALLOW_LOOPBACK = CallbackPolicy.allowing(LOOPBACK)
+
+
 async def test_deliver_reports_heartbeats_while_the_erp_answers(
     plant_sqlite: sessionmaker[Session],
     slow_erp: tuple[str, list[bytes]],
@@ -55,7 +59,10 @@ async def test_deliver_reports_heartbeats_while_the_erp_answers(
     monkeypatch.setattr(workflows.activities, "_HEARTBEAT_TICK_S", TICK_S)
     with plant_sqlite() as s:
         set_erp_client(
-            s, "erp-slow", ErpClientIn.model_validate({"callback_url": url, "format": "json"})
+            s,
+            "erp-slow",
+            ErpClientIn.model_validate({"callback_url": url, "format": "json"}),
+            ALLOW_LOOPBACK,
         )
     body = ProductionOrderIn(
         order_number=f"HB-{uuid.uuid4().hex[:8]}",
@@ -71,7 +78,9 @@ async def test_deliver_reports_heartbeats_while_the_erp_answers(
     beats: list[tuple[object, ...]] = []
     env = ActivityEnvironment()
     env.on_heartbeat = lambda *details: beats.append(details)
-    sent = await env.run(MesActivities(plant_sqlite).deliver_reports, order.id)
+    sent = await env.run(
+        MesActivities(plant_sqlite, callback_policy=ALLOW_LOOPBACK).deliver_reports, order.id
+    )
 
     assert sent == 1
     assert len(received) == 1

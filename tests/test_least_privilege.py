@@ -22,9 +22,11 @@ from sqlalchemy.orm import selectinload
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
+from mes.auth import authenticate
 from mes.launch import Stack, api_server, embedded_stack
 from mes.migrate import upgrade
 from mes.models import (
+    B2mmlMessage,
     ControllerEndpoint,
     Equipment,
     JobOrder,
@@ -405,10 +407,12 @@ async def test_a_bodid_of_another_client_replays_nothing(line: Stack) -> None:
         assert first.status_code == 409, first.text
         assert (await post_xml(a, message)).content == first.content  # A's retry: A's answer
         other = await post_xml(b, message)
-    assert other.status_code == 409, other.text
-    (error,) = confirm_errors(other)
-    assert "is taken" in error
-    assert number not in error
+    assert other.status_code == 409, other.text  # B's own message, answered for B
+    bod_id = etree.fromstring(message).findtext(f".//{{{NS}}}BODID")
+    with line.sessions() as s:
+        names = [authenticate(s, t) for t in (line.tokens["erp"], erp_b)]
+        clients = s.scalars(select(B2mmlMessage.client).where(B2mmlMessage.bod_id == bod_id))
+        assert sorted(clients) == sorted(p.name for p in names if p is not None)
 
 
 # --- tokens ------------------------------------------------------------------------------

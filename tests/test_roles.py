@@ -50,6 +50,7 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/production-orders/{order_id}/performance"): {"erp", "supervisor", "auditor"},
     ("PUT", "/api/v1/erp-clients/{name}"): {"admin"},
     ("GET", "/api/v1/erp-clients/{name}"): {"admin"},
+    ("POST", "/api/v1/erp-clients/{name}/signing-secret"): {"admin"},
 }
 PUBLIC = {("GET", "/health")}
 #: Path parameters: values that name nothing, so allowed calls answer 4xx, not 401/403,

@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 from adapters.erp.client import DeliveryError, deliver
 from adapters.machines import CONNECTORS, connect
 from mes import execution, reporting, work_orders
+from mes.callbacks import PUBLIC_ONLY, CallbackPolicy
 from mes.errors import DomainError
 from mes.execution import ProductionError
 from mes.machines import (
@@ -74,7 +75,8 @@ class MesActivities:
     the machine adapters by protocol (``adapters.machines.CONNECTORS`` unless given).
 
     ``poll_seconds`` is how fresh the PLC's job states are: the publishing interval of
-    the subscription ``await_job`` waits on.
+    the subscription ``await_job`` waits on. ``callback_policy`` says which addresses ERP
+    callbacks may go to (public ones only, unless it allows more).
     """
 
     def __init__(
@@ -82,10 +84,12 @@ class MesActivities:
         session_factory: sessionmaker[Session],
         poll_seconds: float = 0.5,
         connectors: Mapping[str, MachineConnector] = CONNECTORS,
+        callback_policy: CallbackPolicy = PUBLIC_ONLY,
     ) -> None:
         self._sessions = session_factory
         self._poll_seconds = poll_seconds
         self._connectors = connectors
+        self._callback_policy = callback_policy
 
     def _plc(self, dispatch: Dispatch) -> contextlib.AbstractAsyncContextManager[EquipmentAdapter]:
         return _session(dispatch, self._connectors)
@@ -264,6 +268,8 @@ class MesActivities:
                             msg.content_type,
                             msg.message_id,
                             msg.order_number,
+                            signing_secret=msg.signing_secret,
+                            policy=self._callback_policy,
                             timeout_s=_ERP_TIMEOUT_S,
                             client=http,
                         ),

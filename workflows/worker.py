@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from mes.callbacks import PUBLIC_ONLY, CallbackPolicy
 from workflows.activities import MesActivities
 from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
 
@@ -20,9 +21,12 @@ def build_worker(
     session_factory: sessionmaker[Session],
     poll_seconds: float = 0.5,
     max_concurrent: int = 100,
+    callback_policy: CallbackPolicy = PUBLIC_ONLY,
 ) -> Worker:
-    """A worker for the order workflows; database activities run in a thread pool."""
-    acts = MesActivities(session_factory, poll_seconds)
+    """A worker for the order workflows; database activities run in a thread pool.
+
+    ``callback_policy``: where ERP callbacks may go (``mes.callbacks``)."""
+    acts = MesActivities(session_factory, poll_seconds, callback_policy=callback_policy)
     return Worker(
         client,
         task_queue=task_queue,

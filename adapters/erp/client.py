@@ -3,7 +3,9 @@
 :func:`deliver` makes exactly one attempt; retrying, backoff and ordering belong to the
 caller (a Temporal activity and its retry policy). What this module decides is whether a
 failure is worth retrying, so the caller neither gives up on an ERP that is only down nor
-hammers one that has refused the message for good.
+hammers one that has refused the message for good. Every callback is signed
+(``mes.callbacks``: ``X-MES-Timestamp``, ``X-MES-Signature``) and goes only to an address the
+callback policy allows, checked after DNS resolution and connected to as checked.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
 import httpx
+
+from mes.callbacks import CallbackPolicy, CallbackRefused, signed_headers
 
 # Statuses that mean "not now" rather than "not this": 408 Request Timeout, 425 Too Early,
 # 429 Too Many Requests; every 5xx is added in _is_retryable_status.
@@ -52,38 +56,62 @@ async def deliver(
     content_type: str,
     message_id: str,
     order_number: str,
+    *,
+    signing_secret: str,
+    policy: CallbackPolicy,
     timeout_s: float = 10,
     client: httpx.AsyncClient | None = None,
 ) -> int:
-    """POST one callback to the ERP and return its 2xx status.
+    """POST one signed callback to the ERP and return its 2xx status.
 
     The request carries ``Content-Type``, ``X-Message-Id`` (the message's unique id, the
     B2MML ``BODID``, so the ERP can drop a copy it already has: a retry after a lost answer
-    sends the same id) and ``X-Order-Number``. ``timeout_s`` bounds connecting, each read
-    and each write. Pass ``client`` to reuse its connection pool; otherwise a client is
-    opened for this one call.
+    sends the same id), ``X-Order-Number`` and the signature headers (HMAC-SHA256 with
+    ``signing_secret`` over the timestamp and the body). The URL's host is resolved and every
+    address checked against ``policy`` first; the request then goes to the first address
+    (the ``Host`` header and, for https, the TLS server name stay the URL's host).
+    ``timeout_s`` bounds connecting, each read and each write. Pass ``client`` to reuse its
+    connection pool; otherwise a client is opened for this one call.
 
-    Raises :class:`DeliveryError`: ``retryable=True`` for connection errors, timeouts, 408,
-    425, 429 and 5xx; ``retryable=False`` for any other non-2xx answer and for a URL that
-    cannot be used.
+    Raises :class:`DeliveryError`: ``retryable=True`` for connection errors, DNS failures,
+    timeouts, 408, 425, 429 and 5xx; ``retryable=False`` for any other non-2xx answer, a URL
+    that cannot be used and an address the policy refuses.
     """
+    try:
+        target = httpx.URL(url)
+        addresses = await policy.resolve(url)
+    except CallbackRefused as e:
+        raise DeliveryError(f"not sent to {url}: {e}", retryable=False) from e
+    except (ValueError, httpx.InvalidURL) as e:
+        raise DeliveryError(f"cannot send to {url}: {e}", retryable=False) from e
+    except OSError as e:
+        # The name does not resolve (now): DNS may well answer later.
+        raise DeliveryError(f"ERP at {url} unreachable: {e}", retryable=True) from e
     headers = {
+        "Host": target.netloc.decode("ascii"),
         "Content-Type": content_type,
         "X-Message-Id": message_id,
         "X-Order-Number": order_number,
+        **signed_headers(signing_secret, body),
     }
+    pinned = target.copy_with(host=str(addresses[0]))
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     try:
         if client is None:
             async with httpx.AsyncClient(timeout=timeout_s) as own:
-                response = await own.post(url, content=body, headers=headers)
+                response = await own.post(
+                    pinned, content=body, headers=headers, extensions=extensions
+                )
         else:
-            response = await client.post(url, content=body, headers=headers, timeout=timeout_s)
+            response = await client.post(
+                pinned, content=body, headers=headers, timeout=timeout_s, extensions=extensions
+            )
     except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as e:
         # Our side is wrong (a URL without http(s), a header value with a newline): no
         # number of retries fixes that, so say so instead of retrying for hours.
         raise DeliveryError(f"cannot send to {url}: {e}", retryable=False) from e
     except httpx.TransportError as e:
-        # Refused, reset, DNS, timeouts, a server that hung up mid-answer: the ERP may well
+        # Refused, reset, timeouts, a server that hung up mid-answer: the ERP may well
         # be back later, and the message id makes a repeat harmless.
         raise DeliveryError(
             f"ERP at {url} unreachable: {type(e).__name__}: {e}", retryable=True

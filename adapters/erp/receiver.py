@@ -11,6 +11,12 @@ event loop) with three routes:
 - ``GET /messages`` lists what was received as JSON (the body as text);
   ``GET /messages?order=<order number>`` only that order's.
 
+Given the ERP client's ``signing_secret``, it checks each callback's signature as a real ERP
+should (``mes.callbacks.verify_signature``: ``X-MES-Signature`` over ``X-MES-Timestamp`` and
+the body, the timestamp within 5 minutes): a callback whose signature does not hold is
+recorded with ``signature_valid=False`` (and never counts for duplicate detection) and
+answered 401. Without a secret nothing is checked (``signature_valid`` is None).
+
 With ``store`` every callback is appended to a JSON-lines file before it is acknowledged, and
 a receiver started on the same file picks up its history, sequence numbers and duplicate
 detection. An ERP outage is simulated by stopping the receiver and starting it again on the
@@ -37,7 +43,9 @@ from typing import Annotated, Any, Self
 import uvicorn
 from litestar import Litestar, Request, Response, get, post
 from litestar.params import QueryParameter
-from litestar.status_codes import HTTP_200_OK, HTTP_400_BAD_REQUEST
+from litestar.status_codes import HTTP_200_OK, HTTP_400_BAD_REQUEST, HTTP_401_UNAUTHORIZED
+
+from mes.callbacks import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify_signature
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +64,8 @@ class ReceivedMessage:
     ``seq`` numbers callbacks from 1 in arrival order, across restarts on the same store;
     ``duplicate`` is True when an earlier callback had the same ``message_id`` (the ERP
     drops it). ``order_number`` is None when the sender gave no ``X-Order-Number``.
+    ``signature_valid`` says whether its signature held (None: the receiver had no secret
+    to check it with).
     """
 
     seq: int
@@ -65,6 +75,7 @@ class ReceivedMessage:
     content_type: str
     body: bytes
     duplicate: bool
+    signature_valid: bool | None = None
 
     @property
     def text(self) -> str:
@@ -80,6 +91,7 @@ class ReceivedMessage:
             "order_number": self.order_number,
             "content_type": self.content_type,
             "duplicate": self.duplicate,
+            "signature_valid": self.signature_valid,
             "body": self.text,
         }
 
@@ -109,6 +121,7 @@ class ReceivedMessage:
             content_type=str(record.get("content_type", "")),
             body=body,
             duplicate=bool(record.get("duplicate", False)),
+            signature_valid=record.get("signature_valid"),
         )
 
 
@@ -132,7 +145,8 @@ class ErpReceiver:
     callback URL; ``erp.messages`` then holds every callback received. ``port`` 0 picks a
     free port when first started; later starts of the same receiver reuse it, so the sender's
     URL stays valid across a simulated outage. One receiver at a time per ``store``.
-    ``on_message`` is called with each callback once it is recorded.
+    ``on_message`` is called with each callback once it is recorded. With ``signing_secret``
+    (settable later, once the MES has issued it) every callback's signature is checked.
     """
 
     def __init__(
@@ -141,7 +155,9 @@ class ErpReceiver:
         port: int = 0,
         store: Path | None = None,
         on_message: Callable[[ReceivedMessage], None] | None = None,
+        signing_secret: str | None = None,
     ) -> None:
+        self.signing_secret = signing_secret
         self._host = host
         self._port = port
         self._store = store
@@ -243,7 +259,12 @@ class ErpReceiver:
         await self.stop()
 
     def _record(
-        self, body: bytes, message_id: str, order_number: str | None, content_type: str
+        self,
+        body: bytes,
+        message_id: str,
+        order_number: str | None,
+        content_type: str,
+        signature_valid: bool | None = None,
     ) -> ReceivedMessage:
         """Record one callback and return it.
 
@@ -258,6 +279,7 @@ class ErpReceiver:
             content_type=content_type,
             body=body,
             duplicate=message_id in self._seen_ids,
+            signature_valid=signature_valid,
         )
         if self._store is not None:
             line = json.dumps(message._to_record(), ensure_ascii=False) + "\n"
@@ -266,7 +288,8 @@ class ErpReceiver:
             with self._store.open("a", encoding="utf-8") as f:
                 f.write(line)
         self._messages.append(message)
-        self._seen_ids.add(message_id)
+        if signature_valid is not False:
+            self._seen_ids.add(message_id)
         if self._on_message is not None:
             try:
                 self._on_message(message)
@@ -289,7 +312,8 @@ class ErpReceiver:
                 logger.warning("skipping unreadable line %d of %s: %s", n, self._store, e)
                 continue
             self._messages.append(message)
-            self._seen_ids.add(message.message_id)
+            if message.signature_valid is not False:
+                self._seen_ids.add(message.message_id)
         self._messages.sort(key=lambda m: m.seq)
         if raw and not raw.endswith("\n"):
             # Without this the next line would be glued onto the cut-short one.
@@ -322,12 +346,23 @@ def _build_app(receiver: ErpReceiver) -> Litestar:
             return _refuse("the callback has no body")
         if not message_id:
             return _refuse("the X-Message-Id header is missing: the ERP cannot drop duplicates")
+        problem = None
+        if receiver.signing_secret is not None:
+            problem = verify_signature(
+                receiver.signing_secret,
+                request.headers.get(TIMESTAMP_HEADER),
+                request.headers.get(SIGNATURE_HEADER),
+                body,
+            )
         message = receiver._record(
             body,
             message_id=message_id,
             order_number=request.headers.get("x-order-number", "").strip() or None,
             content_type=request.headers.get("content-type", ""),
+            signature_valid=None if receiver.signing_secret is None else problem is None,
         )
+        if problem is not None:
+            return Response({"detail": problem}, status_code=HTTP_401_UNAUTHORIZED)
         return Response(
             {"seq": message.seq, "message_id": message.message_id, "duplicate": message.duplicate}
         )
@@ -357,6 +392,8 @@ def format_message(message: ReceivedMessage) -> str:
     if len(shown) > _SHOWN_BODY_CHARS:
         shown = shown[: _SHOWN_BODY_CHARS - 1] + "…"
     flag = " DUPLICATE (dropped)" if message.duplicate else ""
+    if message.signature_valid is not None:
+        flag += " signed" if message.signature_valid else " BAD SIGNATURE (refused)"
     at = message.received_at.astimezone().isoformat(sep=" ", timespec="milliseconds")
     return (
         f"#{message.seq} {at} order={message.order_number or '-'} id={message.message_id}"

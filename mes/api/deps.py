@@ -2,7 +2,7 @@
 
 One ``Database``, one ``WorkflowClient`` and one ``Steering`` per app, made in
 ``create_app`` and kept on the app's state; handlers name them as parameters (``db``,
-``workflows``, ``steering``, ``caller``) and receive them typed.
+``workflows``, ``steering``, ``caller``, ``callback_policy``) and receive them typed.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from mes.auth import Principal
+from mes.callbacks import PUBLIC_ONLY, CallbackPolicy
 from mes.db import Database
 from mes.steering import Steering
 from mes.workflow_client import WorkflowClient
@@ -34,14 +35,28 @@ def _steering(state: State) -> Steering:
     return steering
 
 
+def _callback_policy(state: State) -> CallbackPolicy:
+    policy: CallbackPolicy = state.callback_policy
+    return policy
+
+
 def _caller(request: Request[Principal, Any, Any]) -> Principal:
     """The authenticated caller of a request."""
     return request.user
 
 
-def app_state(db: Database, workflows: WorkflowClient) -> State:
-    """The app's state: the services the providers hand out."""
-    return State({"db": db, "workflows": workflows, "steering": Steering(db, workflows)})
+def app_state(
+    db: Database, workflows: WorkflowClient, callback_policy: CallbackPolicy = PUBLIC_ONLY
+) -> State:
+    """The app's state: the services the providers hand out, and where callbacks may go."""
+    return State(
+        {
+            "db": db,
+            "workflows": workflows,
+            "steering": Steering(db, workflows),
+            "callback_policy": callback_policy,
+        }
+    )
 
 
 DEPENDENCIES = {
@@ -49,4 +64,5 @@ DEPENDENCIES = {
     "workflows": Provide(_workflows, sync_to_thread=False),
     "steering": Provide(_steering, sync_to_thread=False),
     "caller": Provide(_caller, sync_to_thread=False),
+    "callback_policy": Provide(_callback_policy, sync_to_thread=False),
 }

@@ -41,6 +41,7 @@ from mes.api.security import (
     roles_note,
 )
 from mes.auth import Principal
+from mes.callbacks import CallbackPolicy
 from mes.db import Database
 from mes.errors import DomainError
 from mes.models import B2mmlMessage, MaterialDefinition, OperationsRequest, Role
@@ -147,13 +148,15 @@ class B2mmlController(Controller):
             return _confirm(message, noun, [refusal], 403)
 
         bod_id = message.bod_id or f"anonymous-{uuid.uuid4()}"
+        # Remembered per client: another ERP's BODID (and its answer) is not this one's.
         seen = await db.run(
-            lambda s: s.scalar(select(B2mmlMessage).where(B2mmlMessage.bod_id == bod_id))
+            lambda s: s.scalar(
+                select(B2mmlMessage).where(
+                    B2mmlMessage.client == caller.name, B2mmlMessage.bod_id == bod_id
+                )
+            )
         )
         if seen is not None:
-            if seen.client != caller.name:  # not its message: nothing of it is shown
-                taken = f"BODID {bod_id} is taken; each message needs a BODID of its own"
-                return _confirm(message, noun, [taken], 409)
             return _xml(seen.response.encode(), seen.status)
 
         who = caller
@@ -174,10 +177,10 @@ class B2mmlController(Controller):
         def remember(s: Session) -> None:
             s.add(
                 B2mmlMessage(
+                    client=caller.name,
                     bod_id=bod_id,
                     noun=type(message).__name__,
                     sender=message.sender or who.name,
-                    client=who.name,
                     status=response.status_code,
                     response=bytes(response.content).decode(),
                 )
@@ -416,7 +419,14 @@ class ErpClientController(Controller):
         "/{name:str}",
         guards=[allow(ADMINISTER)],
         summary="Set where an ERP client (by its token's name) gets its callbacks, and how",
-        description=roles_note(ADMINISTER),
+        description=(
+            "The callback URL must be https (plain http only to loopback) and may not point "
+            "at link-local, cloud metadata, unspecified or (unless MES_CALLBACK_ALLOW lists "
+            "them) loopback and private addresses: 422 naming callback_url. A new client's "
+            "answer holds its signing_secret, shown this once: every callback carries "
+            "X-MES-Timestamp and X-MES-Signature (sha256=HMAC-SHA256 of "
+            '"{timestamp}.{body}" with it). ' + roles_note(ADMINISTER)
+        ),
     )
     async def set_client(
         self,
@@ -424,10 +434,35 @@ class ErpClientController(Controller):
         data: JSONBody[reporting.ErpClientIn],
         db: NamedDependency[Database],
         caller: NamedDependency[Principal],
+        callback_policy: NamedDependency[CallbackPolicy],
     ) -> reporting.ErpClientOut:
         return await db.run(
-            partial(reporting.set_erp_client, name=name, body=data, actor=caller.actor)
+            partial(
+                reporting.set_erp_client,
+                name=name,
+                body=data,
+                policy=callback_policy,
+                actor=caller.actor,
+            )
         )
+
+    @post(
+        "/{name:str}/signing-secret",
+        guards=[allow(ADMINISTER)],
+        status_code=200,
+        summary="Rotate an ERP client's callback signing secret; the answer shows the new one",
+        description=(
+            "Callbacks sent from now on are signed with the new secret (shown this once). "
+            + roles_note(ADMINISTER)
+        ),
+    )
+    async def rotate_secret(
+        self,
+        name: FromPath[str],
+        db: NamedDependency[Database],
+        caller: NamedDependency[Principal],
+    ) -> reporting.ErpClientOut:
+        return await db.run(partial(reporting.rotate_secret, name=name, actor=caller.actor))
 
     @get(
         "/{name:str}",

@@ -11,13 +11,20 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
+from functools import partial
 from pathlib import Path
 
 import httpx
 import pytest
 
-from adapters.erp.client import DeliveryError, deliver, parse_retry_after
+from adapters.erp.client import DeliveryError, parse_retry_after
+from adapters.erp.client import deliver as deliver_signed
 from adapters.erp.receiver import MAX_BODY_BYTES, ErpReceiver
+from mes.callbacks import LOOPBACK, CallbackPolicy
+
+SECRET = "test-secret"
+# Every receiver here is on loopback; the fixture's checks each signature.
+deliver = partial(deliver_signed, signing_secret=SECRET, policy=CallbackPolicy.allowing(LOOPBACK))
 
 XML = "application/xml"
 DOC = b'<?xml version="1.0"?><SyncOperationsPerformance releaseID="7.1"/>'
@@ -25,7 +32,7 @@ DOC = b'<?xml version="1.0"?><SyncOperationsPerformance releaseID="7.1"/>'
 
 @pytest.fixture
 async def erp(tmp_path: Path) -> AsyncIterator[ErpReceiver]:
-    async with ErpReceiver(store=tmp_path / "erp.jsonl") as receiver:
+    async with ErpReceiver(store=tmp_path / "erp.jsonl", signing_secret=SECRET) as receiver:
         yield receiver
 
 
@@ -67,6 +74,7 @@ async def test_messages_route_lists_callbacks_as_json_and_filters_by_order(
         "order_number": "PO-2",
         "content_type": "application/json",
         "duplicate": False,
+        "signature_valid": True,
         "body": '{"state": "running"}',
     }
 

@@ -45,6 +45,7 @@ from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
 from mes import audit
 from mes.auth import create_token
+from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.launch import api_server, free_port, load_plant, point_erp_client, temporal_binary
 from mes.models import Role
 from mes.samples import plant_text
@@ -233,6 +234,8 @@ class Plant:
             "MES_TEMPORAL_ADDRESS": self.temporal_address,
             "MES_TASK_QUEUE": TASK_QUEUE,
             "MES_PLC_POLL_SECONDS": "0.1",
+            # The ERP receiver is on loopback.
+            "MES_CALLBACK_ALLOW": ",".join(LOOPBACK),
             "PYTHONUNBUFFERED": "1",
         }
 
@@ -279,7 +282,11 @@ class Plant:
             with sessions() as s:
                 self.tokens[str(role)] = create_token(s, f"fault-{role}", role)
         callbacks = f"http://127.0.0.1:{self.erp_port}/callbacks"
-        point_erp_client(sessions, "fault-erp", callbacks, "b2mml")
+        client = point_erp_client(
+            sessions, "fault-erp", callbacks, "b2mml", CallbackPolicy.allowing(LOOPBACK)
+        )
+        assert client.signing_secret is not None
+        self.erp.argv = [*self.erp.argv, "--secret", client.signing_secret]
         await self.wait_temporal()
         self.plc.start()
         self.erp.start()
@@ -691,6 +698,7 @@ def check_plant(
         assert "Running" in seq, (number, seq)
         assert all(a != b for a, b in itertools.pairwise(seq)), f"a state reported twice: {seq}"
     received = [r for r in read_store(plant.erp_store) if r.get("order_number") in numbers]
+    assert all(r["signature_valid"] for r in received), "a callback not validly signed"
     first = [r for r in received if not r["duplicate"]]
     copies = [r for r in received if r["duplicate"]]
     counts.erp_received, counts.erp_copies = len(first), len(copies)
