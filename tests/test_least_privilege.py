@@ -408,7 +408,7 @@ async def test_a_bodid_of_another_client_replays_nothing(line: Stack) -> None:
         assert (await post_xml(a, message)).content == first.content  # A's retry: A's answer
         other = await post_xml(b, message)
     assert other.status_code == 409, other.text  # B's own message, answered for B
-    bod_id = etree.fromstring(message).findtext(f".//{{{NS}}}BODID")
+    bod_id = etree.fromstring(message).findtext(f".//{NS}BODID")
     with line.sessions() as s:
         names = [authenticate(s, t) for t in (line.tokens["erp"], erp_b)]
         clients = s.scalars(select(B2mmlMessage.client).where(B2mmlMessage.bod_id == bod_id))
