@@ -69,6 +69,7 @@ def create_app(
         state=app_state(
             Database(sessions or make_sessionmaker(make_engine(settings.database_url))),
             WorkflowClient(settings, temporal),
+            settings,
         ),
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,8 +1,9 @@
 """What the route handlers are given by Litestar's dependency injection.
 
 One ``Database``, one ``WorkflowClient`` and one ``Steering`` per app, made in
-``create_app`` and kept on the app's state; handlers name them as parameters (``db``,
-``workflows``, ``steering``, ``caller``) and receive them typed.
+``create_app`` and kept on the app's state with the app's ``Settings``; handlers name them
+as parameters (``db``, ``workflows``, ``steering``, ``settings``, ``caller``) and receive
+them typed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from litestar.di import Provide
 
 from mes.auth import Principal
 from mes.db import Database
+from mes.settings import Settings
 from mes.steering import Steering
 from mes.workflow_client import WorkflowClient
 
@@ -34,14 +36,26 @@ def _steering(state: State) -> Steering:
     return steering
 
 
+def _settings(state: State) -> Settings:
+    settings: Settings = state.settings
+    return settings
+
+
 def _caller(request: Request[Principal, Any, Any]) -> Principal:
     """The authenticated caller of a request."""
     return request.user
 
 
-def app_state(db: Database, workflows: WorkflowClient) -> State:
+def app_state(db: Database, workflows: WorkflowClient, settings: Settings) -> State:
     """The app's state: the services the providers hand out."""
-    return State({"db": db, "workflows": workflows, "steering": Steering(db, workflows)})
+    return State(
+        {
+            "db": db,
+            "workflows": workflows,
+            "steering": Steering(db, workflows),
+            "settings": settings,
+        }
+    )
 
 
 DEPENDENCIES = {
@@ -49,4 +63,5 @@ DEPENDENCIES = {
     "workflows": Provide(_workflows, sync_to_thread=False),
     "steering": Provide(_steering, sync_to_thread=False),
     "caller": Provide(_caller, sync_to_thread=False),
+    "settings": Provide(_settings, sync_to_thread=False),
 }
