@@ -299,7 +299,12 @@ async def checkpoints_running(
                     cp = await asyncio.to_thread(write)
                     last_seq, last_at = (cp.seq if cp else seq), clock()
             except ChainNotSigned as e:
-                log.error("audit checkpoint refused, the chain does not verify: %s", e)
+                log.error(
+                    "audit checkpoint refused: the chain no longer agrees with %s (%s); it "
+                    "was changed, or the file belongs to another database",
+                    path,
+                    e,
+                )
                 last_seq, last_at = seq, clock()
             except Exception:
                 log.exception("audit checkpoint failed; retrying")
