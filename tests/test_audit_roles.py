@@ -54,18 +54,18 @@ class Db:
     owner: Engine
     app: sessionmaker[Session]
     key_file: Path
-    checkpoints: Path
+    checkpoint_file: Path
 
     def sign(self) -> checkpoints.Checkpoint | None:
         with self.app() as s:
             return checkpoints.write_checkpoint(
-                s, checkpoints.load_signing_key(self.key_file), self.checkpoints
+                s, checkpoints.load_signing_key(self.key_file), self.checkpoint_file
             )
 
     def verify(self) -> audit.ChainReport:
         key = checkpoints.load_verify_key(self.key_file)
         with self.app() as s:
-            return checkpoints.verify(s, self.checkpoints, key)
+            return checkpoints.verify(s, self.checkpoint_file, key)
 
     def verify_chain_alone(self) -> audit.ChainReport:
         with self.app() as s:
@@ -215,11 +215,11 @@ def test_a_forged_checkpoint_line_is_reported(db: Db, tmp_path: Path) -> None:
     forged = checkpoints.sign(
         checkpoints.load_signing_key(other), newest.seq, newest.hash, newest.occurred_at
     )
-    checkpoints.append(db.checkpoints, forged)
-    lines = db.checkpoints.read_text().splitlines()
+    checkpoints.append(db.checkpoint_file, forged)
+    lines = db.checkpoint_file.read_text().splitlines()
     altered = json.loads(lines[2])
     altered["hash"] = "0" * 64
-    with db.checkpoints.open("a") as f:
+    with db.checkpoint_file.open("a") as f:
         f.write(json.dumps(altered) + "\n")
         f.write("not json\n")
 
@@ -247,7 +247,7 @@ def test_cli_verify_with_an_auditors_copy_and_public_key(
     public = tmp_path / "audit-public.pem"
     public.write_text(capsys.readouterr().out.split("\n", 1)[1])
     copy = tmp_path / "auditors-copy.jsonl"
-    copy.write_bytes(db.checkpoints.read_bytes())
+    copy.write_bytes(db.checkpoint_file.read_bytes())
 
     args = ["audit", "verify", "--checkpoints", str(copy), "--key-file", str(public)]
     assert main(args) == 0
