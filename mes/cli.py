@@ -173,6 +173,8 @@ def _db_upgrade(settings: Settings, database_url: str | None) -> int:
 
 def _audit(settings: Settings, args: argparse.Namespace) -> int:
     """``mes audit key|checkpoint|verify``; verify answers 0 when intact, else 1."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from mes import audit_checkpoints as checkpoints
     from mes.launch import open_database
 
@@ -187,16 +189,22 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
         print(checkpoints.public_pem(public), end="")
         return 0
     path: Path = args.checkpoints or settings.audit_checkpoint_file
+    try:
+        signing = args.audit_command == "checkpoint"
+        key = (checkpoints.load_signing_key if signing else checkpoints.load_verify_key)(key_file)
+    except (OSError, ValueError) as e:
+        print(f"error: {key_file}: {e}", file=sys.stderr)
+        return 2
     with open_database(settings.database_url) as sessions, sessions() as s:
-        if args.audit_command == "checkpoint":
+        if isinstance(key, Ed25519PrivateKey):
             try:
-                cp = checkpoints.write_checkpoint(s, checkpoints.load_signing_key(key_file), path)
+                cp = checkpoints.write_checkpoint(s, key, path)
             except checkpoints.ChainNotSigned as e:
                 print(f"error: not signed: {e}", file=sys.stderr)
                 return 1
             print(json.dumps(cp.to_json()) if cp else "nothing new to sign")
             return 0
-        report = checkpoints.verify(s, path, checkpoints.load_verify_key(key_file))
+        report = checkpoints.verify(s, path, key)
     print(json.dumps(dataclasses.asdict(report), default=str, indent=2))
     return 0 if report.intact else 1
 

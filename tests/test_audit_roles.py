@@ -253,6 +253,9 @@ def test_cli_verify_with_an_auditors_copy_and_public_key(
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["anchored_seq"] == 60
 
+    # The auditor's public key cannot sign.
+    assert main(["audit", "checkpoint", "--key-file", str(public)]) == 2
+    assert "private key" in capsys.readouterr().err
     _rewrite(db.owner, ["DELETE FROM audit_event WHERE seq > 57"], rehash_from=None)
     assert main(args) == 1
     out = json.loads(capsys.readouterr().out)
