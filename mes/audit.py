@@ -3,13 +3,15 @@
 ``record`` queues an event on the session; just before the session commits, the queued
 events get the next chain positions and hashes. Taking the chain head's row lock last in the
 transaction orders concurrent writers without risking a deadlock with the rows they change.
-``verify`` recomputes the whole chain and reports the first broken link.
+``verify`` recomputes the whole chain and reports the first broken link; given signed
+checkpoints (``mes.audit_checkpoints``), it also catches a recomputed tail and a truncation.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -199,26 +201,29 @@ def _audit_master_data(session: Session, _context: object, _instances: object) -
 
 def _chain_pending(session: Session) -> None:
     # The changed rows first (their flush may queue events); the chain head is the last lock
-    # the transaction takes.
+    # the transaction takes: an UPDATE that leaves it as it is (the head's trigger lets that
+    # through, and on SQLite it takes the write lock before the head is read).
     session.flush()
     pending: list[AuditEvent] = session.info.pop(_PENDING, [])
     if not pending:
         return
-    head = session.execute(
+    seq, prev = session.execute(
         update(AuditChainHead)
         .where(AuditChainHead.id == 1)
-        .values(seq=AuditChainHead.seq + len(pending))
+        .values(seq=AuditChainHead.seq)
         .returning(AuditChainHead.seq, AuditChainHead.last_hash)
     ).one()
-    seq, prev = head.seq - len(pending), head.last_hash
     for ev in pending:
         seq += 1
         ev.seq = seq
         ev.prev_hash = prev
         ev.hash = prev = event_hash(ev, prev)
         session.add(ev)
-    session.execute(update(AuditChainHead).where(AuditChainHead.id == 1).values(last_hash=prev))
+    # The events exist before the head moves to the newest of them: its trigger checks that.
     session.flush()
+    session.execute(
+        update(AuditChainHead).where(AuditChainHead.id == 1).values(seq=seq, last_hash=prev)
+    )
 
 
 def _drop_pending(session: Session, _previous: object) -> None:
@@ -244,22 +249,74 @@ def install(factory: sessionmaker[Session]) -> None:
     event.listen(factory, "after_commit", _forget_actor)
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """A chain position known from outside the database (a signed checkpoint): event
+    ``seq`` had hash ``hash`` at time ``at``."""
+
+    seq: int
+    hash: str
+    at: datetime
+
+
 @dataclass
 class ChainReport:
-    """The result of recomputing the chain."""
+    """The result of recomputing the chain (and comparing it with the checkpoints)."""
 
     intact: bool
     events: int
     first_broken_seq: int | None = None
     reason: str | None = None
     checked_at: datetime | None = None
+    #: How many signed checkpoints the chain was compared with.
+    checkpoints: int = 0
+    #: The newest event a matching checkpoint vouches for; later events are protected by
+    #: the hash chain alone.
+    anchored_seq: int | None = None
 
 
-def verify(session: Session, batch: int = 5000) -> ChainReport:
-    """Recompute every hash in order; report the first event whose link does not hold."""
-    prev = GENESIS
-    expected_seq = 1
+def verify(
+    session: Session,
+    anchors: Sequence[Anchor] = (),
+    *,
+    since: Anchor | None = None,
+    batch: int = 5000,
+) -> ChainReport:
+    """Recompute every hash in order; report the first event whose link does not hold.
+
+    With ``anchors`` (checkpoints whose signatures were checked), the recomputed hash at each
+    anchor's ``seq`` must be the anchor's: a difference means an event up to it was changed
+    and the later hashes recomputed (reported from the event after the last matching
+    anchor); an anchor beyond the chain's end means events were removed.
+
+    With ``since``, the walk starts at that anchor instead of the first event (event
+    ``since.seq`` must still have its hash): only what came after it is checked. That is the
+    checkpoint writer's check before it signs; an auditor's verify starts from the first event.
+    """
+    todo = sorted(anchors, key=lambda a: a.seq)
+    done = 0
+    anchored: int | None = None
     count = 0
+
+    def broken(seq: int, reason: str) -> ChainReport:
+        return ChainReport(
+            intact=False,
+            events=count,
+            first_broken_seq=seq,
+            reason=reason,
+            checked_at=utcnow(),
+            checkpoints=done,
+            anchored_seq=anchored,
+        )
+
+    prev, expected_seq = GENESIS, 1
+    if since is not None:
+        start = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == since.seq))
+        if start is None:
+            return broken(since.seq, f"event {since.seq} of the checkpoint of {since.at} is gone")
+        if start != since.hash:
+            return broken(since.seq, f"event {since.seq} differs from the checkpoint of {since.at}")
+        prev, expected_seq, anchored = since.hash, since.seq + 1, since.seq
     while True:
         rows = session.scalars(
             select(AuditEvent)
@@ -272,21 +329,35 @@ def verify(session: Session, batch: int = 5000) -> ChainReport:
         for ev in rows:
             count += 1
             if ev.seq != expected_seq:
-                return _broken(expected_seq, f"event {expected_seq} is missing", count)
+                return broken(expected_seq, f"event {expected_seq} is missing")
             if ev.prev_hash != prev:
-                return _broken(ev.seq, "prev_hash does not match the previous event's hash", count)
+                return broken(ev.seq, "prev_hash does not match the previous event's hash")
             if event_hash(ev, prev) != ev.hash:
-                return _broken(ev.seq, "the event's content does not match its hash", count)
+                return broken(ev.seq, "the event's content does not match its hash")
             prev = ev.hash
+            while done < len(todo) and todo[done].seq <= ev.seq:
+                anchor = todo[done]
+                if anchor.seq == ev.seq and anchor.hash != ev.hash:
+                    first = (anchored or 0) + 1
+                    return broken(
+                        first,
+                        f"events {first} to {anchor.seq} do not match the checkpoint of "
+                        f"{anchor.at}: one of them was changed and the later hashes recomputed",
+                    )
+                done += 1
+                anchored = max(anchored or 0, anchor.seq)
             expected_seq += 1
         session.expunge_all()
+    if done < len(todo):
+        last = todo[-1]
+        return broken(
+            expected_seq,
+            f"events {expected_seq} to {last.seq} were removed: the checkpoint of {last.at} "
+            f"vouches for event {last.seq}",
+        )
     head = session.get(AuditChainHead, 1)
     if head is not None and (head.seq != expected_seq - 1 or head.last_hash != prev):
-        return _broken(expected_seq, "events after the last one were removed", count)
-    return ChainReport(intact=True, events=count, checked_at=utcnow())
-
-
-def _broken(seq: int, reason: str, count: int) -> ChainReport:
+        return broken(expected_seq, "events after the last one were removed")
     return ChainReport(
-        intact=False, events=count, first_broken_seq=seq, reason=reason, checked_at=utcnow()
+        intact=True, events=count, checked_at=utcnow(), checkpoints=done, anchored_seq=anchored
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -41,7 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("worker", help="run a Temporal worker (uses MES_* settings)")
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
-    db_sub.add_parser("upgrade", help="apply all migrations (alembic upgrade head)")
+    up = db_sub.add_parser(
+        "upgrade", help="apply all migrations as the owner; create and grant the app role"
+    )
+    up.add_argument(
+        "--database-url",
+        help="the owner's URL (default MES_MIGRATION_DATABASE_URL, else MES_DATABASE_URL)",
+    )
     load = sub.add_parser(
         "load", help="load master data: a plant file (YAML or JSON) or a B2MML Sync message (XML)"
     )
@@ -87,6 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     ec.add_argument("name")
     ec.add_argument("--url", required=True, help="callback URL")
     ec.add_argument("--format", choices=["json", "b2mml"], default="b2mml")
+    aud = sub.add_parser("audit", help="the audit trail: signing key, checkpoints, verify")
+    aud_sub = aud.add_subparsers(dest="audit_command", required=True)
+    for name, text in (
+        ("key", "create the checkpoint signing key if missing; print its public key"),
+        ("checkpoint", "sign the chain's newest event now (after checking what came since)"),
+        ("verify", "recompute the chain and compare it with the signed checkpoints"),
+    ):
+        a = aud_sub.add_parser(name, help=text)
+        a.add_argument("--key-file", type=Path, help="Ed25519 key (default MES_AUDIT_KEY_FILE)")
+        if name != "key":
+            a.add_argument(
+                "--checkpoints", type=Path, help="checkpoint file (default MES_AUDIT_CHECKPOINTS)"
+            )
     api = sub.add_parser("openapi", help="write the OpenAPI document to openapi/")
     api.add_argument("--check", action="store_true", help="fail if openapi/ differs from the app")
     api.add_argument("--output", type=Path, default=OPENAPI_FILE)
@@ -103,14 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return asyncio.run(run_demo())
     if args.command == "db":
-        from sqlalchemy.engine import make_url
-
-        from mes.migrate import upgrade
-
-        upgrade(settings.database_url)
-        shown = make_url(settings.database_url).render_as_string(hide_password=True)
-        print(f"database at head: {shown}")
-        return 0
+        return _db_upgrade(settings, args.database_url)
+    if args.command == "audit":
+        return _audit(settings, args)
     if args.command == "load":
         return _load(settings, args.file, args.opcua_url)
     if args.command == "token":
@@ -149,6 +164,58 @@ async def _service(settings: Settings, args: argparse.Namespace) -> int:
     if args.command == "sim" and args.sim_command == "erp":
         return await launch.run_erp_receiver(args.port, args.store, signing_secret=args.secret)
     raise AssertionError(f"unhandled command {args}")
+
+
+def _db_upgrade(settings: Settings, database_url: str | None) -> int:
+    from sqlalchemy.engine import make_url
+
+    from mes.migrate import upgrade_database
+
+    url = make_url(upgrade_database(settings, database_url))
+    print(f"database at head: {url.render_as_string(hide_password=True)}")
+    if url.get_backend_name() == "postgresql":
+        print(
+            f"app role {settings.database_app_role!r}: DML on the tables, audit_event append-only"
+        )
+    return 0
+
+
+def _audit(settings: Settings, args: argparse.Namespace) -> int:
+    """``mes audit key|checkpoint|verify``; verify answers 0 when intact, else 1."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from mes import audit_checkpoints as checkpoints
+    from mes.launch import open_database
+
+    key_file: Path | None = args.key_file or settings.audit_key_file
+    if key_file is None:
+        print("error: no key: give --key-file or set MES_AUDIT_KEY_FILE", file=sys.stderr)
+        return 2
+    if args.audit_command == "key":
+        checkpoints.ensure_key(key_file)
+        public = checkpoints.load_verify_key(key_file)
+        print(f"key {checkpoints.key_id(public)} in {key_file}; its public key:")
+        print(checkpoints.public_pem(public), end="")
+        return 0
+    path: Path = args.checkpoints or settings.audit_checkpoint_file
+    try:
+        signing = args.audit_command == "checkpoint"
+        key = (checkpoints.load_signing_key if signing else checkpoints.load_verify_key)(key_file)
+    except (OSError, ValueError) as e:
+        print(f"error: {key_file}: {e}", file=sys.stderr)
+        return 2
+    with open_database(settings.database_url) as sessions, sessions() as s:
+        if isinstance(key, Ed25519PrivateKey):
+            try:
+                cp = checkpoints.write_checkpoint(s, key, path)
+            except checkpoints.ChainNotSigned as e:
+                print(f"error: not signed: {e}", file=sys.stderr)
+                return 1
+            print(json.dumps(cp.to_json()) if cp else "nothing new to sign")
+            return 0
+        report = checkpoints.verify(s, path, key)
+    print(json.dumps(dataclasses.asdict(report), default=str, indent=2))
+    return 0 if report.intact else 1
 
 
 def _load(settings: Settings, file: Path, opcua_url: str | None) -> int:

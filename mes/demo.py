@@ -62,7 +62,12 @@ async def run_demo(timeout_s: float = 100) -> int:
     """Run the demo; returns the process exit code (0 when every order completed)."""
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="mes-demo-"))
-    settings = Settings(database_url=f"sqlite:///{workdir / 'mes.db'}", plc_poll_seconds=0.2)
+    settings = Settings(
+        database_url=f"sqlite:///{workdir / 'mes.db'}",
+        plc_poll_seconds=0.2,
+        audit_key_file=workdir / "audit-key.pem",
+        audit_checkpoint_file=workdir / "audit-checkpoints.jsonl",
+    )
     print(
         "Starting the embedded MES: SQLite, Temporal dev server, OPC UA PLC simulator, "
         "worker, API ..."

@@ -52,10 +52,11 @@ from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, f
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
 from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, PlcSimulator, SimUnit
 from mes import masterdata, samples
+from mes.audit_checkpoints import ensure_key
 from mes.auth import create_token
 from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.db import make_engine, make_sessionmaker
-from mes.migrate import upgrade
+from mes.migrate import upgrade, upgrade_database
 from mes.models import (
     ControllerEndpoint,
     Equipment,
@@ -267,6 +268,28 @@ async def running_worker(
             callback_policy=CallbackPolicy.allowing(settings.callback_allow),
         ),
         relay_running(sessions, WorkflowClient(settings, client), settings.relay_seconds),
+        audit_checkpoints_running(settings, sessions),
+    ):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def audit_checkpoints_running(
+    settings: Settings, sessions: sessionmaker[Session]
+) -> AsyncIterator[None]:
+    """Signed audit checkpoints written in the background, when the settings name a key."""
+    from mes.audit_checkpoints import checkpoints_running
+
+    if settings.audit_key_file is None:
+        print("audit checkpoints off: no MES_AUDIT_KEY_FILE", file=sys.stderr, flush=True)
+        yield
+        return
+    async with checkpoints_running(
+        sessions,
+        settings.audit_key_file,
+        settings.audit_checkpoint_file,
+        every_seconds=settings.audit_checkpoint_seconds,
+        every_events=settings.audit_checkpoint_events,
     ):
         yield
 
@@ -399,9 +422,10 @@ async def embedded_stack(
     token_prefix: str = "embedded",
     erp_format: str | None = "b2mml",
 ) -> AsyncIterator[Stack]:
-    """Migrate the database, load the plant (the packaged sample plant unless ``plant_file``),
-    start the PLC simulator, Temporal, the worker and the API; stop them all on exit (also on
-    error or cancellation).
+    """Migrate the database (as ``mes db upgrade`` does: as the owner, granting the app
+    role), make the audit key if the settings name one that is missing, load the plant (the
+    packaged sample plant unless ``plant_file``), start the PLC simulator, Temporal, the
+    worker and the API; stop them all on exit (also on error or cancellation).
 
     With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
@@ -410,7 +434,11 @@ async def embedded_stack(
     # Its own ERP receiver listens on loopback: allowed here explicitly (and only here).
     settings = dataclasses.replace(settings, callback_allow=(*settings.callback_allow, *LOOPBACK))
     async with contextlib.AsyncExitStack() as stack:
-        sessions = stack.enter_context(open_database(settings.database_url, migrate=True))
+        # As ``mes db upgrade`` does: migrate as the owner, then run as the app role.
+        await asyncio.to_thread(upgrade_database, settings)
+        if settings.audit_key_file is not None:
+            ensure_key(settings.audit_key_file)
+        sessions = stack.enter_context(open_database(settings.database_url))
         plc_port = free_port()
         plc_url = f"opc.tcp://127.0.0.1:{plc_port}/"
         await asyncio.to_thread(load_plant, sessions, plant_file, plc_url)
@@ -463,7 +491,11 @@ async def embedded_stack(
 
 
 async def run_dev(settings: Settings, port: int) -> int:
-    """``mes dev``: the embedded stack on ``settings``' database until Ctrl-C or SIGTERM."""
+    """``mes dev``: the embedded stack on ``settings``' database until Ctrl-C or SIGTERM;
+    audit checkpoints signed with ``.mes/audit-key.pem`` (made if missing) unless the
+    settings name a key."""
+    if settings.audit_key_file is None:
+        settings = dataclasses.replace(settings, audit_key_file=Path(".mes", "audit-key.pem"))
     async with embedded_stack(settings, api_port=port, token_prefix="dev") as stack:
         print(f"API        {stack.api_url}/api/v1")
         print(f"API docs   {stack.api_url}/schema")
@@ -472,6 +504,7 @@ async def run_dev(settings: Settings, port: int) -> int:
         if stack.erp is not None:
             print(f"ERP        {stack.erp.base_url}{MESSAGES_PATH}  (callbacks: {stack.erp.url})")
         print(f"Database   {settings.database_url}")
+        print(f"Audit      checkpoints {settings.audit_checkpoint_file}")
         print_tokens(stack.tokens)
         print("ready", flush=True)
         await wait_for_stop_signal()

@@ -33,6 +33,23 @@ class Settings:
     #: CIDRs callbacks may go to besides public addresses (loopback, private nets), see
     #: ``mes.callbacks``; empty: public addresses only, over https.
     callback_allow: tuple[str, ...] = ()
+    #: The database owner's URL, for migrations (None: ``database_url``); the services run
+    #: as ``database_url``'s role, the app role.
+    migration_database_url: str | None = None
+    #: The PostgreSQL role the services run as; ``mes db upgrade`` creates and grants it.
+    database_app_role: str = "mes_app"
+    #: Its password; with one, ``mes db upgrade`` makes the role LOGIN with it.
+    database_app_password: str | None = None
+    #: The Ed25519 key that signs audit checkpoints (None: no checkpoints are written).
+    audit_key_file: Path | None = None
+    #: The append-only file of signed audit checkpoints.
+    audit_checkpoint_file: Path = field(
+        default_factory=lambda: Path(".mes", "audit-checkpoints.jsonl")
+    )
+    #: A checkpoint at least this often while events are added ...
+    audit_checkpoint_seconds: float = 60.0
+    #: ... and as soon as this many events were added since the last one.
+    audit_checkpoint_events: int = 1000
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -51,5 +68,18 @@ class Settings:
             relay_seconds=float(e.get("MES_RELAY_SECONDS", d.relay_seconds)),
             callback_allow=tuple(
                 c.strip() for c in e.get("MES_CALLBACK_ALLOW", "").split(",") if c.strip()
+            ),
+            migration_database_url=e.get("MES_MIGRATION_DATABASE_URL") or None,
+            database_app_role=e.get("MES_DATABASE_APP_ROLE", d.database_app_role),
+            database_app_password=e.get("MES_DATABASE_APP_PASSWORD") or None,
+            audit_key_file=Path(e["MES_AUDIT_KEY_FILE"]) if e.get("MES_AUDIT_KEY_FILE") else None,
+            audit_checkpoint_file=Path(
+                e.get("MES_AUDIT_CHECKPOINTS", str(d.audit_checkpoint_file))
+            ),
+            audit_checkpoint_seconds=float(
+                e.get("MES_AUDIT_CHECKPOINT_SECONDS", d.audit_checkpoint_seconds)
+            ),
+            audit_checkpoint_events=int(
+                e.get("MES_AUDIT_CHECKPOINT_EVENTS", d.audit_checkpoint_events)
             ),
         )

@@ -8,18 +8,20 @@ they fail: CI must never pass by skipping the database.
 from __future__ import annotations
 
 import os
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
 from mes.db import make_engine, make_sessionmaker
 from mes.launch import Stack, embedded_stack, load_plant, temporal_binary
-from mes.migrate import upgrade
+from mes.migrate import AppRole, upgrade
 from mes.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("MES_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -49,17 +51,47 @@ def fresh_pg_database(prefix: str = "mes_test") -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def drop_role(name: str) -> None:
+    """Drop a test's PostgreSQL role (after the databases that granted it anything)."""
+    admin = _pg_admin()
+    if admin is not None:
+        with admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{name}"')
+
+
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh, migrated PostgreSQL database for the whole test session."""
+def app_role() -> Iterator[AppRole]:
+    """The app's PostgreSQL role for this test session: its own name, as roles are
+    cluster-wide and test sessions run side by side; dropped at the end."""
+    role = AppRole(f"mes_app_test_{uuid.uuid4().hex[:10]}", secrets.token_urlsafe(16))
+    yield role
+    drop_role(role.name)
+
+
+def as_role(url: str, role: AppRole) -> str:
+    """``url`` with the app role's login instead of the owner's."""
+    u = make_url(url).set(username=role.name, password=role.password)
+    return u.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_url(app_role: AppRole) -> Iterator[str]:
+    """A fresh PostgreSQL database for the whole test session, migrated by its owner (the
+    test's superuser), which granted ``app_role`` what the services need."""
     for url in fresh_pg_database():
-        upgrade(url)
+        upgrade(url, app_role=app_role)
         yield url
 
 
 @pytest.fixture(scope="session")
-def pg_sessions(pg_url: str) -> Iterator[sessionmaker[Session]]:
-    engine = make_engine(pg_url)
+def app_pg_url(pg_url: str, app_role: AppRole) -> str:
+    """``pg_url`` as the app role logs in: what the services run as."""
+    return as_role(pg_url, app_role)
+
+
+@pytest.fixture(scope="session")
+def pg_sessions(app_pg_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(app_pg_url)
     yield make_sessionmaker(engine)
     engine.dispose()
 
@@ -108,9 +140,26 @@ async def temporal_env() -> AsyncIterator[WorkflowEnvironment]:
 
 
 @pytest.fixture(scope="session")
-async def stack(pg_url: str, temporal_env: WorkflowEnvironment) -> AsyncIterator[Stack]:
-    """The whole MES on PostgreSQL: PLC simulator, worker and API on free ports."""
-    settings = Settings(database_url=pg_url, task_queue="mes-test", plc_poll_seconds=0.1)
+async def stack(
+    pg_url: str,
+    app_role: AppRole,
+    temporal_env: WorkflowEnvironment,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Stack]:
+    """The whole MES on PostgreSQL: PLC simulator, worker and API on free ports, running as
+    the app role (migrated as the owner), signing audit checkpoints."""
+    audit_dir = tmp_path_factory.mktemp("audit")
+    settings = Settings(
+        database_url=as_role(pg_url, app_role),
+        migration_database_url=pg_url,
+        database_app_role=app_role.name,
+        database_app_password=app_role.password,
+        task_queue="mes-test",
+        plc_poll_seconds=0.1,
+        audit_key_file=audit_dir / "audit-key.pem",
+        audit_checkpoint_file=audit_dir / "audit-checkpoints.jsonl",
+        audit_checkpoint_events=50,
+    )
     async with embedded_stack(
         settings, cycle_time_s=0.3, temporal_ui=False, temporal_client=temporal_env.client
     ) as s:

@@ -110,3 +110,24 @@ def test_rolled_back_events_are_not_written(tmp_path: Path) -> None:
     assert report.intact
     assert report.events == 1
     engine.dispose()
+
+
+def test_sqlite_chain_head_moves_only_forward(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    _write(sessions, 3, "solo")
+    with sessions() as s:
+        for statement in (
+            "UPDATE audit_chain_head SET seq = 2",
+            "UPDATE audit_chain_head SET last_hash = 'forged'",
+            "DELETE FROM audit_chain_head",
+            "INSERT INTO audit_chain_head (id, seq, last_hash) VALUES (2, 0, 'x')",
+        ):
+            with pytest.raises(DBAPIError, match="moves only forward"):
+                s.execute(text(statement))
+    _write(sessions, 2, "more")
+    with sessions() as s:
+        assert audit.verify(s).events == 5
+    engine.dispose()

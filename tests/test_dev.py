@@ -20,7 +20,8 @@ from asyncua.client.client import Client
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
 from mes.launch import free_port
-from tests.conftest import fresh_pg_database
+from mes.migrate import AppRole
+from tests.conftest import as_role, fresh_pg_database
 
 pytestmark = pytest.mark.postgres
 MES = str(Path(sys.executable).parent / "mes")
@@ -38,15 +39,27 @@ async def _read_until(stream: asyncio.StreamReader, marker: str) -> list[str]:
             return lines
 
 
-async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
+async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly(
+    app_role: AppRole, tmp_path: Path
+) -> None:
     for url in fresh_pg_database("mes_dev"):
         port = free_port()
+        # Migrated as the owner, run as this test session's app role.
+        env = {
+            "MES_DATABASE_URL": as_role(url, app_role),
+            "MES_MIGRATION_DATABASE_URL": url,
+            "MES_DATABASE_APP_ROLE": app_role.name,
+            "MES_DATABASE_APP_PASSWORD": app_role.password or "",
+            "MES_AUDIT_KEY_FILE": str(tmp_path / "audit-key.pem"),
+            "MES_AUDIT_CHECKPOINTS": str(tmp_path / "audit-checkpoints.jsonl"),
+            "MES_PLC_POLL_SECONDS": "0.2",
+        }
         proc = await asyncio.create_subprocess_exec(
             MES,
             "dev",
             "--port",
             str(port),
-            env=os.environ | {"MES_DATABASE_URL": url, "MES_PLC_POLL_SECONDS": "0.2"},
+            env=os.environ | env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
@@ -126,6 +139,8 @@ async def test_mes_dev_runs_an_order_on_postgres_and_stops_cleanly() -> None:
             code = await asyncio.wait_for(proc.wait(), 60)
         assert code == 0, rest.decode()
         assert b"stopped" in rest
+        # The worker signed the audit chain outside the database, at the latest on its way out.
+        assert (tmp_path / "audit-checkpoints.jsonl").read_text().count('"signature"') >= 1
         # The embedded Temporal server (a child of mes dev) is gone with it.
         async with httpx.AsyncClient(timeout=2) as http:
             with pytest.raises(httpx.ConnectError):

@@ -40,6 +40,7 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/equipment"): EVERYONE,
     ("GET", "/api/v1/audit-events"): {"supervisor", "auditor"},
     ("GET", "/api/v1/audit-events/verify"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/audit-events/checkpoints"): {"supervisor", "auditor"},
     ("GET", "/api/v1/tokens"): {"admin"},
     ("POST", "/api/v1/tokens"): {"admin"},
     ("DELETE", "/api/v1/tokens/{name}"): {"admin"},

@@ -28,7 +28,6 @@ from mes.api.production_orders import ProductionOrderController
 from mes.api.security import AUTH_MIDDLEWARE
 from mes.api.tokens import TokenController
 from mes.api.work_orders import WorkCenterController, WorkOrderController
-from mes.callbacks import CallbackPolicy
 from mes.db import Database, make_engine, make_sessionmaker
 from mes.settings import Settings
 from mes.workflow_client import WorkflowClient
@@ -77,7 +76,7 @@ def create_app(
         state=app_state(
             Database(sessions or make_sessionmaker(make_engine(settings.database_url))),
             WorkflowClient(settings, temporal),
-            CallbackPolicy.allowing(settings.callback_allow),
+            settings,
         ),
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,

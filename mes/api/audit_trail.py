@@ -1,21 +1,27 @@
-"""Audit trail routes (/api/v1/audit-events): the events in chain order and the chain check."""
+"""Audit trail routes (/api/v1/audit-events): the events in chain order, the chain check and
+the signed checkpoints."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Annotated, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from litestar import Controller, get
 from litestar.di import NamedDependency
 from litestar.params import QueryParameter
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from mes import audit
+from mes import audit_checkpoints as checkpoints
 from mes.api.security import READ_AUDIT, allow, roles_note
 from mes.db import Database
+from mes.errors import DomainError
 from mes.models import AuditEvent
+from mes.settings import Settings
 
 API = "/api/v1"
 
@@ -48,6 +54,30 @@ class ChainReportOut(BaseModel):
     first_broken_seq: int | None
     reason: str | None
     checked_at: datetime | None
+    checkpoints: int = Field(description="signed checkpoints the chain was compared with")
+    anchored_seq: int | None = Field(
+        description="the newest event a matching checkpoint vouches for; later events are "
+        "protected by the hash chain alone"
+    )
+
+
+class CheckpointOut(BaseModel):
+    """Event ``seq`` had hash ``hash`` at ``at``: signed (Ed25519, base64) by key ``key_id``
+    over the canonical JSON of ``{context: "mes-audit-checkpoint-v1", seq, hash, at}``."""
+
+    seq: int
+    hash: str
+    at: datetime
+    key_id: str
+    signature: str
+
+
+class CheckpointsOut(BaseModel):
+    """The signed checkpoints kept outside the database, and the key to check them with."""
+
+    key_id: str | None = Field(description="the signing key's id; null: no key configured")
+    public_key: str | None = Field(description="its Ed25519 public key, PEM")
+    items: list[CheckpointOut]
 
 
 def _audit_page(
@@ -73,6 +103,20 @@ def _audit_page(
         q = q.where(AuditEvent.occurred_at < until)
     rows = s.scalars(q.order_by(AuditEvent.seq).limit(limit).offset(offset))
     return [AuditEventOut.model_validate(r, from_attributes=True) for r in rows]
+
+
+def _verify_key(settings: Settings) -> Ed25519PublicKey | None:
+    """The checkpoint key's public half; None when no key is configured."""
+    if settings.audit_key_file is None:
+        return None
+    try:
+        return checkpoints.load_verify_key(settings.audit_key_file)
+    except (OSError, ValueError) as e:
+        raise DomainError(
+            title="Audit key unavailable",
+            detail="the checkpoint key (MES_AUDIT_KEY_FILE) cannot be read",
+            status=503,
+        ) from e
 
 
 class AuditController(Controller):
@@ -105,8 +149,48 @@ class AuditController(Controller):
         "/verify",
         guards=[allow(READ_AUDIT)],
         summary="Recompute the hash chain; report the first broken link",
-        description=roles_note(READ_AUDIT),
+        description="With a checkpoint key configured, the chain is also compared with every "
+        "signed checkpoint: an edit whose later hashes were recomputed, events removed from "
+        "the end, and checkpoint lines whose signature does not hold are reported. "
+        + roles_note(READ_AUDIT),
     )
-    async def verify(self, db: NamedDependency[Database]) -> ChainReportOut:
-        report = await db.run(audit.verify)
+    async def verify(
+        self, db: NamedDependency[Database], settings: NamedDependency[Settings]
+    ) -> ChainReportOut:
+        key = await asyncio.to_thread(_verify_key, settings)
+        if key is None:
+            report = await db.run(audit.verify)
+        else:
+            path = settings.audit_checkpoint_file
+            report = await db.run(lambda s: checkpoints.verify(s, path, key))
         return ChainReportOut.model_validate(report, from_attributes=True)
+
+    @get(
+        "/checkpoints",
+        guards=[allow(READ_AUDIT)],
+        summary="The signed checkpoints of the chain, kept outside the database",
+        description="Checkpoints after event `after_seq`, oldest first, as the checkpoint "
+        "file holds them (lines that are not checkpoints are left out; `verify` names "
+        "them). Keep copies away from the plant: `mes audit verify --checkpoints` "
+        "compares the chain with them. " + roles_note(READ_AUDIT),
+    )
+    async def list_checkpoints(
+        self,
+        settings: NamedDependency[Settings],
+        after_seq: Annotated[int, QueryParameter(ge=0, le=2**31 - 1)] = 0,
+        limit: Annotated[int, QueryParameter(ge=1, le=10000)] = 1000,
+    ) -> CheckpointsOut:
+        def read() -> CheckpointsOut:
+            public = _verify_key(settings)
+            items = [
+                CheckpointOut.model_validate(line.checkpoint, from_attributes=True)
+                for line in checkpoints.read_lines(settings.audit_checkpoint_file)
+                if line.checkpoint is not None and line.checkpoint.seq > after_seq
+            ]
+            return CheckpointsOut(
+                key_id=checkpoints.key_id(public) if public else None,
+                public_key=checkpoints.public_pem(public) if public else None,
+                items=items[:limit],
+            )
+
+        return await asyncio.to_thread(read)

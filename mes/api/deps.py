@@ -1,8 +1,9 @@
 """What the route handlers are given by Litestar's dependency injection.
 
 One ``Database``, one ``WorkflowClient`` and one ``Steering`` per app, made in
-``create_app`` and kept on the app's state; handlers name them as parameters (``db``,
-``workflows``, ``steering``, ``caller``, ``callback_policy``) and receive them typed.
+``create_app`` and kept on the app's state with the app's ``Settings``; handlers name them
+as parameters (``db``, ``workflows``, ``steering``, ``settings``, ``caller``,
+``callback_policy``) and receive them typed.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from litestar.datastructures import State
 from litestar.di import Provide
 
 from mes.auth import Principal
-from mes.callbacks import PUBLIC_ONLY, CallbackPolicy
+from mes.callbacks import CallbackPolicy
 from mes.db import Database
+from mes.settings import Settings
 from mes.steering import Steering
 from mes.workflow_client import WorkflowClient
 
@@ -40,21 +42,25 @@ def _callback_policy(state: State) -> CallbackPolicy:
     return policy
 
 
+def _settings(state: State) -> Settings:
+    settings: Settings = state.settings
+    return settings
+
+
 def _caller(request: Request[Principal, Any, Any]) -> Principal:
     """The authenticated caller of a request."""
     return request.user
 
 
-def app_state(
-    db: Database, workflows: WorkflowClient, callback_policy: CallbackPolicy = PUBLIC_ONLY
-) -> State:
+def app_state(db: Database, workflows: WorkflowClient, settings: Settings) -> State:
     """The app's state: the services the providers hand out, and where callbacks may go."""
     return State(
         {
             "db": db,
             "workflows": workflows,
             "steering": Steering(db, workflows),
-            "callback_policy": callback_policy,
+            "settings": settings,
+            "callback_policy": CallbackPolicy.allowing(settings.callback_allow),
         }
     )
 
@@ -65,4 +71,5 @@ DEPENDENCIES = {
     "steering": Provide(_steering, sync_to_thread=False),
     "caller": Provide(_caller, sync_to_thread=False),
     "callback_policy": Provide(_callback_policy, sync_to_thread=False),
+    "settings": Provide(_settings, sync_to_thread=False),
 }
