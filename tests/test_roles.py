@@ -48,6 +48,11 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/production-orders/{order_id}/performance"): {"erp", "supervisor", "auditor"},
     ("PUT", "/api/v1/erp-clients/{name}"): {"admin"},
     ("GET", "/api/v1/erp-clients/{name}"): {"admin"},
+    ("POST", "/api/v1/quality/results"): {"supervisor"},
+    ("GET", "/api/v1/quality/nonconformances"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/quality/nonconformances/{nc_id}"): {"supervisor", "auditor"},
+    ("POST", "/api/v1/quality/nonconformances/{nc_id}/disposition"): {"supervisor"},
+    ("GET", "/api/v1/quality/yield"): {"supervisor", "auditor"},
 }
 PUBLIC = {("GET", "/health")}
 #: Path parameters: values that name nothing, so allowed calls answer 4xx, not 401/403,
@@ -58,6 +63,7 @@ PLACEHOLDERS = {
     "work_center": "NO-SUCH-CENTER",
     "lot": "NO-SUCH-LOT",
     "name": "no-such-token",
+    "nc_id": "NO-SUCH-NC",
 }
 
 
