@@ -37,7 +37,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from temporalio.client import Client
 
 from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, format_message
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
-from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, PlcSimulator, SimUnit
+from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, MeasuredFault, PlcSimulator, SimUnit
 from mes import masterdata, samples
 from mes.auth import create_token
 from mes.db import make_engine, make_sessionmaker
@@ -311,11 +311,18 @@ async def api_server(
 # --- the embedded stack -----------------------------------------------------------------------
 
 
-def simulated_units(session: Session, cycle_time_s: float | None = None) -> list[SimUnit]:
+def simulated_units(
+    session: Session,
+    cycle_time_s: float | None = None,
+    faults: Mapping[str, MeasuredFault] | None = None,
+    seed: int = 0,
+) -> list[SimUnit]:
     """One simulated PLC per OPC UA work unit, measuring what its work masters test.
 
     The nominal of each measured value is the middle of its test limits; the cycle time is
     the work unit's ideal cycle time (or ``cycle_time_s`` when given, to keep a demo short).
+    ``faults`` (by measured value) make the units that measure it go out of specification,
+    drawn from ``seed``.
     """
     units: list[SimUnit] = []
     rows = session.scalars(
@@ -337,7 +344,15 @@ def simulated_units(session: Session, cycle_time_s: float | None = None) -> list
                 measured[spec.property_name] = ((lo + hi) / 2, spec.unit)
         cycle = cycle_time_s or (links[0].ideal_cycle_time_s if links else 2.0)
         assert eq.endpoint is not None
-        units.append(SimUnit(name=eq.endpoint.machine, cycle_time_s=cycle, measured=measured))
+        units.append(
+            SimUnit(
+                name=eq.endpoint.machine,
+                cycle_time_s=cycle,
+                measured=measured,
+                faults={k: v for k, v in (faults or {}).items() if k in measured},
+                seed=seed,
+            )
+        )
     return units
 
 
@@ -370,6 +385,8 @@ async def embedded_stack(
     temporal_client: Client | None = None,
     token_prefix: str = "embedded",
     erp_format: str | None = "b2mml",
+    measured_faults: Mapping[str, MeasuredFault] | None = None,
+    sim_seed: int = 0,
 ) -> AsyncIterator[Stack]:
     """Migrate the database, load the plant (the packaged sample plant unless ``plant_file``),
     start the PLC simulator, Temporal, the worker and the API; stop them all on exit (also on
@@ -377,7 +394,9 @@ async def embedded_stack(
 
     With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
-    and the erp token's client reports to it in that format.
+    and the erp token's client reports to it in that format. ``measured_faults`` and
+    ``sim_seed`` make the simulated units' measured values go out of specification now and
+    then (see ``simulated_units``).
     """
     async with contextlib.AsyncExitStack() as stack:
         sessions = stack.enter_context(open_database(settings.database_url, migrate=True))
@@ -385,7 +404,7 @@ async def embedded_stack(
         plc_url = f"opc.tcp://127.0.0.1:{plc_port}/"
         await asyncio.to_thread(load_plant, sessions, plant_file, plc_url)
         with sessions() as s:
-            units = simulated_units(s, cycle_time_s)
+            units = simulated_units(s, cycle_time_s, measured_faults, sim_seed)
         # A random suffix, so that a second run on the same database adds new tokens.
         suffix = secrets.token_hex(3)
         tokens = issue_role_tokens(sessions, token_prefix, suffix)
