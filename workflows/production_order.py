@@ -128,6 +128,7 @@ class JobOrderWorkflow:
         # A quality hold: the reason (a lot out of specification) until a supervisor
         # disposes of it; the disposition once recorded.
         self._quality: str | None = None
+        self._recording = False  # the job response is being recorded
         self._disposing = False
         self._disposed: DispositionOutcome | None = None
         # Known once the job is prepared for its PLC (the database has them before).
@@ -328,6 +329,9 @@ class JobOrderWorkflow:
             if started:
                 await self._tell_order()  # the order may be Running now: that is news
 
+        # While the response is recorded, a disposition may already find the hold in the
+        # database: it waits for the outcome here (``dispose``).
+        self._recording = True
         try:
             outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
         except ActivityError as e:
@@ -336,6 +340,11 @@ class JobOrderWorkflow:
             if _error_type(e) == "UnknownJobOrderError":
                 return await self._off_plc("record")
             raise _Attention(f"recording the job response failed: {_reason(e)}") from e
+        finally:
+            self._recording = False
+        if outcome.state == HELD:
+            self._state = HELD
+            self._quality = self._note = outcome.reason
         # Recorded: now the PLC may forget it (it takes room until cleared). A clear that
         # fails leaves an ended job on the PLC, never the outcome in doubt.
         with contextlib.suppress(_Attention):
@@ -349,8 +358,6 @@ class JobOrderWorkflow:
         """A test failed: the lot is Restricted and the job Held (recorded with the
         response) until a supervisor disposes of the lot; release and rework complete the
         job (a rework goes on in a new job order), scrap aborts it; a cancel ends it."""
-        self._state = HELD
-        self._quality = self._note = outcome.reason
         await workflow.wait_condition(
             lambda: self._disposed is not None or self._cancel_reason is not None
         )
@@ -578,6 +585,10 @@ class JobOrderWorkflow:
         job then ends as decided (and a rework goes on in its new job order)."""
         self._validate_dispose(cmd)
         self._disposing = True
+        await workflow.wait_condition(lambda: not self._recording)
+        if self._quality is None or self._cancel_reason is not None:
+            self._disposing = False
+            raise NotAllowed("disposition", self._state, self._allowed())
         try:
             done: DispositionOutcome = await self._activity(
                 MesActivities.dispose_nonconformance, cmd
@@ -591,12 +602,8 @@ class JobOrderWorkflow:
 
     @dispose.validator
     def _validate_dispose(self, cmd: DispositionCommand) -> None:
-        if (
-            self._quality is None
-            or self._disposed is not None
-            or self._disposing
-            or self._cancel_reason is not None
-        ):
+        held = self._quality is not None or self._recording
+        if not held or self._disposed is not None or self._disposing or self._cancel_reason:
             raise NotAllowed("disposition", self._state, self._allowed())
 
     async def _decide(self, state: str, cmd: WorkOrderCommand) -> None:
