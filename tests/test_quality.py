@@ -75,6 +75,7 @@ async def post_rolls(stack: Stack) -> tuple[int, str]:
         "quantity": 6,
         "unit": "ea",
         "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
+        "priority": 100,
     }
     async with client(stack, "erp") as erp:
         r = await erp.post("/api/v1/production-orders", json=body)
