@@ -3,7 +3,9 @@
 The services are started by :func:`mes.launch.embedded_stack` (on a fresh SQLite database in a
 temporary directory, with the packaged sample plant). The demo then acts as the ERP: it posts
 orders over HTTP, follows them through the API until they end, then prints each order's
-outcome, what the ERP received and the genealogy trace of one produced lot.
+outcome, what the ERP received and the genealogy trace of one produced lot. The simulated
+packer weighs a bag out of specification: its lot is Restricted, its work order held and a
+nonconformance opened; the demo's supervisor releases it over the API (after a re-weigh).
 """
 
 from __future__ import annotations
@@ -20,9 +22,19 @@ from typing import Any
 
 import httpx
 
+from adapters.opcua.simulator import MeasuredFault
 from mes.launch import embedded_stack, print_tokens
 from mes.settings import Settings
 from mes.states import RequestState, is_final
+
+#: The simulated plant's quality faults: the packer weighs a bag out of specification half
+#: the time (with this seed, its first bag), and the ovens' core temperature drifts a
+#: little with every loaf (within specification over the demo).
+DEMO_FAULTS = {
+    "PackWeight": MeasuredFault(defect_rate=0.5),
+    "CoreTemperature": MeasuredFault(drift=0.1),
+}
+DEMO_SEED = 7
 
 
 def demo_orders(now: datetime) -> list[dict[str, Any]]:
@@ -73,7 +85,12 @@ async def run_demo(timeout_s: float = 100) -> int:
         "worker, API ..."
     )
     async with embedded_stack(
-        settings, cycle_time_s=1.0, temporal_ui=False, token_prefix="demo"
+        settings,
+        cycle_time_s=1.0,
+        temporal_ui=False,
+        token_prefix="demo",
+        measured_faults=DEMO_FAULTS,
+        sim_seed=DEMO_SEED,
     ) as stack:
         print(f"  API            {stack.api_url}  (docs: {stack.api_url}/schema)")
         print(f"  Temporal       {stack.temporal_address}")
@@ -82,6 +99,7 @@ async def run_demo(timeout_s: float = 100) -> int:
         print_tokens(stack.tokens)
         erp = {"Authorization": f"Bearer {stack.tokens['erp']}"}
         auditor = {"Authorization": f"Bearer {stack.tokens['auditor']}"}
+        supervisor = {"Authorization": f"Bearer {stack.tokens['supervisor']}"}
         async with httpx.AsyncClient(base_url=stack.api_url, timeout=30, headers=erp) as http:
             products = (await http.get("/api/v1/products")).json()
             print(f"Products: {', '.join(p['id'] for p in products)}")
@@ -96,7 +114,7 @@ async def run_demo(timeout_s: float = 100) -> int:
                     f"{body['product']} -> {r.status_code} {order['state']}"
                     f"{' (late)' if order['late'] else ''}"
                 )
-            results = await _follow(http, ids, started + timeout_s)
+            results = await _follow(http, ids, started + timeout_s, supervisor)
             print()
             print(f"{'order':<18}{'product':<13}{'state':<11}{'on time':<9}lots produced")
             for o in results.values():
@@ -118,6 +136,7 @@ async def run_demo(timeout_s: float = 100) -> int:
                         f"{m.content_type:<17}{state:<11}{signed}"
                         f"{'  (duplicate)' if m.duplicate else ''}"
                     )
+            await _print_quality(http, supervisor)
             done = [o for o in results.values() if o["produced_lots"]]
             if done:
                 lot = done[0]["produced_lots"][0]["lot"]
@@ -136,9 +155,10 @@ async def run_demo(timeout_s: float = 100) -> int:
 
 
 async def _follow(
-    http: httpx.AsyncClient, ids: dict[str, int], deadline: float
+    http: httpx.AsyncClient, ids: dict[str, int], deadline: float, supervisor: dict[str, str]
 ) -> dict[str, dict[str, Any]]:
-    """Poll the orders, printing each change of order or work-order state, until all end."""
+    """Poll the orders, printing each change of order or work-order state, until all end;
+    the supervisor disposes of each nonconformance that opens meanwhile."""
     seen: dict[str, str] = {}
     latest: dict[str, dict[str, Any]] = {}
     while time.monotonic() < deadline:
@@ -158,8 +178,49 @@ async def _follow(
                 print(f"  {number:<18}{line}")
         if all(is_final(o["state"]) for o in latest.values()):
             break
+        await _dispose_open(http, supervisor)
         await asyncio.sleep(0.5)
     return latest
+
+
+async def _dispose_open(http: httpx.AsyncClient, supervisor: dict[str, str]) -> None:
+    """The supervisor releases each open nonconformance (a re-weigh found it good)."""
+    r = await http.get("/api/v1/quality/nonconformances?state=Open", headers=supervisor)
+    for nc in r.json()["items"]:
+        print(
+            f"  QUALITY HOLD {nc['id']}: lot {nc['lot']} Restricted, work order "
+            f"{nc['work_order']} Held ({nc['reason']})"
+        )
+        decision = {"disposition": "release", "reason": "re-weighed on the bench scale: in spec"}
+        d = await http.post(
+            f"/api/v1/quality/nonconformances/{nc['id']}/disposition",
+            json=decision,
+            headers=supervisor,
+        )
+        d.raise_for_status()
+        out = d.json()
+        print(
+            f"  supervisor {out['disposed_by']}: {out['disposition']} {out['id']} "
+            f"({out['disposition_reason']}) -> lot {out['lot_disposition']}"
+        )
+
+
+async def _print_quality(http: httpx.AsyncClient, supervisor: dict[str, str]) -> None:
+    """The nonconformances and the first-pass yield by product and work unit."""
+    ncs = (await http.get("/api/v1/quality/nonconformances", headers=supervisor)).json()
+    print()
+    print(f"Nonconformances: {ncs['total']}")
+    for nc in ncs["items"]:
+        print(
+            f"  {nc['id']:<26}{nc['state']:<8}{nc['disposition'] or '-':<9}"
+            f"by {nc['disposed_by'] or '-'}: {nc['disposition_reason'] or nc['reason']}"
+        )
+    rows = (await http.get("/api/v1/quality/yield", headers=supervisor)).json()
+    print(f"{'product':<16}{'work unit':<14}{'produced':>10}{'FPY':>8}{'scrap':>8}")
+    for row in rows:
+        fpy = "-" if row["first_pass_yield"] is None else f"{row['first_pass_yield']:.0%}"
+        scrap = "-" if row["scrap_ratio"] is None else f"{row['scrap_ratio']:.0%}"
+        print(f"{row['product']:<16}{row['work_unit']:<14}{row['produced']:>10g}{fpy:>8}{scrap:>8}")
 
 
 async def _await_erp(erp: Any, orders: int, deadline: float) -> None:

@@ -7,12 +7,13 @@ the first run's rows and changes nothing. Unique constraints back this up when t
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import cast
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -35,6 +36,8 @@ from mes.models import (
     MaterialLot,
     MaterialLotAssembly,
     MaterialUse,
+    Nonconformance,
+    NonconformanceState,
     OperationsRequest,
     OperationsSegment,
     RequestState,
@@ -54,11 +57,13 @@ class ProductionError(Exception):
 
 @dataclass
 class Target:
-    """Where a job order goes: the work unit's controller endpoint."""
+    """Where a job order goes: the work unit's controller endpoint; and what the job must
+    wait for before it goes ("" when nothing)."""
 
     protocol: str
     url: str
     machine: str
+    waiting_for: str = ""
 
 
 def job_order_id_for(order_number: str, sequence: int) -> str:
@@ -86,7 +91,9 @@ def plan_order(session: Session, order_id: int) -> list[str]:
     )
     ids: list[str] = []
     for req in order.segment_requirements:
-        if req.job_order is None:
+        if req.job_order is not None:
+            ids.append(req.job_order.external_id)
+        else:
             work_master = req.operations_segment.work_master
             job = JobOrder(
                 external_id=job_order_id_for(order.external_id, req.sequence),
@@ -111,8 +118,7 @@ def plan_order(session: Session, order_id: int) -> list[str]:
                 after={"state": job.state, "order": order.external_id},
             )
             session.flush()
-        assert req.job_order is not None
-        ids.append(req.job_order.external_id)
+            ids.append(job.external_id)
     session.commit()
     return ids
 
@@ -132,11 +138,15 @@ def _least_loaded(session: Session, work_master: WorkMaster) -> int:
 
 
 def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderData]:
-    """Fix the job's material requirements (once) and return what to send where.
+    """Fix the job's material requirements (once) and return what to send where (and what
+    the job must wait for first, ``Target.waiting_for``).
 
     Consumed material that an earlier step of the same order produced comes from that step's
     produced lots; other consumed material is taken from stock, oldest released lot first.
     The produced lot id is chosen here so the genealogy is known before the machine runs.
+    A lot that is not Released (a quality hold: Restricted, or Rejected) is never consumed:
+    each time the job is prepared such a lot is swapped for Released lots of the same
+    material, or, when there are none, the job waits and the answer says why.
     """
     job = _job(session, job_order_id)
     req = job.segment_requirement
@@ -144,6 +154,7 @@ def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderDa
     if job.material_requirements is None:
         job.material_requirements = _resolve_materials(session, job, req, order)
         session.commit()
+    waiting_for = _refuse_unreleased_lots(session, job)
     endpoint = job.equipment.endpoint
     if endpoint is None:
         raise ProductionError(f"work unit {job.equipment.external_id} has no controller endpoint")
@@ -159,7 +170,78 @@ def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderDa
         material_requirements=[MaterialRequirement(**m) for m in job.material_requirements],
         equipment_id=job.equipment.external_id,
     )
-    return Target(endpoint.protocol, endpoint.url, endpoint.machine), plc_order
+    target = Target(endpoint.protocol, endpoint.url, endpoint.machine, waiting_for)
+    return target, plc_order
+
+
+def _refuse_unreleased_lots(session: Session, job: JobOrder) -> str:
+    """Swap each consumed lot that is not Released for Released lots of its material
+    (audited: ``job_order.lot_refused``); say what the job waits for when none is left.
+
+    The one lot a rework job order may consume unreleased is the nonconforming lot its
+    supervisor sent to rework.
+    """
+    requirements = list(job.material_requirements or [])
+    consumed = {str(r["lot_id"]) for r in requirements if r["use"] == MaterialUse.CONSUMED}
+    lots = {
+        lot.external_id: lot
+        for lot in session.scalars(
+            select(MaterialLot)
+            .where(MaterialLot.external_id.in_(consumed))
+            .options(selectinload(MaterialLot.material_definition))
+        )
+    }
+    reworked = set(
+        session.scalars(
+            select(MaterialLot.external_id)
+            .join(Nonconformance, Nonconformance.material_lot_id == MaterialLot.id)
+            .where(Nonconformance.rework_job_order_id == job.id)
+        )
+    )
+    kept: list[dict[str, object]] = []
+    waits: list[str] = []
+    for r in requirements:
+        lot = lots.get(str(r["lot_id"]))
+        if (
+            r["use"] != MaterialUse.CONSUMED
+            or lot is None  # not in stock yet: the machine's report will say
+            or lot.disposition == LotDisposition.RELEASED
+            or lot.external_id in reworked
+        ):
+            kept.append(r)
+            continue
+        why = f"lot {lot.external_id} of {lot.material_definition.external_id} is {lot.disposition}"
+        try:
+            picks = _pick_lots(
+                session,
+                lot.material_definition,
+                exact(cast(float, r["quantity"])),
+                exclude=consumed,
+            )
+        except ProductionError as e:
+            waits.append(f"{why} and {e}")
+            kept.append(r)
+            continue
+        swapped = [
+            _requirement(
+                str(r["material_definition_id"]), str(r["use"]), q, str(r["unit"]), p.external_id
+            )
+            for p, q in picks
+        ]
+        kept += swapped
+        audit.record(
+            session,
+            action="job_order.lot_refused",
+            object_type="job_order",
+            object_id=job.external_id,
+            before={"lot": lot.external_id, "quantity": r["quantity"]},
+            after={"lots": [{"lot": s["lot_id"], "quantity": s["quantity"]} for s in swapped]},
+            reason=f"{why}: not consumed",
+        )
+    if kept != requirements:
+        job.material_requirements = kept
+        session.commit()
+    return f"Waiting for material: {'; '.join(waits)}" if waits else ""
 
 
 def _resolve_materials(
@@ -237,15 +319,20 @@ def _requirement(material: str, use: str, qty: Decimal, unit: str, lot: str) -> 
 
 
 def _pick_lots(
-    session: Session, material: MaterialDefinition, need: Decimal
+    session: Session,
+    material: MaterialDefinition,
+    need: Decimal,
+    exclude: Collection[str] = (),
 ) -> list[tuple[MaterialLot, Decimal]]:
-    """Oldest released lots first until the need is covered (lots are not reserved in v1)."""
+    """Oldest released lots first until the need is covered (lots are not reserved in v1);
+    never a lot of ``exclude`` (lot ids)."""
     lots = session.scalars(
         select(MaterialLot)
         .where(
             MaterialLot.material_definition_id == material.id,
             MaterialLot.disposition == LotDisposition.RELEASED,
             MaterialLot.quantity > 0,
+            MaterialLot.external_id.not_in(exclude),
         )
         .order_by(MaterialLot.created_at, MaterialLot.id)
     ).all()
@@ -349,7 +436,9 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
 
 def record_job_response(session: Session, response: JobResponseData) -> tuple[str, list[str]]:
     """Store what the machine reported: material actuals and genealogy, measured values and
-    test results; end the job order. Returns the job's final ISA-95 state and produced lots.
+    test results; end the job order. Returns the job's ISA-95 state (Completed, Aborted, or
+    Held when a test failed, until a supervisor disposes of the lot: ``quality_hold``) and
+    its produced lots.
 
     Idempotent: a job order has one job response (unique); a second call returns the first
     one's state and lots. A second call racing the first waits on the job order's row lock
@@ -361,7 +450,10 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     # its response (PostgreSQL); elsewhere the unique job order below turns it away.
     job = _job(session, response.job_order_id, lock=True)
     if job.job_response is not None:
-        return job.job_response.state, _produced_lot_ids(job.job_response)
+        lots = _produced_lot_ids(job.job_response)
+        if quality_hold_reason(session, job.external_id):
+            return RequestState.HELD, lots
+        return job.job_response.state, lots
     state = RequestState.COMPLETED if response.state == JobState.ENDED else RequestState.ABORTED
     jr = JobResponse(
         external_id=f"{job.external_id}-R",
@@ -451,34 +543,188 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
                     material_lot_id=p.id, component_lot_id=c.id, job_response_id=jr.id
                 )
             )
+    failed = _test(session, job, response, produced)
+    job.started_at = job.started_at or response.start_time
+    job.ended_at = response.end_time or utcnow()
+    reason = None
+    if failed:
+        # The quality gate: the lot is Restricted and a nonconformance opened; a job that
+        # completed waits Held for a supervisor's disposition (an aborted one stays Aborted).
+        nc = quality_hold(session, failed[0][0], job, [r for _, r in failed], audit.SYSTEM)
+        reason = f"{nc.external_id}: {nc.reason}"
+        if state == RequestState.COMPLETED:
+            state = RequestState.HELD
+    change_state(session, job, state, reason=reason)
+    session.commit()
+    return state, [lot.external_id for lot in produced]
+
+
+def quality_hold_reason(session: Session, job_order_id: str) -> str:
+    """Why the job order is Held on a nonconformance of its lot ("" when it is not)."""
+    nc = session.scalar(
+        select(Nonconformance)
+        .join(JobOrder, Nonconformance.job_order_id == JobOrder.id)
+        .where(
+            JobOrder.external_id == job_order_id,
+            JobOrder.state == RequestState.HELD,
+            Nonconformance.state == NonconformanceState.OPEN,
+        )
+    )
+    return "" if nc is None else f"quality hold: {nc.external_id}: {nc.reason}"
+
+
+def _test(
+    session: Session, job: JobOrder, response: JobResponseData, produced: list[MaterialLot]
+) -> list[tuple[MaterialLot, TestResult]]:
+    """Evaluate the measured values against the test specifications of the job's work
+    master and of the produced materials; store a result for each. Returns the failed ones
+    with their lot."""
+    assert job.job_response is not None
     values = {v.name: v for v in response.data}
     for v in response.data:
-        jr.data.append(SegmentData(name=v.name, value=v.value, unit=v.unit))
+        job.job_response.data.append(SegmentData(name=v.name, value=v.value, unit=v.unit))
+    materials = {lot.material_definition_id for lot in produced}
     specs = session.scalars(
-        select(TestSpecification).where(TestSpecification.work_master_id == job.work_master_id)
+        select(TestSpecification)
+        .where(
+            or_(
+                TestSpecification.work_master_id == job.work_master_id,
+                TestSpecification.material_definition_id.in_(materials),
+            )
+        )
+        .order_by(TestSpecification.id)
     ).all()
+    failed: list[tuple[MaterialLot, TestResult]] = []
     for spec in specs:
         measured = values.get(spec.property_name)
         if measured is None:
             continue
-        passed = (spec.low is None or measured.value >= spec.low) and (
-            spec.high is None or measured.value <= spec.high
+        lot = next(
+            (
+                p
+                for p in produced
+                if spec.material_definition_id in (None, p.material_definition_id)
+            ),
+            None,
         )
-        session.add(
-            TestResult(
-                test_specification_id=spec.id,
-                job_response_id=jr.id,
-                material_lot_id=produced[0].id if produced else None,
-                value=measured.value,
-                unit=measured.unit,
-                passed=passed,
+        result = TestResult(
+            test_specification=spec,
+            job_response_id=job.job_response.id,
+            material_lot_id=lot.id if lot else None,
+            value=measured.value,
+            unit=measured.unit,
+            passed=spec.passes(measured.value),
+            tested_at=response.end_time or utcnow(),
+            source="machine",
+            recorded_by=f"plc:{job.equipment.external_id}",
+        )
+        session.add(result)
+        if not result.passed and lot is not None:
+            failed.append((lot, result))
+    session.flush()
+    return failed
+
+
+def quality_hold(
+    session: Session,
+    lot: MaterialLot,
+    job: JobOrder | None,
+    failed: list[TestResult],
+    actor: str,
+) -> Nonconformance:
+    """Out of specification: the lot becomes Restricted and a nonconformance is opened (or
+    the lot's open one gets the new failures), with their audit events, in the caller's
+    transaction. Holding the work order is the caller's part."""
+    specs = {
+        s.id: s
+        for s in session.scalars(
+            select(TestSpecification).where(
+                TestSpecification.id.in_({r.test_specification_id for r in failed})
             )
         )
-    job.started_at = job.started_at or response.start_time
-    job.ended_at = response.end_time or utcnow()
-    change_state(session, job, state)
-    session.commit()
-    return state, [lot.external_id for lot in produced]
+    }
+    what = "; ".join(
+        f"{specs[r.test_specification_id].property_name} {r.value:g} {r.unit} outside "
+        f"[{_limit(specs[r.test_specification_id].low)}, "
+        f"{_limit(specs[r.test_specification_id].high)}]"
+        for r in failed
+    ).replace("  ", " ")
+    nc = session.scalar(
+        select(Nonconformance).where(
+            Nonconformance.material_lot_id == lot.id,
+            Nonconformance.state == NonconformanceState.OPEN,
+        )
+    )
+    if nc is None:
+        number = 1 + (
+            session.scalar(select(func.count()).where(Nonconformance.material_lot_id == lot.id))
+            or 0
+        )
+        nc = Nonconformance(
+            external_id=f"NC-{lot.external_id}-{number}",
+            state=NonconformanceState.OPEN,
+            material_lot_id=lot.id,
+            job_order_id=job.id if job else None,
+            reason=what,
+            opened_by=actor,
+        )
+        session.add(nc)
+        session.flush()
+        audit.record(
+            session,
+            actor=actor,
+            action="nonconformance.opened",
+            object_type="nonconformance",
+            object_id=nc.external_id,
+            after={
+                "state": nc.state,
+                "lot": lot.external_id,
+                "work_order": job.external_id if job else None,
+            },
+            reason=what,
+        )
+    else:
+        audit.record(
+            session,
+            actor=actor,
+            action="nonconformance.failed_again",
+            object_type="nonconformance",
+            object_id=nc.external_id,
+            reason=what,
+        )
+    for r in failed:
+        r.nonconformance_id = nc.id
+    if lot.disposition != LotDisposition.RESTRICTED:
+        before = lot.disposition
+        set_disposition(session, lot, LotDisposition.RESTRICTED)
+        audit.record(
+            session,
+            actor=actor,
+            action="lot.disposition",
+            object_type="material_lot",
+            object_id=lot.external_id,
+            before={"disposition": before},
+            after={"disposition": LotDisposition.RESTRICTED},
+            reason=f"{nc.external_id}: {what}",
+        )
+    return nc
+
+
+def set_disposition(session: Session, lot: MaterialLot, disposition: str) -> None:
+    """Set a lot's disposition by one UPDATE; the caller records its audit event
+    (``lot.disposition``, with the reason), which the ORM hook's ``lot.updated`` would repeat
+    without one."""
+    session.execute(
+        update(MaterialLot)
+        .where(MaterialLot.id == lot.id)
+        .values(disposition=disposition)
+        .execution_options(synchronize_session=False)
+    )
+    set_committed_value(lot, "disposition", disposition)
+
+
+def _limit(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _consume(session: Session, lot: MaterialLot, quantity: Decimal, job_order_id: str) -> None:

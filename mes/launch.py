@@ -39,7 +39,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +50,7 @@ from temporalio.client import Client
 
 from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, format_message
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
-from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, PlcSimulator, SimUnit
+from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, MeasuredFault, PlcSimulator, SimUnit
 from mes import masterdata, samples
 from mes.audit_checkpoints import ensure_key
 from mes.auth import create_token
@@ -362,11 +362,18 @@ async def api_server(
 # --- the embedded stack -----------------------------------------------------------------------
 
 
-def simulated_units(session: Session, cycle_time_s: float | None = None) -> list[SimUnit]:
+def simulated_units(
+    session: Session,
+    cycle_time_s: float | None = None,
+    faults: Mapping[str, MeasuredFault] | None = None,
+    seed: int = 0,
+) -> list[SimUnit]:
     """One simulated PLC per OPC UA work unit, measuring what its work masters test.
 
     The nominal of each measured value is the middle of its test limits; the cycle time is
     the work unit's ideal cycle time (or ``cycle_time_s`` when given, to keep a demo short).
+    ``faults`` (by measured value) make the units that measure it go out of specification,
+    drawn from ``seed``.
     """
     units: list[SimUnit] = []
     rows = session.scalars(
@@ -388,7 +395,15 @@ def simulated_units(session: Session, cycle_time_s: float | None = None) -> list
                 measured[spec.property_name] = ((lo + hi) / 2, spec.unit)
         cycle = cycle_time_s or (links[0].ideal_cycle_time_s if links else 2.0)
         assert eq.endpoint is not None
-        units.append(SimUnit(name=eq.endpoint.machine, cycle_time_s=cycle, measured=measured))
+        units.append(
+            SimUnit(
+                name=eq.endpoint.machine,
+                cycle_time_s=cycle,
+                measured=measured,
+                faults={k: v for k, v in (faults or {}).items() if k in measured},
+                seed=seed,
+            )
+        )
     return units
 
 
@@ -421,6 +436,8 @@ async def embedded_stack(
     temporal_client: Client | None = None,
     token_prefix: str = "embedded",
     erp_format: str | None = "b2mml",
+    measured_faults: Mapping[str, MeasuredFault] | None = None,
+    sim_seed: int = 0,
 ) -> AsyncIterator[Stack]:
     """Migrate the database (as ``mes db upgrade`` does: as the owner, granting the app
     role), make the audit key if the settings name one that is missing, load the plant (the
@@ -429,7 +446,9 @@ async def embedded_stack(
 
     With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
-    and the erp token's client reports to it in that format.
+    and the erp token's client reports to it in that format. ``measured_faults`` and
+    ``sim_seed`` make the simulated units' measured values go out of specification now and
+    then (see ``simulated_units``).
     """
     # Its own ERP receiver listens on loopback: allowed here explicitly (and only here).
     settings = dataclasses.replace(settings, callback_allow=(*settings.callback_allow, *LOOPBACK))
@@ -443,7 +462,7 @@ async def embedded_stack(
         plc_url = f"opc.tcp://127.0.0.1:{plc_port}/"
         await asyncio.to_thread(load_plant, sessions, plant_file, plc_url)
         with sessions() as s:
-            units = simulated_units(s, cycle_time_s)
+            units = simulated_units(s, cycle_time_s, measured_faults, sim_seed)
         # A random suffix, so that a second run on the same database adds new tokens.
         suffix = secrets.token_hex(3)
         tokens = issue_role_tokens(sessions, token_prefix, suffix)

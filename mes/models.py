@@ -17,7 +17,8 @@ Families:
   (one per routing step), ``job_order`` (what one work unit is told; its ``external_id`` is
   the OPC UA JobOrderID);
 - performance: ``job_response``, ``material_actual``, ``segment_data``;
-- quality: ``test_specification``, ``test_result``;
+- quality: ``test_specification``, ``test_result``, ``nonconformance`` (an out-of-spec lot
+  held until a supervisor disposes of it);
 - ``audit_event``.
 """
 
@@ -431,8 +432,13 @@ class SegmentRequirement(Base):
         back_populates="segment_requirements"
     )
     operations_segment: Mapped[OperationsSegment] = relationship()
+    #: The step's first job order (a rework adds more job orders on the same step; each
+    #: names the one it reworks in ``rework_of_id``).
     job_order: Mapped[JobOrder | None] = relationship(
-        back_populates="segment_requirement", uselist=False
+        primaryjoin="and_(SegmentRequirement.id == JobOrder.segment_requirement_id, "
+        "JobOrder.rework_of_id.is_(None))",
+        viewonly=True,
+        uselist=False,
     )
 
 
@@ -444,8 +450,10 @@ class JobOrder(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str] = mapped_column(String(120), unique=True)
     segment_requirement_id: Mapped[int] = mapped_column(
-        ForeignKey("segment_requirement.id"), unique=True
+        ForeignKey("segment_requirement.id"), index=True
     )
+    #: The job order whose nonconforming lot this one reworks (None: the step's first pass).
+    rework_of_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"), index=True)
     work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
     equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"), index=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -458,7 +466,7 @@ class JobOrder(Base):
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
 
-    segment_requirement: Mapped[SegmentRequirement] = relationship(back_populates="job_order")
+    segment_requirement: Mapped[SegmentRequirement] = relationship()
     work_master: Mapped[WorkMaster] = relationship()
     equipment: Mapped[Equipment] = relationship()
     job_response: Mapped[JobResponse | None] = relationship(
@@ -526,23 +534,36 @@ class SegmentData(Base):
 
 
 class TestSpecification(Base):
-    """What to test on the output of a work master, with its limits."""
+    """What to test, on the output of a work master or on any lot of a material, with its
+    limits (ISA-95 QualityTestSpecification); exactly one of the two owners is set."""
 
     __tablename__ = "test_specification"
     __test__ = False  # not a pytest class, despite the name
 
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str] = mapped_column(String(100), unique=True)
-    work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
+    work_master_id: Mapped[int | None] = mapped_column(ForeignKey("work_master.id"), index=True)
+    material_definition_id: Mapped[int | None] = mapped_column(
+        ForeignKey("material_definition.id"), index=True
+    )
     #: The name of the measured value (JobResponseData) the test reads.
     property_name: Mapped[str] = mapped_column(String(100))
     low: Mapped[float | None] = mapped_column(Float)
     high: Mapped[float | None] = mapped_column(Float)
+    target: Mapped[float | None] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(20), default="")
+    #: How many items one result stands for (the sample the value is measured on).
+    sample_size: Mapped[int] = mapped_column(Integer, default=1)
+
+    def passes(self, value: float) -> bool:
+        """Whether a measured value is within the limits (both inclusive)."""
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
 
 
 class TestResult(Base):
-    """The outcome of one test specification for one job response and its produced lot."""
+    """The outcome of one test specification on one lot: from the machine's job response
+    (``source`` "machine") or entered by hand (``source`` "manual", ``recorded_by`` the
+    token's name); who, what and when."""
 
     __tablename__ = "test_result"
     __table_args__ = (UniqueConstraint("test_specification_id", "job_response_id"),)
@@ -550,14 +571,64 @@ class TestResult(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     test_specification_id: Mapped[int] = mapped_column(ForeignKey("test_specification.id"))
-    job_response_id: Mapped[int] = mapped_column(ForeignKey("job_response.id"), index=True)
+    #: The job response that reported it (None for a result entered by hand).
+    job_response_id: Mapped[int | None] = mapped_column(ForeignKey("job_response.id"), index=True)
     material_lot_id: Mapped[int | None] = mapped_column(ForeignKey("material_lot.id"), index=True)
     value: Mapped[float] = mapped_column(Float)
     unit: Mapped[str] = mapped_column(String(20), default="")
     passed: Mapped[bool] = mapped_column(Boolean)
     tested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    source: Mapped[str] = mapped_column(String(20), default="machine")
+    recorded_by: Mapped[str] = mapped_column(String(100), default="system")
+    recorded_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The nonconformance a failed result opened or joined.
+    nonconformance_id: Mapped[int | None] = mapped_column(
+        ForeignKey("nonconformance.id"), index=True
+    )
 
     test_specification: Mapped[TestSpecification] = relationship()
+
+
+class NonconformanceState(enum.StrEnum):
+    OPEN = "Open"
+    CLOSED = "Closed"
+
+
+class Disposition(enum.StrEnum):
+    """A supervisor's decision on a nonconforming lot."""
+
+    RELEASE = "release"
+    REWORK = "rework"
+    SCRAP = "scrap"
+
+
+class Nonconformance(Base):
+    """A lot found out of specification: Restricted, its work order held, until a supervisor
+    disposes of it (release, rework or scrap) with a reason."""
+
+    __tablename__ = "nonconformance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    external_id: Mapped[str] = mapped_column(String(120), unique=True)
+    state: Mapped[str] = mapped_column(String(20), index=True)
+    material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
+    #: The work order that made the lot (None for a stock lot).
+    job_order_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"), index=True)
+    #: What was out of specification.
+    reason: Mapped[str] = mapped_column(Text)
+    opened_by: Mapped[str] = mapped_column(String(100))
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    disposition: Mapped[str | None] = mapped_column(String(20))
+    disposition_reason: Mapped[str | None] = mapped_column(Text)
+    disposed_by: Mapped[str | None] = mapped_column(String(100))
+    disposed_at: Mapped[datetime | None] = mapped_column()
+    #: The new job order a rework disposition made.
+    rework_job_order_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"))
+
+    material_lot: Mapped[MaterialLot] = relationship()
+    job_order: Mapped[JobOrder | None] = relationship(foreign_keys=[job_order_id])
+    rework_job_order: Mapped[JobOrder | None] = relationship(foreign_keys=[rework_job_order_id])
+    results: Mapped[list[TestResult]] = relationship(order_by="TestResult.id")
 
 
 # --- audit ----------------------------------------------------------------------------------

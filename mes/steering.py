@@ -9,19 +9,20 @@ the order's own state follows (held, resumed), reported to the ERP.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 
 from sqlalchemy.orm import Session
 
-from mes import production_orders, work_orders
+from mes import production_orders, quality, work_orders
 from mes.db import Database
 from mes.errors import DomainError
 from mes.production_orders import ProductionOrderOut
 from mes.states import Action, RequestState, allowed_actions, is_final
 from mes.work_orders import WorkOrderDetail, WorkOrderOut
 from mes.workflow_client import WorkflowClient
-from workflows.types import OrderCommand, WorkOrderCommand
+from workflows.types import DispositionCommand, OrderCommand, WorkOrderCommand
 
 
 def _work_order(s: Session, job_id: str) -> WorkOrderOut:
@@ -62,6 +63,41 @@ class Steering:
         out = await self.db.run(partial(_work_order, job_id=job_id))
         out.pending_on_machine = status.pending_on_machine
         return out
+
+    # --- quality --------------------------------------------------------------------------
+
+    async def record_result(self, entry: quality.ManualResult, actor: str) -> quality.TestResultOut:
+        """Record a result by hand; out of specification, the lot is Restricted with a
+        nonconformance, and work orders on a PLC that would consume it are held (paused)."""
+        out, consumers = await self.db.run(partial(quality.record_result, entry=entry, actor=actor))
+        reason = f"{out.nonconformance}: lot {out.lot} out of specification"
+        for job_id in consumers:
+            # One that moved on meanwhile (ended, or held already) takes no hold: fine.
+            with contextlib.suppress(DomainError):
+                await self.act_on_work_order(job_id, "hold", WorkOrderCommand(actor, reason))
+        return out
+
+    async def dispose(
+        self, nc_id: str, disposition: str, reason: str, actor: str
+    ) -> quality.NonconformanceOut:
+        """A supervisor's disposition of a nonconformance. When its work order waits Held on
+        it, its workflow records the disposition and moves the job on (a rework goes on in a
+        new job order); otherwise the disposition is recorded alone."""
+        job_id = await self.db.run(partial(quality.quality_held_job, nc_id=nc_id))
+        command = DispositionCommand(actor, nc_id, disposition, reason)
+        if job_id is None or not await self.workflows.dispose(job_id, command):
+            await self.db.run(
+                partial(
+                    quality.dispose,
+                    nc_id=nc_id,
+                    disposition=disposition,
+                    reason=reason,
+                    actor=actor,
+                )
+            )
+        return await self.db.run(
+            lambda s: quality.nonconformance_out(s, quality.get_nonconformance(s, nc_id))
+        )
 
     # --- production orders --------------------------------------------------------------
 

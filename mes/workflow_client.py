@@ -23,6 +23,7 @@ from mes.settings import Settings
 from mes.states import Action
 from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
 from workflows.types import (
+    DispositionCommand,
     OrderCommand,
     OrderInput,
     WorkOrderCommand,
@@ -136,6 +137,23 @@ class WorkflowClient:
                     status=409,
                 ) from e
             raise
+
+    async def dispose(self, job_order_id: str, command: DispositionCommand) -> bool:
+        """Send a disposition to the work order's workflow held on the nonconformance (it
+        records it and moves the job on). False when the work order has no workflow."""
+        client = await self.client()
+        handle: WorkflowHandle[JobOrderWorkflow, Any] = client.get_workflow_handle_for(
+            JobOrderWorkflow.run, job_workflow_id(job_order_id)
+        )
+        try:
+            await handle.execute_update(JobOrderWorkflow.dispose, command)
+        except WorkflowUpdateFailedError as e:
+            raise _problem_from_failure(e.cause, "disposition") from e
+        except RPCError as e:
+            if e.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
 
     async def job_status(self, job_order_id: str) -> WorkOrderStatus | None:
         """The work order workflow's live status, or None when it does not run (any more)."""

@@ -93,7 +93,8 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
     for _ in range(2):
         with plant_pg() as s:
             state, lots = execution.record_job_response(s, response)
-            assert (state, lots) == ("Completed", [f"LOT-{first[0]}"])
+            # Out of specification: held on a nonconformance (the quality gate), twice alike.
+            assert (state, lots) == ("Held", [f"LOT-{first[0]}"])
 
     with plant_pg() as s:
         job = s.scalars(select(JobOrder).where(JobOrder.external_id == first[0])).one()
@@ -113,11 +114,14 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
         assert stock_after is not None
         assert stock_after == stock_before - exact(consumed[0].quantity)
 
-    # The next step consumes exactly the lot the first step produced.
+    # The next step is to consume exactly the lot the first step produced; while that lot
+    # is Restricted (and no other dough lot is Released) it waits.
     with plant_pg() as s:
-        _, bake = execution.prepare_job(s, first[1])
+        bake_target, bake = execution.prepare_job(s, first[1])
     dough = [m for m in bake.material_requirements if m.use == "Consumed"]
     assert [m.lot_id for m in dough] == [f"LOT-{first[0]}"]
+    assert f"lot LOT-{first[0]} of " in bake_target.waiting_for
+    assert "is Restricted" in bake_target.waiting_for
 
     with plant_pg() as s:
         assert execution.complete_order(s, order_id, "Completed") == ("Completed", False)

@@ -52,6 +52,11 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("PUT", "/api/v1/erp-clients/{name}"): {"admin"},
     ("GET", "/api/v1/erp-clients/{name}"): {"admin"},
     ("POST", "/api/v1/erp-clients/{name}/signing-secret"): {"admin"},
+    ("POST", "/api/v1/quality/results"): {"supervisor"},
+    ("GET", "/api/v1/quality/nonconformances"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/quality/nonconformances/{nc_id}"): {"supervisor", "auditor"},
+    ("POST", "/api/v1/quality/nonconformances/{nc_id}/disposition"): {"supervisor"},
+    ("GET", "/api/v1/quality/yield"): {"supervisor", "auditor"},
 }
 PUBLIC = {("GET", "/health")}
 #: Path parameters: values that name nothing, so allowed calls answer 4xx, not 401/403,
@@ -62,6 +67,7 @@ PLACEHOLDERS = {
     "work_center": "NO-SUCH-CENTER",
     "lot": "NO-SUCH-LOT",
     "name": "no-such-token",
+    "nc_id": "NO-SUCH-NC",
 }
 
 

@@ -22,7 +22,7 @@ from temporalio.exceptions import ApplicationError
 
 from adapters.erp.client import DeliveryError, deliver
 from adapters.machines import CONNECTORS, connect
-from mes import execution, reporting, work_orders
+from mes import execution, quality, reporting, work_orders
 from mes.callbacks import PUBLIC_ONLY, CallbackPolicy
 from mes.errors import DomainError
 from mes.execution import ProductionError
@@ -38,6 +38,8 @@ from mes.machines import (
 from workflows.types import (
     GONE,
     Dispatch,
+    DispositionCommand,
+    DispositionOutcome,
     JobChange,
     JobOutcome,
     JobStateChange,
@@ -119,7 +121,7 @@ class MesActivities:
     def prepare_job(self, job_order_id: str) -> Dispatch:
         """Fix the job's recipe and material lots; say which controller gets it."""
         target, order = self._db(lambda s: execution.prepare_job(s, job_order_id))
-        return Dispatch(target.protocol, target.url, target.machine, order)
+        return Dispatch(target.protocol, target.url, target.machine, order, target.waiting_for)
 
     @activity.defn
     async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
@@ -235,10 +237,22 @@ class MesActivities:
         """Read the job response from the PLC and record it (genealogy, data, quality)."""
         async with self._plc(dispatch) as plc:
             response = await plc.job_response(dispatch.order.job_order_id)
-        state, lots = await asyncio.to_thread(
-            self._db, lambda s: execution.record_job_response(s, response)
+        job_id = dispatch.order.job_order_id
+
+        def record(s: Session) -> tuple[str, list[str], str]:
+            state, lots = execution.record_job_response(s, response)
+            return state, lots, execution.quality_hold_reason(s, job_id)
+
+        state, lots, reason = await asyncio.to_thread(self._db, record)
+        return JobOutcome(job_id, state, lots, reason)
+
+    @activity.defn
+    def dispose_nonconformance(self, cmd: DispositionCommand) -> DispositionOutcome:
+        """Record a supervisor's disposition of the nonconformance a work order is held on."""
+        done = self._db(
+            lambda s: quality.dispose(s, cmd.nonconformance, cmd.disposition, cmd.reason, cmd.actor)
         )
-        return JobOutcome(dispatch.order.job_order_id, state, lots)
+        return DispositionOutcome(done.job_state or "", done.rework_job_order)
 
     @activity.defn
     async def deliver_reports(self, order_id: int) -> int:

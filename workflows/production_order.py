@@ -43,6 +43,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.types import (
         GONE,
         Dispatch,
+        DispositionCommand,
+        DispositionOutcome,
         JobChange,
         JobInput,
         JobOutcome,
@@ -123,6 +125,12 @@ class JobOrderWorkflow:
         self._refused: tuple[str, int] | None = None  # a command the PLC refused in that state
         self._intent = 0  # bumped by every decision, so waits notice
         self._note = ""
+        # A quality hold: the reason (a lot out of specification) until a supervisor
+        # disposes of it; the disposition once recorded.
+        self._quality: str | None = None
+        self._recording = False  # the job response is being recorded
+        self._disposing = False
+        self._disposed: DispositionOutcome | None = None
         # Known once the job is prepared for its PLC (the database has them before).
         self._priority: int | None = None
         self._equipment: str | None = None
@@ -195,22 +203,27 @@ class JobOrderWorkflow:
                 self._equipment = self._dispatch.order.equipment_id
                 continue
             dispatch = self._dispatch
-            try:
-                room: PlcRoom = await self._activity(MesActivities.plc_room, dispatch, plc=True)
-            except ActivityError as e:
-                raise _Attention(f"asking the PLC for room failed: {_reason(e)}") from e
-            if self._stopped():
-                self._note = ""
-                return False
-            if self._dispatch is not dispatch:
-                continue  # changed meanwhile: send the job as it is now
-            full = f"Queued: PLC full ({room.job_orders}/{room.max_job_orders} jobs)"
-            if not room.full:
-                sent = await self._dispatch_now(dispatch)
-                if sent is not None:
-                    return sent
-                # Another job took the last place first: wait for room again.
-            self._note = full
+            if dispatch.waiting_for:
+                # Its material is not Released (a quality hold) and no other lot is: look
+                # again later (prepared anew, so a lot released meanwhile is taken).
+                self._note = dispatch.waiting_for
+                self._dispatch = None
+            else:
+                try:
+                    room: PlcRoom = await self._activity(MesActivities.plc_room, dispatch, plc=True)
+                except ActivityError as e:
+                    raise _Attention(f"asking the PLC for room failed: {_reason(e)}") from e
+                if self._stopped():
+                    self._note = ""
+                    return False
+                if self._dispatch is not dispatch:
+                    continue  # changed meanwhile: send the job as it is now
+                if not room.full:
+                    sent = await self._dispatch_now(dispatch)
+                    if sent is not None:
+                        return sent
+                    # Another job took the last place first: wait for room again.
+                self._note = f"Queued: PLC full ({room.job_orders}/{room.max_job_orders} jobs)"
             seen = self._intent
             # Jittered, so the jobs waiting for one PLC do not all ask at once.
             wait = poll * (0.75 + 0.5 * workflow.random().random())
@@ -316,6 +329,9 @@ class JobOrderWorkflow:
             if started:
                 await self._tell_order()  # the order may be Running now: that is news
 
+        # While the response is recorded, a disposition may already find the hold in the
+        # database: it waits for the outcome here (``dispose``).
+        self._recording = True
         try:
             outcome: JobOutcome = await self._activity(MesActivities.record_job_response, dispatch)
         except ActivityError as e:
@@ -324,12 +340,39 @@ class JobOrderWorkflow:
             if _error_type(e) == "UnknownJobOrderError":
                 return await self._off_plc("record")
             raise _Attention(f"recording the job response failed: {_reason(e)}") from e
+        finally:
+            self._recording = False
+        if outcome.state == HELD:
+            self._state = HELD
+            self._quality = self._note = outcome.reason
         # Recorded: now the PLC may forget it (it takes room until cleared). A clear that
         # fails leaves an ended job on the PLC, never the outcome in doubt.
         with contextlib.suppress(_Attention):
             await self._plc("clear")
         self._on_plc = False
+        if outcome.state == HELD:
+            return await self._quality_hold(outcome)
         return outcome
+
+    async def _quality_hold(self, outcome: JobOutcome) -> JobOutcome:
+        """A test failed: the lot is Restricted and the job Held (recorded with the
+        response) until a supervisor disposes of the lot; release and rework complete the
+        job (a rework goes on in a new job order), scrap aborts it; a cancel ends it."""
+        await workflow.wait_condition(
+            lambda: self._disposed is not None or self._cancel_reason is not None
+        )
+        self._note = ""
+        if self._disposed is None:
+            return await self._cancelled()
+        done = self._disposed
+        kept = done.job_state == COMPLETED and done.rework_job_order is None
+        return JobOutcome(
+            self._job_id,
+            done.job_state,
+            outcome.produced_lots if kept else [],
+            outcome.reason,
+            done.rework_job_order,
+        )
 
     def _next_command(self) -> str | None:
         """The PLC command that brings the machine to what was decided, if any."""
@@ -433,6 +476,9 @@ class JobOrderWorkflow:
         )
 
     def _allowed(self) -> list[str]:
+        if self._quality is not None:
+            # Held on a nonconformance: its disposition moves the job on (or a cancel).
+            return ["cancel"] if self._disposed is None else []
         sent = self._on_plc or self._dispatching()
         allowed = allowed_actions(self._state, sent)
         return [a for a in allowed if a != "equipment"] if sent else allowed
@@ -532,6 +578,33 @@ class JobOrderWorkflow:
             self._check("priority")
         if cmd.equipment is not None:
             self._check("equipment")
+
+    @workflow.update
+    async def dispose(self, cmd: DispositionCommand) -> WorkOrderStatus:
+        """Record a supervisor's disposition of the nonconformance the job is held on; the
+        job then ends as decided (and a rework goes on in its new job order)."""
+        self._validate_dispose(cmd)
+        self._disposing = True
+        await workflow.wait_condition(lambda: not self._recording)
+        if self._quality is None or self._cancel_reason is not None:
+            self._disposing = False
+            raise NotAllowed("disposition", self._state, self._allowed())
+        try:
+            done: DispositionOutcome = await self._activity(
+                MesActivities.dispose_nonconformance, cmd
+            )
+        finally:
+            self._disposing = False
+        self._disposed = done
+        self._state = done.job_state
+        self._intent += 1
+        return self.status()
+
+    @dispose.validator
+    def _validate_dispose(self, cmd: DispositionCommand) -> None:
+        held = self._quality is not None or self._recording
+        if not held or self._disposed is not None or self._disposing or self._cancel_reason:
+            raise NotAllowed("disposition", self._state, self._allowed())
 
     async def _decide(self, state: str, cmd: WorkOrderCommand) -> None:
         """Take a decision now (so every later check sees it) and record it."""
@@ -673,6 +746,16 @@ class ProductionOrderWorkflow:
             self._step = step
             await job.signal(JobOrderWorkflow.release)
             outcome = await job
+            while outcome.rework is not None:
+                # A nonconforming lot goes to rework: the step goes on in the new job order.
+                job = await workflow.start_child_workflow(
+                    JobOrderWorkflow.run,
+                    JobInput(order.order_id, outcome.rework),
+                    id=job_workflow_id(outcome.rework),
+                )
+                self._jobs[step - 1] = job
+                await job.signal(JobOrderWorkflow.release)
+                outcome = await job
             self._step = None
             if outcome.state != COMPLETED:
                 state = CANCELLED if self._cancel is not None else outcome.state

@@ -34,6 +34,8 @@ class Dispatch:
     url: str
     machine: str
     order: JobOrderData
+    #: Why the job cannot go yet ("" when it can): e.g. its material is on a quality hold.
+    waiting_for: str = ""
 
 
 @dataclass
@@ -44,6 +46,8 @@ class JobOutcome:
     state: str
     produced_lots: list[str] = field(default_factory=list)
     reason: str = ""
+    #: The job order that reworks this one's nonconforming lot (the step goes on there).
+    rework: str | None = None
 
 
 @dataclass
@@ -134,6 +138,25 @@ class JobChange:
     reason: str | None = None
     priority: int | None = None
     equipment: str | None = None
+
+
+@dataclass
+class DispositionCommand:
+    """A supervisor's disposition of a nonconformance (release, rework, scrap), for the work
+    order held on it."""
+
+    actor: str
+    nonconformance: str
+    disposition: str
+    reason: str
+
+
+@dataclass
+class DispositionOutcome:
+    """What the disposition made of the held work order, and its rework job order if any."""
+
+    job_state: str
+    rework_job_order: str | None = None
 
 
 # --- workflow ids: business keys, built here and nowhere else -------------------------------

@@ -41,6 +41,7 @@ def build_worker(
             acts.complete_order,
             acts.plc_command,
             acts.set_job_state,
+            acts.dispose_nonconformance,
             acts.change_job,
             acts.deliver_reports,
         ],

@@ -95,6 +95,16 @@ _ACTIVE = (JobState.RUNNING, JobState.INTERRUPTED)
 
 
 @dataclass
+class MeasuredFault:
+    """How one measured value goes wrong: with ``defect_rate``'s probability a job's value is
+    a quarter off its nominal (out of any sensible specification), and it drifts by
+    ``drift`` (in the value's unit) for every job the unit measured before."""
+
+    defect_rate: float = 0.0
+    drift: float = 0.0
+
+
+@dataclass
 class SimUnit:
     """One simulated work unit.
 
@@ -103,7 +113,9 @@ class SimUnit:
     rerun gives the same numbers. ``defect_rate`` is the share of processed items counted as
     defective; ``max_job_orders`` is the unit's MaxDownloadableJobOrders, the most jobs its
     JobOrderList holds (Store answers UnableToAcceptJobOrder beyond it); None takes the
-    simulator's ``max_job_orders``.
+    simulator's ``max_job_orders``. ``faults`` make measured values go out of specification
+    (:class:`MeasuredFault`), drawn from ``seed`` and the unit's name, so a rerun with the
+    same jobs in the same order gives the same defects.
     """
 
     name: str
@@ -111,6 +123,8 @@ class SimUnit:
     measured: dict[str, tuple[float, str]] = field(default_factory=lambda: dict(DEFAULT_MEASURED))
     defect_rate: float = 0.0
     max_job_orders: int | None = None
+    faults: dict[str, MeasuredFault] = field(default_factory=dict)
+    seed: int = 0
 
 
 @dataclass
@@ -230,6 +244,8 @@ class _UnitRuntime:
         self.processed_total = 0
         self.defective_total = 0
         self._arrivals = itertools.count()
+        self._measured_jobs = 0
+        self._faults = random.Random(f"{spec.seed}|{spec.name}")
         self._changed = asyncio.Event()
 
     # -- machine behaviour -------------------------------------------------------------
@@ -327,13 +343,12 @@ class _UnitRuntime:
         data = [
             parameter(
                 ID=name,
-                Value=ua.Variant(
-                    round(nominal * (1 + rng.uniform(-0.02, 0.02)), 3), ua.VariantType.Double
-                ),
+                Value=ua.Variant(self._measure(name, nominal, rng), ua.VariantType.Double),
                 EngineeringUnits=eu_information(unit),
             )
             for name, (nominal, unit) in self.spec.measured.items()
         ]
+        self._measured_jobs += 1
         data.append(
             parameter(ID=PROCESSED_COUNT, Value=ua.Variant(processed, ua.VariantType.Int32))
         )
@@ -342,6 +357,17 @@ class _UnitRuntime:
         )
         job.material_actuals = actuals
         job.data = data
+
+    def _measure(self, name: str, nominal: float, noise: random.Random) -> float:
+        """One measured value: the nominal with up to ±2 % noise, plus the value's drift
+        and, now and then, a defect (``SimUnit.faults``)."""
+        value = nominal * (1 + noise.uniform(-0.02, 0.02))
+        fault = self.spec.faults.get(name)
+        if fault is not None:
+            value += fault.drift * self._measured_jobs
+            if self._faults.random() < fault.defect_rate:
+                value += abs(nominal) * 0.25 * self._faults.choice((-1, 1))
+        return round(value, 3)
 
     # -- address space -----------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from mes.api.genealogy import GenealogyController
 from mes.api.master_data import MasterDataController
 from mes.api.problems import EXCEPTION_HANDLERS, problem
 from mes.api.production_orders import ProductionOrderController
+from mes.api.quality import QualityController
 from mes.api.security import AUTH_MIDDLEWARE
 from mes.api.tokens import TokenController
 from mes.api.work_orders import WorkCenterController, WorkOrderController
@@ -64,6 +65,7 @@ def create_app(
             WorkOrderController,
             WorkCenterController,
             GenealogyController,
+            QualityController,
             MasterDataController,
             AuditController,
             TokenController,
@@ -95,6 +97,10 @@ def create_app(
                 Tag(name="production orders", description="ERP orders (operations requests)"),
                 Tag(name="work orders", description="Job orders, steered by supervisors"),
                 Tag(name="genealogy", description="Lot traces over material actuals"),
+                Tag(
+                    name="quality",
+                    description="Test results, nonconformances and their disposition, yield",
+                ),
                 Tag(name="master data", description="Products, routings and equipment"),
                 Tag(name="audit", description="The hash-chained audit trail"),
                 Tag(name="tokens", description="API tokens and roles"),

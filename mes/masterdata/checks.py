@@ -351,6 +351,8 @@ def check_plant(plant: Plant, stored: Stored | None = None) -> list[str]:
             properties.add(ts.property)
             if ts.low > ts.high:
                 problems.append(f"{path}: low {_num(ts.low)} is above high {_num(ts.high)}")
+            if ts.target is not None and not ts.low <= ts.target <= ts.high:
+                problems.append(f"{path}: target {_num(ts.target)} is outside [low, high]")
 
     unique("routings", [r.id for r in plant.routings])
     routing_of_product: dict[str, str] = {}

@@ -399,7 +399,9 @@ class _Loader:
                     "property_name": t.property,
                     "low": t.low,
                     "high": t.high,
+                    "target": t.target,
                     "unit": t.unit,
+                    "sample_size": t.sample_size,
                 }
                 self.upsert(TestSpecification, specs, t.id, values)
         s.flush()

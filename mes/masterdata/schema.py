@@ -125,7 +125,10 @@ class TestSpecEntry(_Entry):
     property: Annotated[str, Field(min_length=1, max_length=100)]
     low: float
     high: float
+    target: float | None = None
     unit: OptionalUnit = ""
+    #: How many items one measured value stands for.
+    sample_size: Annotated[int, Field(ge=1, le=1_000_000)] = 1
 
 
 class WorkMasterEntry(_Entry):

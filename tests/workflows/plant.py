@@ -35,6 +35,8 @@ from workflows.production_order import JobOrderWorkflow, ProductionOrderWorkflow
 from workflows.types import (
     GONE,
     Dispatch,
+    DispositionCommand,
+    DispositionOutcome,
     JobChange,
     JobInput,
     JobOutcome,
@@ -128,6 +130,11 @@ class FakePlant:
     await_errors: dict[str, ApplicationError] = field(default_factory=dict)
     #: Raised once each, by the next record_job_response of the job.
     record_errors: dict[str, ApplicationError] = field(default_factory=dict)
+    #: Jobs whose next recorded response fails a test (the job is held on a nonconformance).
+    out_of_spec: set[str] = field(default_factory=set)
+    #: Per job, what its next preparations wait for (one entry per preparation).
+    material_waits: dict[str, list[str]] = field(default_factory=dict)
+    dispositions: list[DispositionCommand] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     plc: dict[str, JobState] = field(default_factory=dict)
     #: Every job the PLC stored (StoreAndStart), in order, repeats included.
@@ -159,7 +166,7 @@ class FakePlant:
         """The machine will start and end these jobs as soon as it may."""
         async with self._changed:
             for job in jobs:
-                self.moves[job] += [RUNNING, ENDED]
+                self.moves.setdefault(job, []).extend([RUNNING, ENDED])
             self._changed.notify_all()
 
     async def machine(self, job: str, state: JobState) -> None:
@@ -206,6 +213,7 @@ class FakePlant:
             self.set_job_state,
             self.change_job,
             self.deliver_reports,
+            self.dispose_nonconformance,
         ]
 
     async def _enter(self, call: Call) -> None:
@@ -243,11 +251,13 @@ class FakePlant:
         order = JobOrderData(
             job_order_id=job_order_id,
             work_master_id="WM-FILL",
-            description=f"{self.order_number} step {self.jobs.index(job_order_id) + 1}",
-            priority=self.priority[job_order_id],
-            equipment_id=self.equipment[job_order_id],
+            description=f"{self.order_number} {job_order_id}",
+            priority=self.priority.get(job_order_id, PRIORITY),
+            equipment_id=self.equipment.get(job_order_id, UNIT),
         )
-        return Dispatch("opcua", "opc.tcp://fake-plc:4840/", "unit-1", order)
+        waits = self.material_waits.get(job_order_id)
+        waiting_for = waits.pop(0) if waits else ""
+        return Dispatch("opcua", "opc.tcp://fake-plc:4840/", "unit-1", order, waiting_for)
 
     @activity.defn(name="plc_room")
     async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
@@ -313,6 +323,9 @@ class FakePlant:
             raise self.record_errors.pop(job)
         state = self.plc[job]
         assert state.is_final, f"job response of {job} asked in state {state.name}"
+        if state == ENDED and job in self.out_of_spec:
+            self.out_of_spec.discard(job)
+            return JobOutcome(job, "Held", [f"LOT-{job}"], f"quality hold: NC-LOT-{job}-1")
         if state == ENDED:
             return JobOutcome(job, "Completed", [f"LOT-{job}"])
         return JobOutcome(job, "Aborted", [])
@@ -363,6 +376,17 @@ class FakePlant:
             self.priority[change.job_order_id] = change.priority
         if change.equipment is not None:
             self.equipment[change.job_order_id] = change.equipment
+
+    @activity.defn(name="dispose_nonconformance")
+    async def dispose_nonconformance(self, cmd: DispositionCommand) -> DispositionOutcome:
+        job = cmd.nonconformance.removeprefix("NC-LOT-").removesuffix("-1")
+        await self._enter(Call("dispose_nonconformance", job, cmd.disposition))
+        self.dispositions.append(cmd)
+        if cmd.disposition == "scrap":
+            return DispositionOutcome("Aborted")
+        if cmd.disposition == "rework":
+            return DispositionOutcome("Completed", f"{job}-RW1")
+        return DispositionOutcome("Completed")
 
     @activity.defn(name="deliver_reports")
     async def deliver_reports(self, order_id: int) -> int:
