@@ -7,7 +7,6 @@ the first run's rows and changes nothing. Unique constraints back this up when t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import cast
@@ -18,6 +17,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from mes import audit
 from mes.machines import (
+    Endpoint,
     JobOrderData,
     JobResponseData,
     JobState,
@@ -50,15 +50,6 @@ from mes.quantities import SCALE, Quantity, exact, json_number, text
 
 class ProductionError(Exception):
     """Master data or stock cannot support the order (retrying will not help)."""
-
-
-@dataclass
-class Target:
-    """Where a job order goes: the work unit's controller endpoint."""
-
-    protocol: str
-    url: str
-    machine: str
 
 
 def job_order_id_for(order_number: str, sequence: int) -> str:
@@ -131,7 +122,7 @@ def _least_loaded(session: Session, work_master: WorkMaster) -> int:
     return min(candidates, key=lambda eq: open_jobs.get(eq, 0))
 
 
-def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderData]:
+def prepare_job(session: Session, job_order_id: str) -> tuple[Endpoint, JobOrderData]:
     """Fix the job's material requirements (once) and return what to send where.
 
     Consumed material that an earlier step of the same order produced comes from that step's
@@ -159,7 +150,10 @@ def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderDa
         material_requirements=[MaterialRequirement(**m) for m in job.material_requirements],
         equipment_id=job.equipment.external_id,
     )
-    return Target(endpoint.protocol, endpoint.url, endpoint.machine), plc_order
+    target = Endpoint(
+        endpoint.protocol, endpoint.url, endpoint.machine, endpoint.security, endpoint.settings
+    )
+    return target, plc_order
 
 
 def _resolve_materials(
