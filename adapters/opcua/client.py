@@ -41,7 +41,7 @@ from adapters.opcua.model import (
     parse_decimal,
     ua_type,
 )
-from adapters.opcua.security import refusal, secure_client
+from adapters.opcua.security import pinned_certificate_differs, refusal, secure_client
 from mes.machines import (
     InvalidJobOrderStatusError,
     InvalidRequestError,
@@ -173,9 +173,11 @@ class JobControlClient:
                 await secure_client(client, self.security, self.settings)
                 async with asyncio.timeout(self.timeout_s):
                     await client.connect()
-        except BaseException:
+        except BaseException as exc:
             # A connect cut short by the timeout leaves the socket to us.
             client.disconnect_socket()
+            if isinstance(exc, MachineUnreachableError) and self.security != "None":
+                await self._explain_silence(exc)
             raise
         self._client = client
         try:
@@ -186,6 +188,14 @@ class JobControlClient:
             await self._disconnect()
             raise
         return self
+
+    async def _explain_silence(self, exc: MachineUnreachableError) -> None:
+        """A secured connect that got no answer: a server that is not the expected one."""
+        if await pinned_certificate_differs(self.url, self.settings, self.timeout_s):
+            raise MachineSecurityError(
+                f"{self.url} connect: the server's certificate is not the server_certificate "
+                "of the endpoint (it could not read the MES's request)"
+            ) from exc
 
     async def __aexit__(
         self,

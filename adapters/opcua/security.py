@@ -15,7 +15,9 @@ endpoints, accepts only client certificates in its trust list and only its users
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -76,6 +78,21 @@ _REFUSALS: Mapping[int, str] = {
 }
 
 
+class _WithholdLogin(logging.Filter):
+    """asyncua's client logs every request it sends at DEBUG, and ActivateSession carries
+    the login's password (in the clear inside an encrypting channel): that request is
+    logged by name only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if any(isinstance(arg, ua.ActivateSessionRequest) for arg in args):
+            record.msg, record.args = "Sending: ActivateSessionRequest (identity withheld)", ()
+        return True
+
+
+logging.getLogger("asyncua.client.ua_client.UASocketProtocol").addFilter(_WithholdLogin())
+
+
 def refusal(exc: UaError, security: str) -> str | None:
     """Why the server refused the session, if ``exc`` is a security refusal; else None."""
     if isinstance(exc, UaStatusCodeError):
@@ -122,6 +139,32 @@ async def secure_client(client: Client, security: str, settings: Mapping[str, An
     if config.user is not None:
         client.set_user(config.user)
         client.set_password(_password(config))
+
+
+async def pinned_certificate_differs(
+    url: str, settings: Mapping[str, Any], timeout_s: float
+) -> bool:
+    """Whether the server at ``url`` presents a certificate other than the endpoint's
+    ``server_certificate`` (asked over the discovery channel, which needs no security).
+
+    Such a server cannot read what the MES encrypted for the expected one and never
+    answers, so a secured connect that timed out asks this to tell why.
+    """
+    pinned_path = settings.get("server_certificate")
+    if not isinstance(pinned_path, str):
+        return False
+    pinned = (await uacrypto.load_certificate(pinned_path)).public_bytes(Encoding.DER)
+    probe = Client(url, timeout=timeout_s)
+    try:
+        async with asyncio.timeout(timeout_s):
+            endpoints = await probe.connect_and_get_server_endpoints()
+    except (OSError, TimeoutError, UaError):
+        return False
+    finally:
+        probe.disconnect_socket()
+    # A server may send its chain after its own certificate.
+    presented = [bytes(ep.ServerCertificate) for ep in endpoints if ep.ServerCertificate]
+    return bool(presented) and not any(der.startswith(pinned) for der in presented)
 
 
 def _file(path: str | None, setting: str) -> str:
