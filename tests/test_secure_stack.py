@@ -11,6 +11,7 @@ import stat
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 from adapters.opcua.client import JobControlClient
 from mes.launch import DEV_OPCUA_SECURITY, Stack, embedded_stack
 from mes.machines import MachineSecurityError
+from mes.masterdata import MasterDataError, parse_plant
 from mes.settings import Settings
 
 
@@ -146,3 +148,33 @@ async def test_endpoints_name_their_security_and_no_answer_shows_a_secret(
             "machine": "SECURE-WU",
             "security": DEV_OPCUA_SECURITY,
         }
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "problem"),
+    [
+        (
+            {"security": "Basic256Sha256"},
+            "endpoint.security: 'Basic256Sha256' is not one of None, Basic256Sha256-Sign, "
+            "Basic256Sha256-SignAndEncrypt",
+        ),
+        (
+            {"security": "Basic256Sha256-Sign", "settings": {"user": "mes", "password_env": "P"}},
+            "endpoint.settings: Basic256Sha256-Sign needs certificate, private_key, "
+            "server_certificate",
+        ),
+        ({"settings": {"user": "mes"}}, "endpoint.settings.user: needs exactly one of"),
+        ({"settings": {"password_file": "pw"}}, "endpoint.settings.password_file: a password"),
+        ({"settings": {"pasword_env": "P"}}, "endpoint.settings.pasword_env: Extra inputs"),
+    ],
+)
+def test_an_opcua_endpoint_names_its_security_correctly(
+    endpoint: dict[str, Any], problem: str
+) -> None:
+    node: dict[str, Any] = {"id": "WU", "level": "WorkUnit"}
+    node["endpoint"] = {"protocol": "opcua", "url": "opc.tcp://plc:4840/"} | endpoint
+    with pytest.raises(MasterDataError) as caught:
+        parse_plant({"equipment": [node]}, partial=True)
+    assert any(p.startswith(f"equipment[0] (WU).{problem}") for p in caught.value.problems), (
+        caught.value.problems
+    )
