@@ -151,7 +151,11 @@ def prepare_job(session: Session, job_order_id: str) -> tuple[Endpoint, JobOrder
         equipment_id=job.equipment.external_id,
     )
     target = Endpoint(
-        endpoint.protocol, endpoint.url, endpoint.machine, endpoint.security, endpoint.settings
+        endpoint.protocol,
+        endpoint.url,
+        endpoint.machine,
+        endpoint.security,
+        dict(endpoint.settings),
     )
     return target, plc_order
 

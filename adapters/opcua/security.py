@@ -100,7 +100,7 @@ def refusal(exc: UaError, security: str) -> str | None:
     # asyncua's own checks of the server's answer raise plain UaErrors.
     message = str(exc)
     if message.startswith("No matching endpoints"):
-        return f"the server offers no endpoint with security {security} (see its endpoints)"
+        return f"the server offers no endpoint with security {security}: name one it offers"
     if message.startswith("Server certificate mismatch"):
         return "the server's certificate is not the server_certificate of the endpoint"
     return None
