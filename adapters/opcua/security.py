@@ -127,15 +127,22 @@ async def secure_client(client: Client, security: str, settings: Mapping[str, An
         certificate = _file(config.certificate, "certificate")
         private_key = _file(config.private_key, "private_key")
         server_certificate = _file(config.server_certificate, "server_certificate")
-        # The server checks the certificate's application URI against the client's.
-        client.application_uri = application_uri(await uacrypto.load_certificate(certificate))
-        await client.set_security(
-            SecurityPolicyBasic256Sha256,
-            certificate,
-            private_key,
-            server_certificate=server_certificate,
-            mode=mode,
-        )
+        try:
+            # The server checks the certificate's application URI against the client's.
+            own = await uacrypto.load_certificate(certificate)
+            client.application_uri = application_uri(own)
+            await client.set_security(
+                SecurityPolicyBasic256Sha256,
+                certificate,
+                private_key,
+                server_certificate=server_certificate,
+                mode=mode,
+            )
+        except (ValueError, TypeError) as exc:
+            raise MachineSecurityError(
+                "endpoint settings: certificate, private_key or server_certificate is not a "
+                f"readable certificate or key (DER or PEM): {type(exc).__name__}"
+            ) from exc
     if config.user is not None:
         client.set_user(config.user)
         client.set_password(_password(config))

@@ -253,6 +253,12 @@ async def test_missing_secrets_are_named_without_connecting(
     error = await refused(Endpoint("opcua", url, "Filler", ENCRYPT, settings))
     assert "private_key" in str(error)
     assert "no such file" in str(error)
+    garbage = pki.path("garbage.pem")
+    garbage.write_text("not a key")
+    error = await refused(
+        Endpoint("opcua", url, "Filler", ENCRYPT, pki.settings(private_key=str(garbage)))
+    )
+    assert "not a readable certificate or key" in str(error)
 
 
 async def test_a_password_from_a_file_logs_in(
