@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 
 from adapters.opcua.client import JobControlClient
-from mes.machines import EquipmentAdapter, InvalidRequestError, MachineConnector
+from mes.machines import Endpoint, EquipmentAdapter, InvalidRequestError, MachineConnector
 
 
-def _opcua(url: str, machine: str) -> AbstractAsyncContextManager[EquipmentAdapter]:
-    return JobControlClient(url, machine)
+def _opcua(endpoint: Endpoint) -> AbstractAsyncContextManager[EquipmentAdapter]:
+    return JobControlClient(
+        endpoint.url, endpoint.machine, security=endpoint.security, settings=endpoint.settings
+    )
 
 
 #: Endpoint protocol (``equipment.protocol``) → how to open a session with it.
@@ -22,16 +24,14 @@ CONNECTORS: Mapping[str, MachineConnector] = {"opcua": _opcua}
 
 
 def connect(
-    protocol: str,
-    url: str,
-    machine: str,
-    connectors: Mapping[str, MachineConnector] = CONNECTORS,
+    endpoint: Endpoint, connectors: Mapping[str, MachineConnector] = CONNECTORS
 ) -> AbstractAsyncContextManager[EquipmentAdapter]:
-    """A session with ``machine`` at ``url``; InvalidRequestError for an unknown protocol."""
+    """A session with the endpoint's machine; InvalidRequestError for an unknown protocol."""
     try:
-        opener = connectors[protocol]
+        opener = connectors[endpoint.protocol]
     except KeyError:
         raise InvalidRequestError(
-            f"protocol {protocol!r} is not supported (known: {', '.join(sorted(connectors))})"
+            f"protocol {endpoint.protocol!r} is not supported "
+            f"(known: {', '.join(sorted(connectors))})"
         ) from None
-    return opener(url, machine)
+    return opener(endpoint)

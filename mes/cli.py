@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", help="run the whole product once on embedded defaults, then stop")
     dev = sub.add_parser("dev", help="run the embedded services until Ctrl-C")
     dev.add_argument("--port", type=int, default=8000, help="API port (default 8000)")
+    dev.add_argument(
+        "--secure",
+        action="store_true",
+        help="PLCs require OPC UA Basic256Sha256 SignAndEncrypt, a trusted certificate and a "
+        "user name and password (made once in .mes/pki)",
+    )
     serve = sub.add_parser("serve", help="run the API (uses MES_* settings)")
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
@@ -150,7 +156,8 @@ async def _service(settings: Settings, args: argparse.Namespace) -> int:
     from mes import launch
 
     if args.command == "dev":
-        return await launch.run_dev(settings, args.port)
+        pki = Path(".mes") / "pki" if args.secure else None
+        return await launch.run_dev(settings, args.port, pki)
     if args.command == "serve":
         host = args.host or settings.api_host
         return await launch.serve_api(settings, host, args.port or settings.api_port)

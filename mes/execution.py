@@ -19,6 +19,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from mes import audit
 from mes.machines import (
+    Endpoint,
     JobOrderData,
     JobResponseData,
     JobState,
@@ -60,9 +61,7 @@ class Target:
     """Where a job order goes: the work unit's controller endpoint; and what the job must
     wait for before it goes ("" when nothing)."""
 
-    protocol: str
-    url: str
-    machine: str
+    endpoint: Endpoint
     waiting_for: str = ""
 
 
@@ -170,7 +169,16 @@ def prepare_job(session: Session, job_order_id: str) -> tuple[Target, JobOrderDa
         material_requirements=[MaterialRequirement(**m) for m in job.material_requirements],
         equipment_id=job.equipment.external_id,
     )
-    target = Target(endpoint.protocol, endpoint.url, endpoint.machine, waiting_for)
+    target = Target(
+        Endpoint(
+            endpoint.protocol,
+            endpoint.url,
+            endpoint.machine,
+            endpoint.security,
+            dict(endpoint.settings),
+        ),
+        waiting_for,
+    )
     return target, plc_order
 
 

@@ -42,6 +42,7 @@ import threading
 from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from sqlalchemy import select
@@ -50,12 +51,14 @@ from temporalio.client import Client
 
 from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, format_message
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
+from adapters.opcua.security import ServerSecurity, make_certificate
 from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, MeasuredFault, PlcSimulator, SimUnit
 from mes import masterdata, samples
 from mes.audit_checkpoints import ensure_key
 from mes.auth import create_token
 from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.db import make_engine, make_sessionmaker
+from mes.masterdata.schema import walk_equipment
 from mes.migrate import upgrade, upgrade_database
 from mes.models import (
     ControllerEndpoint,
@@ -129,13 +132,93 @@ def load_plant(
     plant_file: Path | None = None,
     opcua_url: str | None = None,
     actor: str = "system",
+    opcua_security: tuple[str, dict[str, Any]] | None = None,
 ) -> masterdata.LoadReport:
     """Load a master data file, or the packaged sample plant when ``plant_file`` is None
-    (see :func:`mes.masterdata.load_plant_file`)."""
-    if plant_file is not None:
+    (see :func:`mes.masterdata.load_plant_file`); ``opcua_security`` (security, settings)
+    replaces those of every OPC UA endpoint, as ``opcua_url`` replaces their URL."""
+    if plant_file is None:
+        with samples.plant_file() as sample:
+            return load_plant(sessions, sample, opcua_url, actor, opcua_security)
+    if opcua_security is None:
         return masterdata.load_plant_file(sessions, plant_file, opcua_url, actor=actor)
-    with samples.plant_file() as sample:
-        return masterdata.load_plant_file(sessions, sample, opcua_url, actor=actor)
+    plant, partial = masterdata.read_master_data_file(plant_file)
+    for _, node, _, _ in walk_equipment(plant.equipment):
+        if node.endpoint is not None and node.endpoint.protocol == "opcua":
+            node.endpoint.security, node.endpoint.settings = opcua_security
+    with sessions() as session, session.begin():
+        return masterdata.load_plant(session, plant, opcua_url, partial=partial, actor=actor)
+
+
+# --- OPC UA security of the embedded stack ----------------------------------------------------
+
+#: What ``mes dev --secure`` requires of the MES at the simulator.
+DEV_OPCUA_SECURITY = "Basic256Sha256-SignAndEncrypt"
+DEV_OPCUA_USER = "mes"
+
+
+@dataclass(frozen=True)
+class DevPki:
+    """The embedded stack's OPC UA certificates and login, all in one folder.
+
+    ``simulator-cert.der``/``-key.pem`` and ``mes-cert.der``/``-key.pem`` are self-signed (no
+    CA); ``trusted/`` holds the one client certificate the simulator trusts (the MES's);
+    ``opcua-password`` the random password of user ``mes``. Keys and password are readable
+    by their owner only.
+    """
+
+    folder: Path
+
+    @property
+    def password_file(self) -> Path:
+        return self.folder / "opcua-password"
+
+    def server_security(self) -> ServerSecurity:
+        """The simulator's side: SignAndEncrypt only, the MES's certificate, user ``mes``."""
+        password = self.password_file.read_text(encoding="utf-8").strip()
+        return ServerSecurity(
+            certificate=self.folder / "simulator-cert.der",
+            private_key=self.folder / "simulator-key.pem",
+            trusted=self.folder / "trusted",
+            securities=(DEV_OPCUA_SECURITY,),
+            users={DEV_OPCUA_USER: password},
+        )
+
+    def endpoint(self) -> tuple[str, dict[str, Any]]:
+        """The MES's side: every OPC UA endpoint's security and settings (no secret)."""
+        return DEV_OPCUA_SECURITY, {
+            "certificate": str(self.folder / "mes-cert.der"),
+            "private_key": str(self.folder / "mes-key.pem"),
+            "server_certificate": str(self.folder / "simulator-cert.der"),
+            "user": DEV_OPCUA_USER,
+            "password_file": str(self.password_file),
+        }
+
+
+def dev_pki(folder: Path) -> DevPki:
+    """The certificates and password in ``folder`` (an absolute path is kept in the
+    endpoints), made on first use and kept for the next runs."""
+    pki = DevPki(folder.resolve())
+    pki.folder.mkdir(parents=True, exist_ok=True)
+    if not (pki.folder / "simulator-cert.der").is_file():
+        make_certificate(
+            pki.folder / "simulator-cert.der",
+            pki.folder / "simulator-key.pem",
+            ServerSecurity.application_uri,
+            server=True,
+        )
+    if not (pki.folder / "mes-cert.der").is_file():
+        make_certificate(
+            pki.folder / "mes-cert.der", pki.folder / "mes-key.pem", "urn:mes:client", server=False
+        )
+    trusted = pki.folder / "trusted"
+    trusted.mkdir(exist_ok=True)
+    shutil.copyfile(pki.folder / "mes-cert.der", trusted / "mes-cert.der")
+    if not pki.password_file.is_file():
+        fd = os.open(pki.password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(secrets.token_urlsafe(24))
+    return pki
 
 
 def role_token_name(prefix: str, role: str, suffix: str) -> str:
@@ -438,6 +521,7 @@ async def embedded_stack(
     erp_format: str | None = "b2mml",
     measured_faults: Mapping[str, MeasuredFault] | None = None,
     sim_seed: int = 0,
+    opcua_pki: Path | None = None,
 ) -> AsyncIterator[Stack]:
     """Migrate the database (as ``mes db upgrade`` does: as the owner, granting the app
     role), make the audit key if the settings name one that is missing, load the plant (the
@@ -448,7 +532,9 @@ async def embedded_stack(
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
     and the erp token's client reports to it in that format. ``measured_faults`` and
     ``sim_seed`` make the simulated units' measured values go out of specification now and
-    then (see ``simulated_units``).
+    then (see ``simulated_units``). With ``opcua_pki`` (a folder,
+    see :class:`DevPki`) the simulator requires Basic256Sha256 SignAndEncrypt, a certificate
+    it trusts and a user name and password, and every OPC UA endpoint is set up for it.
     """
     # Its own ERP receiver listens on loopback: allowed here explicitly (and only here).
     settings = dataclasses.replace(settings, callback_allow=(*settings.callback_allow, *LOOPBACK))
@@ -460,7 +546,9 @@ async def embedded_stack(
         sessions = stack.enter_context(open_database(settings.database_url))
         plc_port = free_port()
         plc_url = f"opc.tcp://127.0.0.1:{plc_port}/"
-        await asyncio.to_thread(load_plant, sessions, plant_file, plc_url)
+        pki = dev_pki(opcua_pki) if opcua_pki is not None else None
+        endpoint = pki.endpoint() if pki is not None else None
+        await asyncio.to_thread(load_plant, sessions, plant_file, plc_url, "system", endpoint)
         with sessions() as s:
             units = simulated_units(s, cycle_time_s, measured_faults, sim_seed)
         # A random suffix, so that a second run on the same database adds new tokens.
@@ -475,7 +563,10 @@ async def embedded_stack(
             erp_client = point_erp_client(sessions, erp_name, erp.url, erp_format, policy)
             erp.signing_secret = erp_client.signing_secret
 
-        await stack.enter_async_context(PlcSimulator(units, port=plc_port))
+        server_security = pki.server_security() if pki is not None else None
+        await stack.enter_async_context(
+            PlcSimulator(units, port=plc_port, security=server_security)
+        )
 
         if temporal_client is None:
             tmp = Path(tempfile.mkdtemp(prefix="mes-temporal-"))
@@ -509,17 +600,25 @@ async def embedded_stack(
 # --- the long-running commands ----------------------------------------------------------------
 
 
-async def run_dev(settings: Settings, port: int) -> int:
+async def run_dev(settings: Settings, port: int, opcua_pki: Path | None = None) -> int:
     """``mes dev``: the embedded stack on ``settings``' database until Ctrl-C or SIGTERM;
     audit checkpoints signed with ``.mes/audit-key.pem`` (made if missing) unless the
-    settings name a key."""
+    settings name a key; with ``opcua_pki`` (``--secure``) its PLCs require OPC UA security
+    (see :class:`DevPki`)."""
     if settings.audit_key_file is None:
         settings = dataclasses.replace(settings, audit_key_file=Path(".mes", "audit-key.pem"))
-    async with embedded_stack(settings, api_port=port, token_prefix="dev") as stack:
+    async with embedded_stack(
+        settings, api_port=port, token_prefix="dev", opcua_pki=opcua_pki
+    ) as stack:
         print(f"API        {stack.api_url}/api/v1")
         print(f"API docs   {stack.api_url}/schema")
         print(f"Temporal   {stack.temporal_address}  UI: {stack.temporal_ui}")
         print(f"PLCs       {stack.plc_url}  units: {', '.join(stack.units)}")
+        if opcua_pki is not None:
+            print(
+                f"           {DEV_OPCUA_SECURITY}, user {DEV_OPCUA_USER}, "
+                f"certificates and password in {opcua_pki}"
+            )
         if stack.erp is not None:
             print(f"ERP        {stack.erp.base_url}{MESSAGES_PATH}  (callbacks: {stack.erp.url})")
         print(f"Database   {settings.database_url}")

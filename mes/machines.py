@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class JobState(enum.IntEnum):
@@ -161,6 +161,12 @@ class InvalidRequestError(JobControlError):
     """The request itself is malformed (bad parameters, unknown work master)."""
 
 
+class MachineSecurityError(JobControlError):
+    """The controller refused the MES's credentials or security settings (an untrusted
+    certificate, a wrong user or password, no endpoint with the configured policy), or the
+    MES's own certificate, key or password could not be read. A person must fix it."""
+
+
 class MachineUnreachableError(JobControlError):
     """The controller could not be reached or the session broke; retry later."""
 
@@ -246,5 +252,21 @@ class EquipmentAdapter(Protocol):
         ...
 
 
-#: Opens a session with the controller at ``url`` for the unit ``machine``.
-MachineConnector = Callable[[str, str], AbstractAsyncContextManager[EquipmentAdapter]]
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach a work unit's controller: protocol, URL, machine and how to secure it.
+
+    ``security`` and ``settings`` are the protocol's (for OPC UA see
+    ``mes.masterdata.schema.OpcUaSettings``); ``settings`` name where secrets are (files,
+    environment variables), never a secret, so an endpoint may travel in workflow history.
+    """
+
+    protocol: str
+    url: str
+    machine: str
+    security: str = "None"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+#: Opens a session with the controller of ``endpoint``.
+MachineConnector = Callable[[Endpoint], AbstractAsyncContextManager[EquipmentAdapter]]

@@ -75,7 +75,7 @@ def test_plan_prepare_record_complete_twice(plant_pg: sessionmaker[Session]) -> 
         target, plc_order = execution.prepare_job(s, first[0])
     with plant_pg() as s:
         assert execution.prepare_job(s, first[0]) == (target, plc_order)
-    assert target.protocol == "opcua"
+    assert target.endpoint.protocol == "opcua"
     assert [p.name for p in plc_order.parameters] == ["MixSpeed", "MixTime"]
     consumed = [m for m in plc_order.material_requirements if m.use == "Consumed"]
     produced = [m for m in plc_order.material_requirements if m.use == "Produced"]

@@ -10,11 +10,11 @@ import pytest
 
 from adapters.machines import CONNECTORS, connect
 from adapters.opcua.client import JobControlClient
-from mes.machines import EquipmentAdapter, InvalidRequestError, MachineConnector
+from mes.machines import Endpoint, EquipmentAdapter, InvalidRequestError, MachineConnector
 
 
 def test_opcua_is_the_first_protocol_and_its_client_is_an_equipment_adapter() -> None:
-    session = connect("opcua", "opc.tcp://127.0.0.1:1/", "Line1/Mixer")
+    session = connect(Endpoint("opcua", "opc.tcp://127.0.0.1:1/", "Line1/Mixer"))
     assert isinstance(session, JobControlClient)
     adapter: EquipmentAdapter = session  # the type checker holds the client to the port
     assert adapter is session
@@ -23,7 +23,7 @@ def test_opcua_is_the_first_protocol_and_its_client_is_an_equipment_adapter() ->
 
 def test_an_unknown_protocol_is_refused_for_good() -> None:
     with pytest.raises(InvalidRequestError, match="'modbus' is not supported") as caught:
-        connect("modbus", "modbus://127.0.0.1:502", "Press")
+        connect(Endpoint("modbus", "modbus://127.0.0.1:502", "Press"))
     assert caught.value.retryable is False
 
 
@@ -31,13 +31,13 @@ async def test_a_connector_given_for_a_protocol_is_the_one_used() -> None:
     opened: list[tuple[str, str]] = []
 
     @asynccontextmanager
-    async def fake(url: str, machine: str) -> AsyncIterator[EquipmentAdapter]:
-        opened.append((url, machine))
-        yield JobControlClient(url, machine)
+    async def fake(endpoint: Endpoint) -> AsyncIterator[EquipmentAdapter]:
+        opened.append((endpoint.url, endpoint.machine))
+        yield JobControlClient(endpoint.url, endpoint.machine)
 
     connectors: dict[str, MachineConnector] = {"test": fake}
     session: AbstractAsyncContextManager[EquipmentAdapter] = connect(
-        "test", "test://here", "Oven", connectors
+        Endpoint("test", "test://here", "Oven"), connectors
     )
     async with session as adapter:
         assert isinstance(adapter, JobControlClient)

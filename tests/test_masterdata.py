@@ -392,6 +392,7 @@ def test_equipment_tree(plant_db: sessionmaker[Session]) -> None:
         "protocol": "opcua",
         "url": "opc.tcp://127.0.0.1:4840/",
         "machine": "WU-PACKER-2",
+        "security": "None",
     }
     json.dumps(tree)
 

@@ -121,7 +121,10 @@ class MesActivities:
     def prepare_job(self, job_order_id: str) -> Dispatch:
         """Fix the job's recipe and material lots; say which controller gets it."""
         target, order = self._db(lambda s: execution.prepare_job(s, job_order_id))
-        return Dispatch(target.protocol, target.url, target.machine, order, target.waiting_for)
+        e = target.endpoint
+        return Dispatch(
+            e.protocol, e.url, e.machine, order, target.waiting_for, e.security, e.settings
+        )
 
     @activity.defn
     async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
@@ -328,7 +331,7 @@ async def _session(
     Its typed errors (connecting included) become retryable or final activity failures.
     """
     try:
-        async with connect(dispatch.protocol, dispatch.url, dispatch.machine, connectors) as plc:
+        async with connect(dispatch.endpoint, connectors) as plc:
             yield plc
     except JobControlError as e:
         raise ApplicationError(str(e), type=type(e).__name__, non_retryable=not e.retryable) from e

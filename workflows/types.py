@@ -6,8 +6,9 @@ workflows (Temporal serialises them as JSON).
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from mes.machines import JobOrderData
+from mes.machines import Endpoint, JobOrderData
 
 
 @dataclass
@@ -28,7 +29,8 @@ class JobInput:
 
 @dataclass
 class Dispatch:
-    """A job order ready to send, and where to send it."""
+    """A job order ready to send, and where to send it (how to secure the session included:
+    ``settings`` name where the secrets are, never a secret, since this is in the history)."""
 
     protocol: str
     url: str
@@ -36,6 +38,13 @@ class Dispatch:
     order: JobOrderData
     #: Why the job cannot go yet ("" when it can): e.g. its material is on a quality hold.
     waiting_for: str = ""
+    security: str = "None"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The work unit's controller endpoint."""
+        return Endpoint(self.protocol, self.url, self.machine, self.security, self.settings)
 
 
 @dataclass

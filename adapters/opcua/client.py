@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,6 +41,7 @@ from adapters.opcua.model import (
     parse_decimal,
     ua_type,
 )
+from adapters.opcua.security import pinned_certificate_differs, refusal, secure_client
 from mes.machines import (
     InvalidJobOrderStatusError,
     InvalidRequestError,
@@ -49,6 +50,7 @@ from mes.machines import (
     JobOrderData,
     JobResponseData,
     JobState,
+    MachineSecurityError,
     MachineUnreachableError,
     MaterialActualData,
     MeasuredValue,
@@ -134,12 +136,27 @@ async def _load_types(client: Client) -> None:
 
 
 class JobControlClient:
-    """OPC UA client for one machine's ISA-95 job control (``async with`` connects)."""
+    """OPC UA client for one machine's ISA-95 job control (``async with`` connects).
 
-    def __init__(self, url: str, machine: str, timeout_s: float = 10) -> None:
+    ``security`` and ``settings`` are the endpoint's (``adapters.opcua.security``): a
+    secured session signs (and encrypts) with the MES's certificate and logs in with the
+    user's password; a server refusing them raises MachineSecurityError, which says why.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        machine: str,
+        timeout_s: float = 10,
+        *,
+        security: str = "None",
+        settings: Mapping[str, Any] | None = None,
+    ) -> None:
         self.url = url
         self.machine = machine
         self.timeout_s = timeout_s
+        self.security = security
+        self.settings = dict(settings or {})
         self._client: Client | None = None
         self._jc_ns = 0
         self._control: Node | None = None
@@ -153,11 +170,14 @@ class JobControlClient:
         client = Client(self.url, timeout=self.timeout_s)
         try:
             with self._guard("connect"):
+                await secure_client(client, self.security, self.settings)
                 async with asyncio.timeout(self.timeout_s):
                     await client.connect()
-        except BaseException:
+        except BaseException as exc:
             # A connect cut short by the timeout leaves the socket to us.
             client.disconnect_socket()
+            if isinstance(exc, MachineUnreachableError) and self.security != "None":
+                await self._explain_silence(exc)
             raise
         self._client = client
         try:
@@ -168,6 +188,14 @@ class JobControlClient:
             await self._disconnect()
             raise
         return self
+
+    async def _explain_silence(self, exc: MachineUnreachableError) -> None:
+        """A secured connect that got no answer: a server that is not the expected one."""
+        if await pinned_certificate_differs(self.url, self.settings, self.timeout_s):
+            raise MachineSecurityError(
+                f"{self.url} connect: the server's certificate is not the server_certificate "
+                "of the endpoint (it could not read the MES's request)"
+            ) from exc
 
     async def __aexit__(
         self,
@@ -229,18 +257,20 @@ class JobControlClient:
 
     @contextlib.contextmanager
     def _guard(self, what: str) -> Iterator[None]:
-        """Map transport failures to MachineUnreachableError, other UA faults to JobControlError."""
+        """Map transport failures to MachineUnreachableError, security refusals to
+        MachineSecurityError, other UA faults to JobControlError."""
         try:
             yield
         except JobControlError:
             raise
         except (OSError, TimeoutError) as exc:
             raise MachineUnreachableError(f"{self.url} {what}: {exc!r}") from exc
-        except UaStatusCodeError as exc:
-            if exc.code in _UNREACHABLE_CODES:
-                raise MachineUnreachableError(f"{self.url} {what}: {exc}") from exc
-            raise JobControlError(f"{self.url} {what}: {exc}") from exc
         except UaError as exc:
+            reason = refusal(exc, self.security)
+            if reason is not None:
+                raise MachineSecurityError(f"{self.url} {what}: {reason} ({exc})") from exc
+            if isinstance(exc, UaStatusCodeError) and exc.code in _UNREACHABLE_CODES:
+                raise MachineUnreachableError(f"{self.url} {what}: {exc}") from exc
             raise JobControlError(f"{self.url} {what}: {exc}") from exc
 
     async def _call(self, obj: Node, method: str, *args: Any) -> list[Any]:

@@ -75,6 +75,7 @@ from adapters.opcua.model import (
     string_node_id,
     ua_type,
 )
+from adapters.opcua.security import ServerSecurity, secure_server
 from mes.machines import JobState, ReturnStatus
 
 SIM_NAMESPACE_URI = "urn:mes:plc-simulator"
@@ -629,6 +630,7 @@ class PlcSimulator:
 
     Use ``async with PlcSimulator([SimUnit("Filler1")]) as sim:`` and connect to ``sim.url``;
     each unit's job control is at ``Objects/<unit>/JobManagement/JobOrderControl``.
+    With ``security`` it offers only those secured endpoints to trusted clients (and users).
     """
 
     def __init__(
@@ -637,6 +639,7 @@ class PlcSimulator:
         host: str = "127.0.0.1",
         port: int = 0,
         max_job_orders: int = DEFAULT_MAX_JOB_ORDERS,
+        security: ServerSecurity | None = None,
     ) -> None:
         names = [u.name for u in units]
         if not names:
@@ -651,6 +654,7 @@ class PlcSimulator:
         self._max_job_orders = max_job_orders
         self._host = host
         self._port = port
+        self._security = security
         self._server: Server | None = None
         self._units: list[_UnitRuntime] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -677,7 +681,10 @@ class PlcSimulator:
             self._port = _free_port(self._host)
         server.set_endpoint(f"opc.tcp://{self._host}:{self._port}/")
         server.set_server_name("MES PLC simulator (OPC 10031-4)")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self._security is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await secure_server(server, self._security)
         with nodeset_path() as path:
             await server.import_xml(str(path), auto_load_definitions=False)
         await server.load_data_type_definitions()

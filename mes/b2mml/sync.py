@@ -35,7 +35,10 @@ Equipment → ``equipment``
     itself; one that is another top-level element of the message nests it there. The
     controller endpoint of a work unit, which B2MML does not model, may come from
     ``EquipmentProperty`` IDs ControllerProtocol, ControllerURL, ControllerMachine and
-    ControllerSecurity (``Value/ValueString``); without them the stored endpoint stays.
+    ControllerSecurity (``Value/ValueString``), and its settings from ControllerCertificate,
+    ControllerPrivateKey, ControllerServerCertificate, ControllerUser, ControllerPasswordEnv
+    and ControllerPasswordFile (where the password is; a ControllerPassword is refused);
+    without them the stored endpoint stays.
 OperationsDefinition → ``routings``
     ``ID``, first ``Description``; steps from each ``OperationsSegment`` in order: ``ID``,
     first ``Description``, work master from the first ``WorkMasterSourceID``, materials from
@@ -108,6 +111,16 @@ _ENDPOINT_PROPERTIES = {
     "controllerurl": "url",
     "controllermachine": "machine",
     "controllersecurity": "security",
+}
+_ENDPOINT_SETTINGS = {
+    "controllercertificate": "certificate",
+    "controllerprivatekey": "private_key",
+    "controllerservercertificate": "server_certificate",
+    "controlleruser": "user",
+    "controllerpasswordenv": "password_env",
+    "controllerpasswordfile": "password_file",
+    # Read only to be refused by name: master data never holds a password.
+    "controllerpassword": "password",
 }
 _PARAMETER_KEYS = {"default": "default", "min": "min", "minimum": "min"}
 _PARAMETER_KEYS |= {"max": "max", "maximum": "max"}
@@ -317,13 +330,19 @@ def _equipment(element: Element) -> dict[str, Any]:
         problems.append(f"{where}: no EquipmentLevel")
     else:
         entry["level"] = level
-    endpoint: dict[str, str] = {}
+    endpoint: dict[str, Any] = {}
+    settings: dict[str, str] = {}
     for key, prop in _properties(element, "EquipmentProperty").items():
         value = child(prop, "Value")
-        if key in _ENDPOINT_PROPERTIES and value is not None:
-            setting = _value_string(value)
-            if setting is not None:
-                endpoint[_ENDPOINT_PROPERTIES[key]] = setting
+        setting = _value_string(value) if value is not None else None
+        if setting is None:
+            continue
+        if key in _ENDPOINT_PROPERTIES:
+            endpoint[_ENDPOINT_PROPERTIES[key]] = setting
+        elif key in _ENDPOINT_SETTINGS:
+            settings[_ENDPOINT_SETTINGS[key]] = setting
+    if settings:
+        endpoint["settings"] = settings
     if endpoint:
         entry["endpoint"] = endpoint
     kids = []

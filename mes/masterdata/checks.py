@@ -12,11 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from mes import units as unit_vocabulary
-from mes.masterdata.schema import EquipmentEntry, MaterialEntry, Plant, walk_equipment
+from mes.masterdata.schema import (
+    OPCUA_SECURITY,
+    EndpointEntry,
+    EquipmentEntry,
+    MaterialEntry,
+    OpcUaSettings,
+    Plant,
+    walk_equipment,
+)
 from mes.models import (
     ControllerEndpoint,
     Equipment,
@@ -178,6 +187,8 @@ def check_plant(plant: Plant, stored: Stored | None = None) -> list[str]:
                 f"{path}.endpoint: only a WorkUnit has a controller endpoint, "
                 f"this is a {node.level.value}"
             )
+        if node.endpoint is not None:
+            problems.extend(_endpoint_problems(f"{path}.endpoint", node.endpoint))
         if node.parent is not None and depth:
             problems.append(f"{path}.parent: a nested entry's parent is the entry it is in")
         elif node.parent is not None and not partial:
@@ -528,4 +539,32 @@ def check_against_database(session: Session, plant: Plant, partial: bool = False
                 f"work_masters[{wm_index[wm_id]}] ({wm_id}).test_specifications: {spec_id} has "
                 f"{count} test result(s) and cannot be removed"
             )
+    return problems
+
+
+def _endpoint_problems(where: str, endpoint: EndpointEntry) -> list[str]:
+    """An OPC UA endpoint's security and settings (``OpcUaSettings``); others are free-form."""
+    if endpoint.protocol != "opcua":
+        return []
+    problems = []
+    if endpoint.security not in OPCUA_SECURITY:
+        problems.append(
+            f"{where}.security: {endpoint.security!r} is not one of {', '.join(OPCUA_SECURITY)}"
+        )
+    try:
+        settings = OpcUaSettings.model_validate(endpoint.settings)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = ".".join(str(part) for part in error["loc"])
+            # A model-level message starts with the setting it is about ("user: ...").
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(
+                f"{where}.settings.{loc}: {message}" if loc else f"{where}.settings.{message}"
+            )
+        return problems
+    if endpoint.security != "None":
+        needed = ("certificate", "private_key", "server_certificate")
+        missing = [name for name in needed if getattr(settings, name) is None]
+        if missing:
+            problems.append(f"{where}.settings: {endpoint.security} needs {', '.join(missing)}")
     return problems

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mes.models import EquipmentLevel, LotDisposition, MaterialUse
 from mes.quantities import QuantityLax
@@ -27,8 +27,57 @@ class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The OPC UA security an endpoint may name: the policy and the message security mode.
+OPCUA_SECURITY = ("None", "Basic256Sha256-Sign", "Basic256Sha256-SignAndEncrypt")
+
+Reference = Annotated[str, Field(min_length=1, max_length=500)]
+
+
+class OpcUaSettings(_Entry):
+    """The ``settings`` of an OPC UA endpoint: where its secrets are, never a secret itself.
+
+    Paths are read on the worker that opens the session, relative to its working directory.
+    A secured endpoint (``security`` other than None) needs the MES's ``certificate`` (its
+    application URI becomes the client's) and ``private_key``, and the ``server_certificate``
+    the MES expects, so a server is authenticated, not merely asked for its certificate.
+    ``user`` logs in with the password held in the environment variable ``password_env`` or
+    the file ``password_file``: master data names where the password is and never holds it,
+    so no API answer, audit event or workflow history can show it.
+    """
+
+    certificate: Reference | None = None
+    private_key: Reference | None = None
+    server_certificate: Reference | None = None
+    user: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    password_env: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    password_file: Reference | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError(
+                "password: master data does not hold passwords; name the environment "
+                "variable (password_env) or the file (password_file) that holds it"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _one_password(self) -> OpcUaSettings:
+        given = [k for k in ("password_env", "password_file") if getattr(self, k) is not None]
+        if self.user is not None and len(given) != 1:
+            raise ValueError("user: needs exactly one of password_env and password_file")
+        if self.user is None and given:
+            raise ValueError(f"{given[0]}: a password needs a user")
+        return self
+
+
 class EndpointEntry(_Entry):
-    """How the MES reaches a work unit's controller."""
+    """How the MES reaches a work unit's controller.
+
+    ``security`` is, for OPC UA, one of ``OPCUA_SECURITY`` and ``settings`` an
+    ``OpcUaSettings`` (certificates and login).
+    """
 
     protocol: Literal["opcua", "modbus"]
     url: Annotated[str, Field(min_length=1, max_length=500)]

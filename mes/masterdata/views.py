@@ -61,7 +61,8 @@ def equipment_tree(session: Session) -> list[dict[str, Any]]:
     """The equipment hierarchy from its roots, children sorted by id.
 
     Each node is ``{"id", "level", "description", "children"}``; work units also carry
-    ``"endpoint": {"protocol", "url", "machine"}`` (``None`` when they have none).
+    ``"endpoint": {"protocol", "url", "machine", "security"}`` (``None`` when they have
+    none). The endpoint's settings (certificate files, user, where the password is) stay in.
     """
     rows = session.scalars(select(Equipment).options(selectinload(Equipment.endpoint))).all()
     # Built in memory from one query: walking ``children`` would query once per node.
@@ -78,7 +79,12 @@ def equipment_tree(session: Session) -> list[dict[str, Any]]:
             node["endpoint"] = (
                 None
                 if ep is None
-                else {"protocol": ep.protocol, "url": ep.url, "machine": ep.machine}
+                else {
+                    "protocol": ep.protocol,
+                    "url": ep.url,
+                    "machine": ep.machine,
+                    "security": ep.security,
+                }
             )
         nodes[row.id] = node
     roots: list[dict[str, Any]] = []

@@ -12,7 +12,8 @@ No PackML. Jobs do not run by themselves unless ``run_s`` is given: a test moves
 :meth:`IndependentJobControlServer.run` and :meth:`IndependentJobControlServer.end`. With
 ``run_s`` the server starts AllowedToStart jobs one at a time (highest priority first) and
 ends each after ``run_s`` seconds with every requirement reported as actual, so end-to-end
-tests can run orders against it.
+tests can run orders against it. ``secure`` sets up the server's security (asyncua's API,
+called before the server starts); without it the server is open (security None).
 
 Method results follow OPC 10031-4 Annex B: Good with ReturnStatus 1 (NoError) when done,
 Uncertain with the ReturnStatus bits when refused; wrong argument counts or types answer
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,12 +94,14 @@ class IndependentJobControlServer:
         max_job_orders: int = 1,
         run_s: float | None = None,
         legacy_status: bool = False,
+        secure: Callable[[Server], Awaitable[None]] | None = None,
     ) -> None:
         self.folder = folder
         self.machine_name = machine
         self.max_job_orders = max_job_orders
         self.run_s = run_s
         self.legacy_status = legacy_status
+        self.secure = secure
         self.jobs: dict[str, Job] = {}
         self.calls: list[tuple[str, int]] = []  # (method, StatusCode value) as answered
         self._server: Server | None = None
@@ -160,7 +164,10 @@ class IndependentJobControlServer:
             self._port = probe.getsockname()[1]
         server.set_endpoint(self.url)
         server.set_server_name("independent OPC 10031-4 test server")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        if self.secure is None:
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        else:
+            await self.secure(server)
         await server.import_xml(str(NODESET))
         await server.load_data_type_definitions()
         self._jc = await server.get_namespace_index(JOBCONTROL_URI)

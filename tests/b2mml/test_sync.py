@@ -326,6 +326,7 @@ def test_one_noun_at_a_time_builds_a_new_routing(plant_db: sessionmaker[Session]
         "protocol": "opcua",
         "url": "opc.tcp://127.0.0.1:4840/",
         "machine": "WU-PROVER-1",
+        "security": "None",
     }
 
     # Loading the same messages again changes nothing.
