@@ -9,7 +9,7 @@ from __future__ import annotations
 from litestar import Litestar, Response, get
 from litestar.di import NamedDependency
 from litestar.logging.config import LoggingConfig
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,9 +20,10 @@ from mes.api.deps import DEPENDENCIES, app_state
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
 from mes.api.genealogy import GenealogyController
 from mes.api.master_data import MasterDataController
-from mes.api.problems import EXCEPTION_HANDLERS
+from mes.api.params import TYPE_DECODERS, CheckedRequest, InstantSchema
+from mes.api.problems import EXCEPTION_HANDLERS, document_problems
 from mes.api.production_orders import ProductionOrderController
-from mes.api.security import AUTH_MIDDLEWARE
+from mes.api.security import AUTH_MIDDLEWARE, PUBLIC_PATHS
 from mes.api.tokens import TokenController
 from mes.api.work_orders import WorkCenterController, WorkOrderController
 from mes.db import Database, make_engine, make_sessionmaker
@@ -35,6 +36,11 @@ from mes.workflow_client import WorkflowClient
     summary="Liveness and the reachability of the database (no token needed)",
     tags=["health"],
     security=[],
+    responses={
+        503: ResponseSpec(
+            dict[str, str], description="The database is unreachable", generate_examples=False
+        )
+    },
 )
 async def health(db: NamedDependency[Database]) -> Response[dict[str, str]]:
     try:
@@ -51,7 +57,7 @@ def create_app(
 ) -> Litestar:
     """Build the API. Nothing connects until the first request that needs it."""
     settings = settings or Settings.from_env()
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             ProductionOrderController,
             WorkOrderController,
@@ -72,6 +78,9 @@ def create_app(
         ),
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=CheckedRequest,
+        type_decoders=TYPE_DECODERS,
+        plugins=[InstantSchema()],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="MES API",
@@ -104,3 +113,5 @@ def create_app(
         logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="never"),
         debug=False,
     )
+    document_problems(app, PUBLIC_PATHS)
+    return app

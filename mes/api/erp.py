@@ -18,12 +18,14 @@ from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody, QueryParameter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mes import b2mml, masterdata, production_orders, reporting
+from mes.api.params import Id, Key
 from mes.api.security import ADMINISTER, B2MML_IN, READ_ORDERS, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -37,6 +39,13 @@ API = "/api/v1"
 XML = "application/xml"
 SENDER = reporting.SENDER
 ErpOrderIn = production_orders.ErpProductionOrderIn
+#: The B2MML route's refusals, each a ConfirmBOD or Acknowledge listing the errors.
+B2MML_REFUSALS = {
+    400: "Not B2MML V0701 this route takes (malformed, invalid against the XSD, unknown noun)",
+    409: "A change or cancel refused by an order's state",
+    422: "Orders or master data refused (unknown product, impossible routing, bad entries)",
+    503: "Temporal unavailable: the orders are stored and start when it answers",
+}
 
 
 def _xml(body: bytes, status: int) -> Response[bytes]:
@@ -88,6 +97,10 @@ class B2mmlController(Controller):
         ),
         request_body_media_type=XML,
         media_type=XML,
+        responses={
+            status: ResponseSpec(str, media_type=XML, description=meaning, generate_examples=False)
+            for status, meaning in B2MML_REFUSALS.items()
+        },
     )
     async def receive(
         self,
@@ -366,7 +379,7 @@ class ErpClientController(Controller):
     )
     async def set_client(
         self,
-        name: FromPath[str],
+        name: Key,
         data: JSONBody[reporting.ErpClientIn],
         db: NamedDependency[Database],
         caller: NamedDependency[Principal],
@@ -381,9 +394,7 @@ class ErpClientController(Controller):
         summary="An ERP client's callback settings",
         description=roles_note(ADMINISTER),
     )
-    async def get_client(
-        self, name: FromPath[str], db: NamedDependency[Database]
-    ) -> reporting.ErpClientOut:
+    async def get_client(self, name: Key, db: NamedDependency[Database]) -> reporting.ErpClientOut:
         return await db.run(partial(reporting.get_erp_client, name=name))
 
 
@@ -397,10 +408,18 @@ class PerformanceController(Controller):
         summary="The order's performance: B2MML SyncOperationsPerformance or its JSON",
         description="The document the ERP gets with every state change. " + roles_note(READ_ORDERS),
         media_type=XML,
+        responses={
+            200: ResponseSpec(
+                dict[str, Any],
+                media_type="application/json",
+                description="The performance (format=json), or B2MML (format=b2mml)",
+                generate_examples=False,
+            )
+        },
     )
     async def performance(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         db: NamedDependency[Database],
         format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",
     ) -> Response[bytes]:

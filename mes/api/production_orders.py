@@ -8,11 +8,12 @@ from typing import Annotated
 
 from litestar import Controller, Response, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from mes import production_orders
+from mes.api.params import Id, Limit, Offset
 from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -113,8 +114,8 @@ class ProductionOrderController(Controller):
             RequestState | None,
             QueryParameter(name="state", description="Only orders in this state"),
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> list[ProductionOrderSummary]:
         found = await db.run(
             partial(production_orders.list_orders, state=order_state, limit=limit, offset=offset)
@@ -128,7 +129,7 @@ class ProductionOrderController(Controller):
         description=roles_note(READ_ORDERS),
     )
     async def detail(
-        self, order_id: FromPath[int], db: NamedDependency[Database]
+        self, order_id: Id, db: NamedDependency[Database]
     ) -> production_orders.ProductionOrderOut:
         def read(s: Session) -> production_orders.ProductionOrderOut:
             return production_orders.order_out(s, production_orders.get_order(s, order_id))
@@ -144,7 +145,7 @@ class ProductionOrderController(Controller):
     )
     async def hold(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -160,7 +161,7 @@ class ProductionOrderController(Controller):
     )
     async def resume(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -176,7 +177,7 @@ class ProductionOrderController(Controller):
     )
     async def cancel(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -191,7 +192,7 @@ class ProductionOrderController(Controller):
     )
     async def change(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         data: JSONBody[OrderChange],
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
