@@ -6,7 +6,9 @@ client can be handed in (tests, ``mes demo``) or are made from the settings on f
 
 from __future__ import annotations
 
-from litestar import Litestar, Response, get
+from typing import Any
+
+from litestar import Litestar, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.logging.config import LoggingConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
@@ -20,7 +22,7 @@ from mes.api.deps import DEPENDENCIES, app_state
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
 from mes.api.genealogy import GenealogyController
 from mes.api.master_data import MasterDataController
-from mes.api.params import TYPE_DECODERS, CheckedRequest, InstantSchema
+from mes.api.params import TYPE_DECODERS, CheckedRequest, ClosedModelSchema, InstantSchema
 from mes.api.problems import EXCEPTION_HANDLERS, document_problems
 from mes.api.production_orders import ProductionOrderController
 from mes.api.security import AUTH_MIDDLEWARE, PUBLIC_PATHS
@@ -48,6 +50,15 @@ async def health(db: NamedDependency[Database]) -> Response[dict[str, str]]:
     except Exception as e:
         return Response({"status": "unavailable", "database": str(e)[:200]}, status_code=503)
     return Response({"status": "ok", "database": "ok"})
+
+
+async def answer_options(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """Answer ``OPTIONS`` with every method of the path. Litestar's own answer lists only the
+    methods of the handlers registered first on a path that several handlers share."""
+    if request.method != "OPTIONS":
+        return None
+    methods = request.app.route_handler_method_map.get(request.scope["path_template"], {})
+    return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods))})
 
 
 def create_app(
@@ -80,7 +91,8 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         request_class=CheckedRequest,
         type_decoders=TYPE_DECODERS,
-        plugins=[InstantSchema()],
+        plugins=[InstantSchema(), ClosedModelSchema()],
+        before_request=answer_options,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="MES API",

@@ -146,7 +146,7 @@ MEANINGS = {
     "names each field and why)",
     401: "No token, or an unknown, revoked or expired one",
     403: "The token's role may not do this",
-    404: "What the path names does not exist",
+    404: "What the path (or a filter) names does not exist",
     409: "A conflict with the current state (or a concurrent change): nothing was changed",
     413: "The body is larger than the server takes (MES_MAX_BODY_BYTES)",
     422: "Well-formed but refused: it names something impossible (`errors` says what)",

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mes import work_orders
 from mes.api.params import Instant, Key, Limit, Offset, text_filter
+from mes.api.problems import problem_response
 from mes.api.production_orders import Reason
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
@@ -49,6 +50,7 @@ class WorkOrderController(Controller):
         guards=[allow(READ_SHOP_FLOOR)],
         summary="List work orders (ISA-95 job orders)",
         description="Filter, sort by priority or due, paginate. " + roles_note(READ_SHOP_FLOOR),
+        responses={404: problem_response(404)},  # a work center or unit that does not exist
     )
     async def list_work_orders(
         self,
@@ -162,7 +164,7 @@ class WorkOrderController(Controller):
             raise DomainError(
                 title="Invalid request",
                 detail="give a new priority and/or equipment",
-                status=400,
+                status=422,
                 errors=[FieldError("priority", "one of priority, equipment is required")],
             )
         command = WorkOrderCommand(caller.actor, data.reason, data.priority, data.equipment)
