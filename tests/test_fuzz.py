@@ -105,7 +105,9 @@ def test_every_operation_survives_the_fuzzer(fuzzed: Stack, role: str, tmp_path:
         *("--workers", "1", "--request-timeout", "30"),
         *("--report", "json", "--report-json-path", str(report)),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    run = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=3600, check=False
+    )
     summary = run.stdout[run.stdout.rfind("SUMMARY") :] if "SUMMARY" in run.stdout else ""
     print(f"\n{role}: seed {SEED}, {EXAMPLES} examples per operation\n{summary}")
     assert run.returncode == 0, f"the fuzzer found failures as {role}:\n{run.stdout[-20000:]}"
