@@ -71,7 +71,11 @@ class ProductionOrderIn(BaseModel):
     ]
     unit: Annotated[str, Field(min_length=1, max_length=20, description="Unit of the quantity")]
     due: Annotated[
-        AwareDatetime, Field(description="When it must be done (OperationsRequest EndTime)")
+        AwareDatetime,
+        Field(
+            description="When it must be done (OperationsRequest EndTime)",
+            json_schema_extra={"pattern": r"^2[0-9]{3}-"},  # the years 2000 to 2999
+        ),
     ]
     priority: Annotated[
         int, Field(ge=0, le=1_000_000, strict=True, description="Higher runs first")

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from litestar import Litestar, Response, get
+from litestar import Litestar, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.logging.config import LoggingConfig
-from litestar.openapi import OpenAPIConfig
+from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,10 +23,11 @@ from mes.api.deps import DEPENDENCIES, app_state
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
 from mes.api.genealogy import GenealogyController
 from mes.api.master_data import MasterDataController
-from mes.api.problems import EXCEPTION_HANDLERS, problem
+from mes.api.params import TYPE_DECODERS, CheckedRequest, ClosedModelSchema, InstantSchema
+from mes.api.problems import EXCEPTION_HANDLERS, document_problems, problem
 from mes.api.production_orders import ProductionOrderController
 from mes.api.quality import QualityController
-from mes.api.security import AUTH_MIDDLEWARE
+from mes.api.security import AUTH_MIDDLEWARE, PUBLIC_PATHS
 from mes.api.tokens import TokenController
 from mes.api.work_orders import WorkCenterController, WorkOrderController
 from mes.db import Database, make_engine, make_sessionmaker
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
     summary="Liveness and the reachability of the database (no token needed)",
     tags=["health"],
     security=[],
+    responses={
+        503: ResponseSpec(
+            dict[str, str], description="The database is unreachable", generate_examples=False
+        )
+    },
 )
 async def health(db: NamedDependency[Database]) -> Response[dict[str, Any]]:
     try:
@@ -52,6 +58,15 @@ async def health(db: NamedDependency[Database]) -> Response[dict[str, Any]]:
     return Response({"status": "ok", "database": "ok"})
 
 
+async def answer_options(request: Request[Any, Any, Any]) -> Response[None] | None:
+    """Answer ``OPTIONS`` with every method of the path. Litestar's own answer lists only the
+    methods of the handlers registered first on a path that several handlers share."""
+    if request.method != "OPTIONS":
+        return None
+    methods = request.app.route_handler_method_map.get(request.scope["path_template"], {})
+    return Response(None, status_code=204, headers={"Allow": ", ".join(sorted(methods))})
+
+
 def create_app(
     settings: Settings | None = None,
     sessions: sessionmaker[Session] | None = None,
@@ -59,7 +74,7 @@ def create_app(
 ) -> Litestar:
     """Build the API. Nothing connects until the first request that needs it."""
     settings = settings or Settings.from_env()
-    return Litestar(
+    app = Litestar(
         route_handlers=[
             ProductionOrderController,
             WorkOrderController,
@@ -82,6 +97,10 @@ def create_app(
         ),
         dependencies=DEPENDENCIES,
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=CheckedRequest,
+        type_decoders=TYPE_DECODERS,
+        plugins=[InstantSchema(), ClosedModelSchema()],
+        before_request=answer_options,
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="MES API",
@@ -118,3 +137,5 @@ def create_app(
         logging_config=LoggingConfig(configure_root_logger=False, log_exceptions="never"),
         debug=False,
     )
+    document_problems(app, PUBLIC_PATHS)
+    return app

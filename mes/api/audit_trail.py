@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from mes import audit
 from mes import audit_checkpoints as checkpoints
+from mes.api.params import INT4_MAX, Instant, Limit, Offset, text_filter
 from mes.api.security import READ_AUDIT, allow, roles_note
 from mes.db import Database
 from mes.errors import DomainError
@@ -96,7 +97,7 @@ def _audit_page(
     if object_id:
         q = q.where(AuditEvent.object_id == object_id)
     if actor:
-        q = q.where(AuditEvent.actor.startswith(actor))
+        q = q.where(AuditEvent.actor.startswith(actor, autoescape=True))
     if since:
         q = q.where(AuditEvent.occurred_at >= since)
     if until:
@@ -132,13 +133,13 @@ class AuditController(Controller):
     async def list_events(
         self,
         db: NamedDependency[Database],
-        object_type: Annotated[str | None, QueryParameter()] = None,
-        object_id: Annotated[str | None, QueryParameter()] = None,
-        actor: Annotated[str | None, QueryParameter()] = None,
-        since: Annotated[datetime | None, QueryParameter()] = None,
-        until: Annotated[datetime | None, QueryParameter()] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        object_type: Annotated[str | None, text_filter()] = None,
+        object_id: Annotated[str | None, text_filter()] = None,
+        actor: Annotated[str | None, text_filter("The actor's name starts with this")] = None,
+        since: Annotated[Instant | None, QueryParameter()] = None,
+        until: Annotated[Instant | None, QueryParameter()] = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> AuditPage:
         items = await db.run(
             lambda s: _audit_page(s, object_type, object_id, actor, since, until, limit, offset)
@@ -177,7 +178,7 @@ class AuditController(Controller):
     async def list_checkpoints(
         self,
         settings: NamedDependency[Settings],
-        after_seq: Annotated[int, QueryParameter(ge=0, le=2**31 - 1)] = 0,
+        after_seq: Annotated[int, QueryParameter(ge=0, le=INT4_MAX)] = 0,
         limit: Annotated[int, QueryParameter(ge=1, le=10000)] = 1000,
     ) -> CheckpointsOut:
         def read() -> CheckpointsOut:

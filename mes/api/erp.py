@@ -25,12 +25,14 @@ from typing import Annotated, Any, Literal
 
 from litestar import Controller, Request, Response, get, post, put
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.openapi import ResponseSpec
+from litestar.params import JSONBody, QueryParameter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from mes import b2mml, masterdata, production_orders, reporting
+from mes.api.params import Id, Key
 from mes.api.security import (
     ADMINISTER,
     B2MML_IN,
@@ -53,6 +55,13 @@ API = "/api/v1"
 XML = "application/xml"
 SENDER = reporting.SENDER
 ErpOrderIn = production_orders.ErpProductionOrderIn
+#: The B2MML route's refusals, each a ConfirmBOD or Acknowledge listing the errors.
+B2MML_REFUSALS = {
+    400: "Not B2MML V0701 this route takes (malformed, invalid against the XSD, unknown noun)",
+    409: "A change or cancel refused by an order's state",
+    422: "Orders or master data refused (unknown product, impossible routing, bad entries)",
+    503: "Temporal unavailable: the orders are stored and start when it answers",
+}
 
 #: Plant sections an ERP may sync: materials, their classes and stock lots. Every other
 #: section (equipment with its endpoints, process segments, routings, work masters) tells
@@ -125,6 +134,10 @@ class B2mmlController(Controller):
         ),
         request_body_media_type=XML,
         media_type=XML,
+        responses={
+            status: ResponseSpec(str, media_type=XML, description=meaning, generate_examples=False)
+            for status, meaning in B2MML_REFUSALS.items()
+        },
     )
     async def receive(
         self,
@@ -430,7 +443,7 @@ class ErpClientController(Controller):
     )
     async def set_client(
         self,
-        name: FromPath[str],
+        name: Key,
         data: JSONBody[reporting.ErpClientIn],
         db: NamedDependency[Database],
         caller: NamedDependency[Principal],
@@ -458,7 +471,7 @@ class ErpClientController(Controller):
     )
     async def rotate_secret(
         self,
-        name: FromPath[str],
+        name: Key,
         db: NamedDependency[Database],
         caller: NamedDependency[Principal],
     ) -> reporting.ErpClientOut:
@@ -470,9 +483,7 @@ class ErpClientController(Controller):
         summary="An ERP client's callback settings",
         description=roles_note(ADMINISTER),
     )
-    async def get_client(
-        self, name: FromPath[str], db: NamedDependency[Database]
-    ) -> reporting.ErpClientOut:
+    async def get_client(self, name: Key, db: NamedDependency[Database]) -> reporting.ErpClientOut:
         return await db.run(partial(reporting.get_erp_client, name=name))
 
 
@@ -487,10 +498,18 @@ class PerformanceController(Controller):
         description="The document the ERP gets with every state change. An ERP token reads "
         "those of the orders it sent (another's: 404). " + roles_note(READ_ORDERS),
         media_type=XML,
+        responses={
+            200: ResponseSpec(
+                dict[str, Any],
+                media_type="application/json",
+                description="The performance (format=json), or B2MML (format=b2mml)",
+                generate_examples=False,
+            )
+        },
     )
     async def performance(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         db: NamedDependency[Database],
         caller: NamedDependency[Principal],
         format: Annotated[Literal["b2mml", "json"], QueryParameter()] = "json",

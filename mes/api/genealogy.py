@@ -6,9 +6,10 @@ from typing import Annotated
 
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import QueryParameter
 
 from mes import genealogy
+from mes.api.params import Key
 from mes.api.security import READ_SHOP_FLOOR, allow, roles_note
 from mes.db import Database
 
@@ -27,7 +28,7 @@ class GenealogyController(Controller):
     )
     async def backward(
         self,
-        lot: FromPath[str],
+        lot: Key,
         db: NamedDependency[Database],
         depth: Annotated[int, QueryParameter(ge=1, le=100)] = 10,
     ) -> genealogy.Trace:
@@ -41,7 +42,7 @@ class GenealogyController(Controller):
     )
     async def forward(
         self,
-        lot: FromPath[str],
+        lot: Key,
         db: NamedDependency[Database],
         depth: Annotated[int, QueryParameter(ge=1, le=100)] = 10,
     ) -> genealogy.Trace:

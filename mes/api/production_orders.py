@@ -8,11 +8,12 @@ from typing import Annotated
 
 from litestar import Controller, Response, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from mes import production_orders
+from mes.api.params import Id, Limit, Offset
 from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -116,8 +117,8 @@ class ProductionOrderController(Controller):
             RequestState | None,
             QueryParameter(name="state", description="Only orders in this state"),
         ] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> list[ProductionOrderSummary]:
         found = await db.run(
             partial(
@@ -139,7 +140,7 @@ class ProductionOrderController(Controller):
     )
     async def detail(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         db: NamedDependency[Database],
         caller: NamedDependency[Principal],
     ) -> production_orders.ProductionOrderOut:
@@ -158,7 +159,7 @@ class ProductionOrderController(Controller):
     )
     async def hold(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -174,7 +175,7 @@ class ProductionOrderController(Controller):
     )
     async def resume(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -190,7 +191,7 @@ class ProductionOrderController(Controller):
     )
     async def cancel(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -205,7 +206,7 @@ class ProductionOrderController(Controller):
     )
     async def change(
         self,
-        order_id: FromPath[int],
+        order_id: Id,
         data: JSONBody[OrderChange],
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],

@@ -10,10 +10,11 @@ from typing import Annotated, Literal
 
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from mes import quality
+from mes.api.params import Instant, Key, Limit, Offset, text_filter
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -112,14 +113,12 @@ class QualityController(Controller):
         nc_state: Annotated[
             NonconformanceState | None, QueryParameter(name="state", description="Open or Closed")
         ] = None,
-        product: Annotated[str | None, QueryParameter(description="The lot's material")] = None,
-        work_unit: Annotated[
-            str | None, QueryParameter(description="The work unit that made the lot")
-        ] = None,
-        since: Annotated[datetime | None, QueryParameter(description="Opened at or after")] = None,
-        until: Annotated[datetime | None, QueryParameter(description="Opened before")] = None,
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        product: Annotated[str | None, text_filter("The lot's material")] = None,
+        work_unit: Annotated[str | None, text_filter("The work unit that made the lot")] = None,
+        since: Annotated[Instant | None, QueryParameter(description="Opened at or after")] = None,
+        until: Annotated[Instant | None, QueryParameter(description="Opened before")] = None,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> NonconformancePage:
         _period(since, until)
         items, total = await db.run(
@@ -143,7 +142,7 @@ class QualityController(Controller):
         description=roles_note(READ_SHOP_FLOOR),
     )
     async def nonconformance(
-        self, nc_id: FromPath[str], db: NamedDependency[Database]
+        self, nc_id: Key, db: NamedDependency[Database]
     ) -> quality.NonconformanceOut:
         return await db.run(
             lambda s: quality.nonconformance_out(s, quality.get_nonconformance(s, nc_id))
@@ -164,7 +163,7 @@ class QualityController(Controller):
     )
     async def dispose(
         self,
-        nc_id: FromPath[str],
+        nc_id: Key,
         data: JSONBody[DispositionIn],
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
@@ -186,10 +185,10 @@ class QualityController(Controller):
     async def yield_report(
         self,
         db: NamedDependency[Database],
-        product: Annotated[str | None, QueryParameter(description="A produced material")] = None,
-        work_unit: Annotated[str | None, QueryParameter(description="A work unit")] = None,
-        since: Annotated[datetime | None, QueryParameter(description="Ended at or after")] = None,
-        until: Annotated[datetime | None, QueryParameter(description="Ended before")] = None,
+        product: Annotated[str | None, text_filter("A produced material")] = None,
+        work_unit: Annotated[str | None, text_filter("A work unit")] = None,
+        since: Annotated[Instant | None, QueryParameter(description="Ended at or after")] = None,
+        until: Annotated[Instant | None, QueryParameter(description="Ended before")] = None,
         period: Annotated[
             Literal["day", "week", "month", "all"], QueryParameter(description="Bucket size")
         ] = "all",

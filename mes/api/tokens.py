@@ -7,10 +7,11 @@ from typing import Annotated
 
 from litestar import Controller, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from mes import auth
+from mes.api.params import Key
 from mes.api.security import ADMINISTER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -86,7 +87,7 @@ class TokenController(Controller):
         description=roles_note(ADMINISTER),
     )
     async def revoke(
-        self, name: FromPath[str], db: NamedDependency[Database], caller: NamedDependency[Principal]
+        self, name: Key, db: NamedDependency[Database], caller: NamedDependency[Principal]
     ) -> TokenOut:
         actor = caller.actor
         info = await db.run(lambda s: auth.revoke_token(s, name, actor))

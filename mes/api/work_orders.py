@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from functools import partial
 from typing import Annotated, Literal
 
 from litestar import Controller, get, patch, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 
 from mes import work_orders
+from mes.api.params import Instant, Key, Limit, Offset, text_filter
+from mes.api.problems import problem_response
 from mes.api.production_orders import Reason
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
@@ -49,6 +50,7 @@ class WorkOrderController(Controller):
         guards=[allow(READ_SHOP_FLOOR)],
         summary="List work orders (ISA-95 job orders)",
         description="Filter, sort by priority or due, paginate. " + roles_note(READ_SHOP_FLOOR),
+        responses={404: problem_response(404)},  # a work center or unit that does not exist
     )
     async def list_work_orders(
         self,
@@ -56,18 +58,16 @@ class WorkOrderController(Controller):
         work_order_state: Annotated[
             RequestState | None, QueryParameter(name="state", description="Only in this state")
         ] = None,
-        production_order: Annotated[
-            str | None, QueryParameter(description="ERP order number")
-        ] = None,
+        production_order: Annotated[str | None, text_filter("ERP order number")] = None,
         work_center: Annotated[
-            str | None, QueryParameter(description="A line or work center (and all below it)")
+            str | None, text_filter("A line or work center (and all below it)")
         ] = None,
-        equipment: Annotated[str | None, QueryParameter(description="A work unit")] = None,
-        due_before: Annotated[datetime | None, QueryParameter()] = None,
-        due_after: Annotated[datetime | None, QueryParameter()] = None,
+        equipment: Annotated[str | None, text_filter("A work unit")] = None,
+        due_before: Annotated[Instant | None, QueryParameter()] = None,
+        due_after: Annotated[Instant | None, QueryParameter()] = None,
         sort: Annotated[Literal["priority", "due"], QueryParameter()] = "priority",
-        limit: Annotated[int, QueryParameter(ge=1, le=1000)] = 100,
-        offset: Annotated[int, QueryParameter(ge=0)] = 0,
+        limit: Limit = 100,
+        offset: Offset = 0,
     ) -> WorkOrderPage:
         items, total = await db.run(
             partial(
@@ -92,7 +92,7 @@ class WorkOrderController(Controller):
         description=roles_note(READ_SHOP_FLOOR),
     )
     async def detail(
-        self, job_id: FromPath[str], steering: NamedDependency[Steering]
+        self, job_id: Key, steering: NamedDependency[Steering]
     ) -> work_orders.WorkOrderDetail:
         return await steering.work_order_detail(job_id)
 
@@ -105,7 +105,7 @@ class WorkOrderController(Controller):
     )
     async def hold(
         self,
-        job_id: FromPath[str],
+        job_id: Key,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -122,7 +122,7 @@ class WorkOrderController(Controller):
     )
     async def resume(
         self,
-        job_id: FromPath[str],
+        job_id: Key,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -139,7 +139,7 @@ class WorkOrderController(Controller):
     )
     async def cancel(
         self,
-        job_id: FromPath[str],
+        job_id: Key,
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
         data: JSONBody[Reason | None] = None,
@@ -155,7 +155,7 @@ class WorkOrderController(Controller):
     )
     async def change(
         self,
-        job_id: FromPath[str],
+        job_id: Key,
         data: JSONBody[WorkOrderChange],
         steering: NamedDependency[Steering],
         caller: NamedDependency[Principal],
@@ -164,7 +164,7 @@ class WorkOrderController(Controller):
             raise DomainError(
                 title="Invalid request",
                 detail="give a new priority and/or equipment",
-                status=400,
+                status=422,
                 errors=[FieldError("priority", "one of priority, equipment is required")],
             )
         command = WorkOrderCommand(caller.actor, data.reason, data.priority, data.equipment)
@@ -183,6 +183,6 @@ class WorkCenterController(Controller):
         description=roles_note(READ_SHOP_FLOOR),
     )
     async def dispatch_list(
-        self, work_center: FromPath[str], db: NamedDependency[Database]
+        self, work_center: Key, db: NamedDependency[Database]
     ) -> list[work_orders.WorkOrderOut]:
         return await db.run(partial(work_orders.dispatch_list, work_center=work_center))
