@@ -431,6 +431,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
                     unit=actual.unit,
                 )
                 session.add(lot)
+            lot.job_order_id = lot.job_order_id or job.id
             produced.append(lot)
         session.flush()
         jr.material_actuals.append(

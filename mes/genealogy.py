@@ -28,18 +28,16 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import msgspec
-from sqlalchemy import Boolean, Float, Integer, String, select, text
+from sqlalchemy import text
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.elements import TextClause
 
 from mes.errors import NotFound
-from mes.models import MaterialLot, UTCDateTime
-from mes.quantities import Quantity, json_number
 
 Direction = Literal["backward", "forward"]
 Bound = Literal["depth", "limit"]
@@ -95,7 +93,6 @@ class TraceLot(msgspec.Struct, kw_only=True):
     work_master: str | None = None
     work_master_version: str | None = None
     parameters_hash: str | None = None
-    made_quantity: float | None = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
     production_order: int | None = None
@@ -105,13 +102,14 @@ class TraceLot(msgspec.Struct, kw_only=True):
 
 
 class TraceEdge(msgspec.Struct, kw_only=True):
-    """``component`` went into ``lot``: ``quantity`` ``unit`` of it, consumed by ``job_order``."""
+    """``component`` went into ``lot``: ``quantity`` ``unit`` of it, consumed by
+    ``job_order`` (the one that made ``lot``)."""
 
     lot: str
     component: str
     quantity: float | None
     unit: str | None
-    job_order: str
+    job_order: str | None
 
 
 class Trace(msgspec.Struct, kw_only=True):
@@ -134,7 +132,7 @@ class GraphEdge(msgspec.Struct, kw_only=True):
     target: str
     quantity: float | None
     unit: str | None
-    job_order: str
+    job_order: str | None
 
 
 class Graph(msgspec.Struct, kw_only=True):
@@ -188,7 +186,7 @@ class Impact(msgspec.Struct, kw_only=True):
 #: ``edge`` and ``test``; ``visits`` (on lot rows) counts the walk's visits, at most ``:cap``.
 TRACE_SQL = """
 WITH RECURSIVE walk(lot_id, depth) AS (
-    SELECT CAST(:root AS INTEGER), 0
+    SELECT id, 0 FROM material_lot WHERE external_id = :lot
     UNION
     SELECT a.{far}, w.depth + 1
     FROM walk w JOIN material_lot_assembly a ON a.{near} = w.lot_id
@@ -204,8 +202,7 @@ SELECT 'lot' AS kind, r.lot_id AS lot_pk, NULL AS other_pk, r.depth,
     l.external_id AS lot, m.external_id AS material, l.quantity, l.unit, l.status,
     l.disposition, l.created_at,
     jo.external_id AS job_order, eq.external_id AS work_unit, wm.external_id AS work_master,
-    jo.work_master_version, jo.parameters_hash, ma.quantity AS made_quantity,
-    jr.start_time, jr.end_time,
+    jo.work_master_version, jo.parameters_hash, jo.started_at, jo.ended_at,
     o.id AS order_pk, o.external_id AS order_number, o.customer_order,
     o.material_definition_id = l.material_definition_id AS finished,
     CAST(NULL AS VARCHAR(100)) AS test, CAST(NULL AS FLOAT) AS test_value,
@@ -213,12 +210,7 @@ SELECT 'lot' AS kind, r.lot_id AS lot_pk, NULL AS other_pk, r.depth,
 FROM reached r
 JOIN material_lot l ON l.id = r.lot_id
 JOIN material_definition m ON m.id = l.material_definition_id
-LEFT JOIN material_actual ma ON ma.id = (
-    SELECT MIN(p.id) FROM material_actual p
-    WHERE p.material_lot_id = r.lot_id AND p.use = 'Produced'
-)
-LEFT JOIN job_response jr ON jr.id = ma.job_response_id
-LEFT JOIN job_order jo ON jo.id = jr.job_order_id
+LEFT JOIN job_order jo ON jo.id = l.job_order_id
 LEFT JOIN equipment eq ON eq.id = jo.equipment_id
 LEFT JOIN work_master wm ON wm.id = jo.work_master_id
 LEFT JOIN segment_requirement sr ON sr.id = jo.segment_requirement_id
@@ -226,17 +218,15 @@ LEFT JOIN operations_request o ON o.id = sr.operations_request_id
 UNION ALL
 SELECT 'edge', a.material_lot_id, a.component_lot_id, NULL, NULL, NULL,
     NULL, NULL, a.quantity, a.unit, NULL, NULL, NULL,
-    jo.external_id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
     NULL, NULL, NULL, NULL
 FROM material_lot_assembly a
 JOIN reached n ON n.lot_id = a.{near} AND n.depth < :depth
 JOIN reached f ON f.lot_id = a.{far}
-JOIN job_response jr ON jr.id = a.job_response_id
-JOIN job_order jo ON jo.id = jr.job_order_id
 UNION ALL
 SELECT 'test', t.material_lot_id, NULL, NULL, NULL, NULL,
     NULL, NULL, NULL, t.unit, NULL, NULL, NULL,
-    NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
     s.property_name, t.value, t.passed, t.tested_at
 FROM reached r
 JOIN test_result t ON t.material_lot_id = r.lot_id
@@ -248,52 +238,32 @@ _COLUMNS["forward"] = ("component_lot_id", "material_lot_id")
 
 
 def trace_sql(direction: Direction) -> str:
-    """The trace statement for one direction (parameters ``:root``, ``:depth``, ``:cap``)."""
+    """The trace statement for one direction; parameters ``:lot`` (its ID), ``:depth`` and
+    ``:cap`` (the most visits: the node limit + 1)."""
     near, far = _COLUMNS[direction]
     return TRACE_SQL.format(near=near, far=far)
 
 
-def _typed(direction: Direction) -> TextualSelect:
-    # Types for what the drivers do not hand back as Python values (SQLite: times, decimals,
-    # booleans).
-    return text(trace_sql(direction)).columns(
-        kind=String(),
-        lot_pk=Integer(),
-        other_pk=Integer(),
-        depth=Integer(),
-        visits=Integer(),
-        more=Boolean(),
-        lot=String(),
-        material=String(),
-        quantity=Quantity,
-        unit=String(),
-        status=String(),
-        disposition=String(),
-        created_at=UTCDateTime(),
-        job_order=String(),
-        work_unit=String(),
-        work_master=String(),
-        work_master_version=String(),
-        parameters_hash=String(),
-        made_quantity=Quantity,
-        start_time=UTCDateTime(),
-        end_time=UTCDateTime(),
-        order_pk=Integer(),
-        order_number=String(),
-        customer_order=String(),
-        finished=Boolean(),
-        test=String(),
-        test_value=Float(),
-        test_passed=Boolean(),
-        tested_at=UTCDateTime(),
-    )
+_STATEMENTS: dict[Direction, TextClause] = {d: text(trace_sql(d)) for d in ("backward", "forward")}
 
 
-_STATEMENTS: dict[Direction, TextualSelect] = {d: _typed(d) for d in ("backward", "forward")}
+@overload
+def _utc(value: datetime | str) -> datetime: ...
+@overload
+def _utc(value: None) -> None: ...
+def _utc(value: datetime | str | None) -> datetime | None:
+    """A stored time as an aware UTC datetime (PostgreSQL hands back datetimes, SQLite the
+    text SQLAlchemy stored): the rows are read untyped, so that only the values used pay."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _number(value: Decimal | None) -> float | None:
-    return None if value is None else json_number(value)
+def _number(value: Decimal | float | None) -> float | None:
+    """A quantity as a JSON number (``mes.quantities.json_number``; SQLite gives a float)."""
+    return None if value is None else float(value)
 
 
 class _Walk(msgspec.Struct):
@@ -304,12 +274,15 @@ class _Walk(msgspec.Struct):
 
 
 def _walk(session: Session, lot_id: str, direction: Direction, depth: int, limit: int) -> _Walk:
-    root = session.scalar(select(MaterialLot.id).where(MaterialLot.external_id == lot_id))
-    if root is None:
+    # One statement, so no transaction around it: no BEGIN and ROLLBACK round trips.
+    with session.get_bind().engine.connect() as connection:
+        rows = (
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+            .execute(_STATEMENTS[direction], {"lot": lot_id, "depth": depth, "cap": limit + 1})
+            .all()
+        )
+    if not rows:  # the lot itself is always a row
         raise NotFound("lot", lot_id)
-    rows = session.execute(
-        _STATEMENTS[direction], {"root": root, "depth": depth, "cap": limit + 1}
-    ).all()
     lots: dict[int, TraceLot] = {}
     finished: dict[int, ImpactLot] = {}
     edge_rows = []
@@ -317,48 +290,52 @@ def _walk(session: Session, lot_id: str, direction: Direction, depth: int, limit
     visits = 0
     more = False
     for r in rows:
-        if r.kind == "lot":
-            visits = r.visits
-            more = more or bool(r.more)
-            lots[r.lot_pk] = TraceLot(
-                lot=r.lot,
-                material=r.material,
-                depth=r.depth,
-                quantity=json_number(r.quantity),
-                unit=r.unit,
-                status=r.status,
-                disposition=r.disposition,
-                created_at=r.created_at,
-                job_order=r.job_order,
-                work_unit=r.work_unit,
-                work_master=r.work_master,
-                work_master_version=r.work_master_version,
-                parameters_hash=r.parameters_hash,
-                made_quantity=_number(r.made_quantity),
-                started_at=r.start_time,
-                ended_at=r.end_time,
-                production_order=r.order_pk,
-                order_number=r.order_number,
-                customer_order=r.customer_order,
-            )
-            if r.finished:
-                finished[r.lot_pk] = ImpactLot(
-                    lot=r.lot,
-                    material=r.material,
-                    depth=r.depth,
-                    production_order=r.order_pk,
-                    order_number=r.order_number,
-                    customer_order=r.customer_order,
-                    disposition=r.disposition,
-                    status=r.status,
-                    quantity=json_number(r.quantity),
-                    unit=r.unit,
-                    ended_at=r.end_time,
-                )
-        elif r.kind == "edge":
+        kind = r[0]
+        if kind == "edge":
             edge_rows.append(r)
-        else:
+            continue
+        if kind == "test":
             test_rows.append(r)
+            continue
+        (_, pk, _, depth_, visits, more_, lot, material, quantity, unit, status, disposition,
+         created_at, job_order, work_unit, work_master, version, phash, started_at, ended_at,
+         order_pk, order_number, customer_order, is_finished, *_) = r  # fmt: skip
+        more = more or bool(more_)
+        ended = _utc(ended_at)
+        lots[pk] = TraceLot(
+            lot=lot,
+            material=material,
+            depth=depth_,
+            quantity=float(quantity),
+            unit=unit,
+            status=status,
+            disposition=disposition,
+            created_at=_utc(created_at),
+            job_order=job_order,
+            work_unit=work_unit,
+            work_master=work_master,
+            work_master_version=version,
+            parameters_hash=phash,
+            started_at=_utc(started_at),
+            ended_at=ended,
+            production_order=order_pk,
+            order_number=order_number,
+            customer_order=customer_order,
+        )
+        if is_finished:
+            finished[pk] = ImpactLot(
+                lot=lot,
+                material=material,
+                depth=depth_,
+                production_order=order_pk,
+                order_number=order_number,
+                customer_order=customer_order,
+                disposition=disposition,
+                status=status,
+                quantity=float(quantity),
+                unit=unit,
+                ended_at=ended,
+            )
     truncated_by: Bound | None = None
     if visits > limit:
         # The walk stopped at limit + 1 visits: keep the nearest ``limit`` lots.
@@ -368,26 +345,26 @@ def _walk(session: Session, lot_id: str, direction: Direction, depth: int, limit
     elif more:
         truncated_by = "depth"
     for r in test_rows:
-        if r.lot_pk in lots:
-            lots[r.lot_pk].test_results.append(
+        if (made := lots.get(r[1])) is not None:
+            made.test_results.append(
                 TestResultOut(
-                    property=r.test,
-                    value=r.test_value,
-                    unit=r.unit,
-                    passed=bool(r.test_passed),
-                    tested_at=r.tested_at,
+                    property=r[24],
+                    value=r[25],
+                    unit=r[9],
+                    passed=bool(r[26]),
+                    tested_at=_utc(r[27]),
                 )
             )
     edges = [
         TraceEdge(
-            lot=lots[r.lot_pk].lot,
-            component=lots[r.other_pk].lot,
-            quantity=_number(r.quantity),
-            unit=r.unit,
-            job_order=r.job_order,
+            lot=made.lot,
+            component=component.lot,
+            quantity=_number(r[8]),
+            unit=r[9],
+            job_order=made.job_order,
         )
         for r in edge_rows
-        if r.lot_pk in lots and r.other_pk in lots
+        if (made := lots.get(r[1])) is not None and (component := lots.get(r[2])) is not None
     ]
     for lot in lots.values():
         lot.test_results.sort(key=lambda t: (t.property, t.tested_at))
@@ -479,7 +456,6 @@ CSV_COLUMNS = (
     "work_master",
     "work_master_version",
     "parameters_hash",
-    "made_quantity",
     "started_at",
     "ended_at",
     "production_order",
@@ -544,7 +520,6 @@ def trace_csv(t: Trace) -> str:
             lot.work_master,
             lot.work_master_version,
             lot.parameters_hash,
-            lot.made_quantity,
             lot.started_at,
             lot.ended_at,
             lot.production_order,
@@ -618,7 +593,7 @@ def trace_dot(t: Trace) -> str:
         style = ", style=bold" if lot.lot == t.lot else ""
         lines.append(f"  {_dot_id(lot.lot)} [label={label}{style}];")
     for e in t.edges:
-        label = _dot_id(*(p for p in (_quantity(e.quantity, e.unit), e.job_order) if p))
+        label = _dot_id(*(p for p in (_quantity(e.quantity, e.unit), e.job_order or "") if p))
         lines.append(f"  {_dot_id(e.component)} -> {_dot_id(e.lot)} [label={label}];")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -207,6 +207,8 @@ class MaterialLot(Base):
     status: Mapped[str] = mapped_column(String(30), default="Available")
     disposition: Mapped[str] = mapped_column(String(30), default=LotDisposition.RELEASED)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The job order that made the lot (None: stock from outside), for the genealogy.
+    job_order_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"))
 
     material_definition: Mapped[MaterialDefinition] = relationship()
 

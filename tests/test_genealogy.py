@@ -352,7 +352,6 @@ async def test_backward_trace_of_a_kit(api: Any) -> None:
         "work_master": "WM-MOLD",
         "work_master_version": "1",
         "parameters_hash": MOLD_HASH,
-        "made_quantity": 80.0,
         "started_at": "2026-03-02T09:00:00Z",
         "ended_at": "2026-03-02T09:10:00Z",
         "order_number": "P2",

@@ -1,4 +1,5 @@
-"""genealogy details: edge quantities, the recipe's hash and version, index for forward walks
+"""genealogy details: edge quantities, the job that made a lot, the recipe's hash and version,
+an index for forward walks
 
 Revision ID: 0012
 Revises: 0007
@@ -30,6 +31,11 @@ def upgrade() -> None:
         )
     with op.batch_alter_table("work_master", schema=None) as batch_op:
         batch_op.add_column(sa.Column("version", sa.String(40), nullable=False, server_default="1"))
+    with op.batch_alter_table("material_lot", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("job_order_id", sa.Integer(), nullable=True))
+        batch_op.create_foreign_key(
+            "fk_material_lot_job_order_id_job_order", "job_order", ["job_order_id"], ["id"]
+        )
     with op.batch_alter_table("job_order", schema=None) as batch_op:
         batch_op.add_column(sa.Column("parameters_hash", sa.String(64), nullable=True))
         batch_op.add_column(sa.Column("work_master_version", sa.String(40), nullable=True))
@@ -46,6 +52,16 @@ def upgrade() -> None:
                   WHERE ma.job_response_id = material_lot_assembly.job_response_id
                     AND ma.material_lot_id = material_lot_assembly.component_lot_id
                     AND ma.use = 'Consumed')
+        """
+    )
+    # Made lots: the job order that made them (their first produced material actual).
+    op.execute(
+        """
+        UPDATE material_lot SET job_order_id = (
+          SELECT jr.job_order_id FROM material_actual ma
+          JOIN job_response jr ON jr.id = ma.job_response_id
+          WHERE ma.material_lot_id = material_lot.id AND ma.use = 'Produced'
+          ORDER BY ma.id LIMIT 1)
         """
     )
     # Recorded jobs: the hash of the parameters they were sent (as mes.genealogy computes it).
@@ -74,6 +90,9 @@ def downgrade() -> None:
     with op.batch_alter_table("job_order", schema=None) as batch_op:
         batch_op.drop_column("work_master_version")
         batch_op.drop_column("parameters_hash")
+    with op.batch_alter_table("material_lot", schema=None) as batch_op:
+        batch_op.drop_constraint("fk_material_lot_job_order_id_job_order", type_="foreignkey")
+        batch_op.drop_column("job_order_id")
     with op.batch_alter_table("work_master", schema=None) as batch_op:
         batch_op.drop_column("version")
     with op.batch_alter_table("material_lot_assembly", schema=None) as batch_op:
