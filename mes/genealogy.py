@@ -27,15 +27,14 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, overload
 
 import msgspec
-from sqlalchemy import text
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import TextClause
 
 from mes.errors import NotFound
 
@@ -244,7 +243,10 @@ def trace_sql(direction: Direction) -> str:
     return TRACE_SQL.format(near=near, far=far)
 
 
-_STATEMENTS: dict[Direction, TextClause] = {d: text(trace_sql(d)) for d in ("backward", "forward")}
+def driver_sql(direction: Direction, paramstyle: str) -> str:
+    """``trace_sql`` for a DB-API driver: psycopg takes ``%(name)s``, sqlite3 ``:name``."""
+    sql = trace_sql(direction)
+    return re.sub(r":(\w+)", r"%(\1)s", sql) if paramstyle == "pyformat" else sql
 
 
 @overload
@@ -274,13 +276,18 @@ class _Walk(msgspec.Struct):
 
 
 def _walk(session: Session, lot_id: str, direction: Direction, depth: int, limit: int) -> _Walk:
-    # One statement, so no transaction around it: no BEGIN and ROLLBACK round trips.
+    # One statement on the driver's own cursor: no transaction around it (no BEGIN and
+    # ROLLBACK round trips) and no SQLAlchemy row layer; the values are converted below.
     with session.get_bind().engine.connect() as connection:
-        rows = (
-            connection.execution_options(isolation_level="AUTOCOMMIT")
-            .execute(_STATEMENTS[direction], {"lot": lot_id, "depth": depth, "cap": limit + 1})
-            .all()
-        )
+        cursor = connection.execution_options(isolation_level="AUTOCOMMIT").connection.cursor()
+        try:
+            cursor.execute(
+                driver_sql(direction, connection.dialect.paramstyle),
+                {"lot": lot_id, "depth": depth, "cap": limit + 1},
+            )
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
     if not rows:  # the lot itself is always a row
         raise NotFound("lot", lot_id)
     lots: dict[int, TraceLot] = {}
@@ -367,7 +374,8 @@ def _walk(session: Session, lot_id: str, direction: Direction, depth: int, limit
         if (made := lots.get(r[1])) is not None and (component := lots.get(r[2])) is not None
     ]
     for lot in lots.values():
-        lot.test_results.sort(key=lambda t: (t.property, t.tested_at))
+        if len(lot.test_results) > 1:
+            lot.test_results.sort(key=lambda t: (t.property, t.tested_at))
     return _Walk(
         lots=sorted(lots.values(), key=lambda lot: (lot.depth, lot.lot)),
         edges=sorted(edges, key=lambda e: (e.lot, e.component)),
