@@ -31,9 +31,10 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any, Literal, overload
+from typing import Annotated, Any, Literal, overload
 
 import msgspec
+from msgspec import Meta
 from sqlalchemy.orm import Session
 
 from mes.errors import NotFound
@@ -81,21 +82,29 @@ class TraceLot(msgspec.Struct, kw_only=True):
 
     lot: str
     material: str
-    depth: int = msgspec.field(default=0)
-    quantity: float
+    depth: Annotated[int, Meta(description="Steps from the traced lot (0: the lot itself)")]
+    quantity: Annotated[float, Meta(description="Quantity on hand now")]
     unit: str
-    status: str
-    disposition: str
+    status: Annotated[str, Meta(description="Available, or Consumed once used up")]
+    disposition: Annotated[str, Meta(description="Released, Restricted or Rejected")]
     created_at: datetime
-    job_order: str | None = None
+    job_order: Annotated[str | None, Meta(description="The job order that made it")] = None
     work_unit: str | None = None
     work_master: str | None = None
     work_master_version: str | None = None
-    parameters_hash: str | None = None
+    parameters_hash: Annotated[
+        str | None,
+        Meta(
+            description="SHA-256 (hex) of the recipe parameters sent to the machine: the JSON "
+            'list of {"name", "value", "unit"} as sent, keys sorted, no spaces'
+        ),
+    ] = None
     started_at: datetime | None = None
     ended_at: datetime | None = None
-    production_order: int | None = None
-    order_number: str | None = None
+    production_order: Annotated[
+        int | None, Meta(description="The production order (id) the job order belongs to")
+    ] = None
+    order_number: Annotated[str | None, Meta(description="The ERP's order number")] = None
     customer_order: str | None = None
     test_results: list[TestResultOut] = msgspec.field(default_factory=list)
 
@@ -118,8 +127,11 @@ class Trace(msgspec.Struct, kw_only=True):
     direction: Direction
     depth: int
     limit: int
-    truncated: bool
-    truncated_by: Bound | None
+    truncated: Annotated[bool, Meta(description="A bound cut the walk short")]
+    truncated_by: Annotated[
+        Bound | None,
+        Meta(description="limit: the node limit stopped the walk; depth: lots lie beyond it"),
+    ]
     lots: list[TraceLot]
     edges: list[TraceEdge]
 

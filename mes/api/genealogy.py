@@ -78,7 +78,9 @@ class GenealogyController(Controller):
         db: NamedDependency[Database],
         depth: Depth = 10,
         limit: Limit = genealogy.DEFAULT_LIMIT,
-        format: Annotated[Format | None, QueryParameter()] = None,
+        format: Annotated[
+            Format | None, QueryParameter(description="json, graph, csv or dot; else Accept")
+        ] = None,
     ) -> Response[genealogy.Trace | genealogy.Graph | str]:
         chosen = _chosen(request, format)
         t = await db.run(lambda s: genealogy.trace(s, lot, "backward", depth, limit))
@@ -97,7 +99,9 @@ class GenealogyController(Controller):
         db: NamedDependency[Database],
         depth: Depth = 10,
         limit: Limit = genealogy.DEFAULT_LIMIT,
-        format: Annotated[Format | None, QueryParameter()] = None,
+        format: Annotated[
+            Format | None, QueryParameter(description="json, graph, csv or dot; else Accept")
+        ] = None,
     ) -> Response[genealogy.Trace | genealogy.Graph | str]:
         chosen = _chosen(request, format)
         t = await db.run(lambda s: genealogy.trace(s, lot, "forward", depth, limit))
@@ -122,7 +126,9 @@ class GenealogyController(Controller):
         db: NamedDependency[Database],
         depth: Depth = genealogy.MAX_DEPTH,
         limit: Limit = genealogy.DEFAULT_LIMIT,
-        format: Annotated[Literal["json", "csv"] | None, QueryParameter()] = None,
+        format: Annotated[
+            Literal["json", "csv"] | None, QueryParameter(description="json or csv; else Accept")
+        ] = None,
     ) -> Response[genealogy.Impact | str]:
         chosen = _chosen(request, format)
         i = await db.run(lambda s: genealogy.impact(s, lot, depth, limit))
