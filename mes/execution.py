@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from mes import audit
+from mes.genealogy import parameters_hash
 from mes.machines import (
     Endpoint,
     JobOrderData,
@@ -503,7 +504,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
         )
     }
     produced: list[MaterialLot] = []
-    consumed: list[MaterialLot] = []
+    consumed: list[tuple[MaterialLot, Decimal, str]] = []
     for actual in response.material_actuals:
         # The machine port carries floats (``mes.machines``): exact from here on.
         quantity = exact(actual.quantity)
@@ -517,7 +518,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
             if lot is None:
                 raise ProductionError(f"machine reported consuming unknown lot {actual.lot_id}")
             _consume(session, lot, quantity, job.external_id)
-            consumed.append(lot)
+            consumed.append((lot, quantity, actual.unit))
         else:
             lot = session.scalar(
                 select(MaterialLot).where(MaterialLot.external_id == actual.lot_id)
@@ -530,6 +531,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
                     unit=actual.unit,
                 )
                 session.add(lot)
+            lot.job_order_id = lot.job_order_id or job.id
             produced.append(lot)
         session.flush()
         jr.material_actuals.append(
@@ -542,15 +544,22 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
             )
         )
     # ISA-95 genealogy: within one job response every consumed lot is a parent of every
-    # produced lot.
+    # produced lot; the edge carries what the job consumed of it. The lots show the recipe
+    # as sent (its hash) and the work master's version.
     session.flush()
     for p in produced:
-        for c in consumed:
+        for c, quantity, unit in consumed:
             session.add(
                 MaterialLotAssembly(
-                    material_lot_id=p.id, component_lot_id=c.id, job_response_id=jr.id
+                    material_lot_id=p.id,
+                    component_lot_id=c.id,
+                    job_response_id=jr.id,
+                    quantity=quantity,
+                    unit=unit,
                 )
             )
+    job.parameters_hash = parameters_hash(job.parameters)
+    job.work_master_version = job.work_master.version
     failed = _test(session, job, response, produced)
     job.started_at = job.started_at or response.start_time
     job.ended_at = response.end_time or utcnow()

@@ -208,6 +208,8 @@ class MaterialLot(Base):
     status: Mapped[str] = mapped_column(String(30), default="Available")
     disposition: Mapped[str] = mapped_column(String(30), default=LotDisposition.RELEASED)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: The job order that made the lot (None: stock from outside), for the genealogy.
+    job_order_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"))
 
     material_definition: Mapped[MaterialDefinition] = relationship()
 
@@ -225,15 +227,25 @@ class MaterialSublot(Base):
 
 
 class MaterialLotAssembly(Base):
-    """A genealogy edge: ``component`` lot went into ``lot`` within one job response."""
+    """A genealogy edge: ``component`` lot went into ``lot`` within one job response.
+
+    The unique (lot, component) and the (component, lot) index serve the walk both ways
+    from the index alone (``mes.genealogy``).
+    """
 
     __tablename__ = "material_lot_assembly"
-    __table_args__ = (UniqueConstraint("material_lot_id", "component_lot_id"),)
+    __table_args__ = (
+        UniqueConstraint("material_lot_id", "component_lot_id"),
+        Index("ix_material_lot_assembly_component_lot", "component_lot_id", "material_lot_id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"))
-    component_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
+    component_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"))
     job_response_id: Mapped[int] = mapped_column(ForeignKey("job_response.id"), index=True)
+    #: How much of the component the job consumed (its material actual), in ``unit``.
+    quantity: Mapped[Decimal | None] = mapped_column(Quantity)
+    unit: Mapped[str | None] = mapped_column(String(20))
 
 
 # --- definitions: routings and recipes ------------------------------------------------------
@@ -254,6 +266,8 @@ class WorkMaster(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str] = mapped_column(String(100), unique=True)
+    #: The recipe's version (ISA-95 WorkMaster Version), as the plant file gives it.
+    version: Mapped[str] = mapped_column(String(40), default="1", server_default="1")
     description: Mapped[str] = mapped_column(String(500), default="")
     process_segment_id: Mapped[int | None] = mapped_column(
         ForeignKey("process_segment.id"), index=True
@@ -461,6 +475,10 @@ class JobOrder(Base):
     #: The recipe and material requirements as sent to the PLC, fixed at the first dispatch.
     parameters: Mapped[list[Any]] = mapped_column(default=list)
     material_requirements: Mapped[list[Any] | None] = mapped_column()
+    #: SHA-256 of the recipe parameters sent to the machine (``mes.genealogy.parameters_hash``)
+    #: and the work master's version, both recorded with the job response.
+    parameters_hash: Mapped[str | None] = mapped_column(String(64))
+    work_master_version: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column()
     started_at: Mapped[datetime | None] = mapped_column()

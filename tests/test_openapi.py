@@ -21,6 +21,7 @@ def test_document_covers_the_order_path() -> None:
         "/api/v1/production-orders/{order_id}",
         "/api/v1/genealogy/lots/{lot}/backward",
         "/api/v1/genealogy/lots/{lot}/forward",
+        "/api/v1/genealogy/lots/{lot}/impact",
         "/api/v1/products",
         "/api/v1/equipment",
         "/health",

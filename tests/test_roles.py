@@ -36,6 +36,7 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/work-centers/{work_center}/dispatch-list"): {"supervisor", "auditor"},
     ("GET", "/api/v1/genealogy/lots/{lot}/backward"): {"supervisor", "auditor"},
     ("GET", "/api/v1/genealogy/lots/{lot}/forward"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/genealogy/lots/{lot}/impact"): {"supervisor", "auditor"},
     ("GET", "/api/v1/products"): EVERYONE,
     ("GET", "/api/v1/equipment"): EVERYONE,
     ("GET", "/api/v1/audit-events"): {"supervisor", "auditor"},

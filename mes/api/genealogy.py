@@ -1,10 +1,11 @@
-"""Genealogy routes (/api/v1/genealogy): where a lot came from and where it went."""
+"""Genealogy routes (/api/v1/genealogy): where a lot came from, where it went, and the
+recall list of a suspect lot; as JSON, a graph, CSV or Graphviz DOT."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from litestar import Controller, get
+from litestar import Controller, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
@@ -15,6 +16,51 @@ from mes.db import Database
 
 API = "/api/v1"
 
+Format = Literal["json", "graph", "csv", "dot"]
+CSV = "text/csv"
+DOT = "text/vnd.graphviz"
+#: Media types a client may ask for in Accept, and the format each gives.
+_ACCEPTED: dict[str, Format] = {
+    "application/json": "json",
+    "text/csv": "csv",
+    "text/vnd.graphviz": "dot",
+}
+
+Depth = Annotated[
+    int,
+    QueryParameter(ge=1, le=genealogy.MAX_DEPTH, description="Most steps to follow"),
+]
+Limit = Annotated[
+    int,
+    QueryParameter(
+        ge=1,
+        le=genealogy.MAX_LIMIT,
+        description="Most lots to visit; a walk cut by it says `truncated_by: limit`",
+    ),
+]
+FORMATS_NOTE = (
+    "`format=json` (lots and edges), `graph` (nodes and edges, source → target the way "
+    "material flowed), `csv` (text/csv: a row per lot, then per edge) or `dot` (Graphviz, "
+    "text/vnd.graphviz); without `format`, the Accept header chooses (JSON by default). "
+)
+
+
+def _chosen(request: Request[Any, Any, Any], format: Format | None) -> Format:
+    if format is not None:
+        return format
+    best = request.accept.best_match(list(_ACCEPTED), default="application/json")
+    return _ACCEPTED.get(best or "application/json", "json")
+
+
+def _render(t: genealogy.Trace, format: Format) -> Response[Any]:
+    if format == "csv":
+        return Response(genealogy.trace_csv(t), media_type=CSV)
+    if format == "dot":
+        return Response(genealogy.trace_dot(t), media_type=DOT)
+    if format == "graph":
+        return Response(genealogy.as_graph(t))
+    return Response(t)
+
 
 class GenealogyController(Controller):
     path = f"{API}/genealogy/lots"
@@ -24,26 +70,69 @@ class GenealogyController(Controller):
         "/{lot:str}/backward",
         guards=[allow(READ_SHOP_FLOOR)],
         summary="Where a lot came from (its components, recursively)",
-        description=roles_note(READ_SHOP_FLOOR),
+        description=FORMATS_NOTE + roles_note(READ_SHOP_FLOOR),
     )
     async def backward(
         self,
+        request: Request[Any, Any, Any],
         lot: Key,
         db: NamedDependency[Database],
-        depth: Annotated[int, QueryParameter(ge=1, le=100)] = 10,
-    ) -> genealogy.Trace:
-        return await db.run(lambda s: genealogy.trace(s, lot, "backward", depth))
+        depth: Depth = 10,
+        limit: Limit = genealogy.DEFAULT_LIMIT,
+        format: Annotated[
+            Format | None, QueryParameter(description="json, graph, csv or dot; else Accept")
+        ] = None,
+    ) -> Response[genealogy.Trace | genealogy.Graph | str]:
+        chosen = _chosen(request, format)
+        t = await db.run(lambda s: genealogy.trace(s, lot, "backward", depth, limit))
+        return _render(t, chosen)
 
     @get(
         "/{lot:str}/forward",
         guards=[allow(READ_SHOP_FLOOR)],
         summary="Where a lot went (what was made from it, recursively)",
-        description=roles_note(READ_SHOP_FLOOR),
+        description=FORMATS_NOTE + roles_note(READ_SHOP_FLOOR),
     )
     async def forward(
         self,
+        request: Request[Any, Any, Any],
         lot: Key,
         db: NamedDependency[Database],
-        depth: Annotated[int, QueryParameter(ge=1, le=100)] = 10,
-    ) -> genealogy.Trace:
-        return await db.run(lambda s: genealogy.trace(s, lot, "forward", depth))
+        depth: Depth = 10,
+        limit: Limit = genealogy.DEFAULT_LIMIT,
+        format: Annotated[
+            Format | None, QueryParameter(description="json, graph, csv or dot; else Accept")
+        ] = None,
+    ) -> Response[genealogy.Trace | genealogy.Graph | str]:
+        chosen = _chosen(request, format)
+        t = await db.run(lambda s: genealogy.trace(s, lot, "forward", depth, limit))
+        return _render(t, chosen)
+
+    @get(
+        "/{lot:str}/impact",
+        guards=[allow(READ_SHOP_FLOOR)],
+        summary="The recall list of a suspect lot: every finished lot it went into",
+        description=(
+            "A finished lot is one made by a production order whose product is the lot's "
+            "material, whether or not it was used further since; each comes with its "
+            "production order, the ERP's order number and customer order, its disposition, "
+            "status and remaining quantity. `format=json` or `csv` (text/csv), else the "
+            "Accept header chooses. " + roles_note(READ_SHOP_FLOOR)
+        ),
+    )
+    async def impact(
+        self,
+        request: Request[Any, Any, Any],
+        lot: Key,
+        db: NamedDependency[Database],
+        depth: Depth = genealogy.MAX_DEPTH,
+        limit: Limit = genealogy.DEFAULT_LIMIT,
+        format: Annotated[
+            Literal["json", "csv"] | None, QueryParameter(description="json or csv; else Accept")
+        ] = None,
+    ) -> Response[genealogy.Impact | str]:
+        chosen = _chosen(request, format)
+        i = await db.run(lambda s: genealogy.impact(s, lot, depth, limit))
+        if chosen == "csv":
+            return Response(genealogy.impact_csv(i), media_type=CSV)
+        return Response(i)

@@ -329,6 +329,7 @@ class _Loader:
         for w in plant.work_masters:
             values = {
                 "description": w.description,
+                "version": w.version,
                 "process_segment_id": segments[w.process_segment].id,
             }
             self.upsert(WorkMaster, rows, w.id, values)

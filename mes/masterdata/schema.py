@@ -184,6 +184,8 @@ class WorkMasterEntry(_Entry):
     """A recipe: what one kind of work unit runs for one segment of one product."""
 
     id: Id
+    #: The recipe's version; a produced lot shows the version it was made with.
+    version: Annotated[str, Field(min_length=1, max_length=40)] = "1"
     description: Description = ""
     process_segment: Id
     parameters: list[ParameterEntry] = []

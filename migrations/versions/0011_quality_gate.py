@@ -1,6 +1,6 @@
 """quality gate: nonconformances, test results by hand, rework job orders
 
-Revision ID: 0013
+Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-01 10:00:00.000000
 
@@ -18,7 +18,7 @@ from alembic import op
 
 from mes.models import UTCDateTime
 
-revision: str = "0013"
+revision: str = "0011"
 down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
