@@ -70,9 +70,13 @@ def parse_url(url: str) -> tuple[str, int]:
 def register_map(settings: Mapping[str, Any]) -> RegisterMap:
     """The endpoint's register map; InvalidRequestError naming the field if it is wrong."""
     try:
-        return RegisterMap.model_validate(settings)
+        registers = RegisterMap.model_validate(settings)
     except ValidationError as exc:
         raise InvalidRequestError(f"register map: {exc}") from None
+    problems = registers.problems()
+    if problems:
+        raise InvalidRequestError(f"register map: {'; '.join(problems)}")
+    return registers
 
 
 class _Job:
@@ -182,8 +186,12 @@ class ModbusJobClient:
         )
         regs = list(response.registers)
         inputs, order = self.map.inputs, self.map.word_order
-        processed = decode_uint32(regs[inputs.processed - first : inputs.processed - first + 2], order)
-        defective = decode_uint32(regs[inputs.defective - first : inputs.defective - first + 2], order)
+        processed = decode_uint32(
+            regs[inputs.processed - first : inputs.processed - first + 2], order
+        )
+        defective = decode_uint32(
+            regs[inputs.defective - first : inputs.defective - first + 2], order
+        )
         return regs[inputs.state - first], processed, defective
 
     async def _status(self, name: str) -> bool | None:

@@ -21,10 +21,11 @@ and DCBA too. A setpoint's ``scale`` is engineering units per count: 0.1 stores 
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 Address = Annotated[int, Field(ge=0, le=0xFFFF)]
 ValueType = Literal["int16", "uint16", "int32", "uint32", "float32"]
@@ -34,7 +35,14 @@ WordOrder = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 WIDTH: dict[str, int] = {"int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
 _STRUCT = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f"}
 # Where each of the big-endian bytes A, B, C, D goes, per word order.
-_PERMUTATION = {"ABCD": (0, 1, 2, 3), "CDAB": (2, 3, 0, 1), "BADC": (1, 0, 3, 2), "DCBA": (3, 2, 1, 0)}
+_PERMUTATION = {
+    "ABCD": (0, 1, 2, 3),
+    "CDAB": (2, 3, 0, 1),
+    "BADC": (1, 0, 3, 2),
+    "DCBA": (3, 2, 1, 0),
+}
+#: The most registers one read (FC3/FC4) and one write (FC16) move.
+MAX_READ, MAX_WRITE = 125, 123
 #: Characters of the job order id one register holds (ASCII, two per register).
 CHARS_PER_REGISTER = 2
 #: The counters in the job record: processed and defective at the start, start time (epoch s).
@@ -105,8 +113,9 @@ class RegisterMap(_Entry):
     #: Discrete inputs by name; ``ready`` (if given) must be on for a recipe download.
     status: dict[str, Address] = {}
 
-    @model_validator(mode="after")
-    def _no_overlaps(self) -> RegisterMap:
+    def problems(self) -> list[str]:
+        """What is wrong across entries (overlaps, addresses past 65535, a parameter or a
+        state code used twice), each starting with the field it is about."""
         problems = [
             *_overlaps("holding registers", self.holding_spans()),
             *_overlaps("input registers", self.input_spans()),
@@ -115,14 +124,26 @@ class RegisterMap(_Entry):
         ]
         names = [s.parameter for s in self.setpoints]
         problems += [
-            f"setpoints: parameter {n!r} is mapped twice" for n in sorted(set(names)) if names.count(n) > 1
+            f"setpoints: parameter {n!r} is mapped twice"
+            for n in sorted(set(names))
+            if names.count(n) > 1
         ]
+        first, count = self.setpoint_block()
+        if count > MAX_WRITE:
+            problems.append(
+                f"setpoints: span holding registers {first}-{first + count - 1}; "
+                f"one write (FC16) takes at most {MAX_WRITE}"
+            )
+        first, count = self.input_block()
+        if count > MAX_READ:
+            problems.append(
+                f"inputs: span input registers {first}-{first + count - 1}; "
+                f"one read (FC4) takes at most {MAX_READ}"
+            )
         codes = self.states.model_dump()
         if len(set(codes.values())) != len(codes):
             problems.append("states: two states share a code")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
+        return problems
 
     def holding_spans(self) -> list[tuple[str, int, int]]:
         """(field, first address, registers) of everything in holding registers."""
@@ -135,8 +156,11 @@ class RegisterMap(_Entry):
 
     def input_spans(self) -> list[tuple[str, int, int]]:
         i = self.inputs
-        return [("inputs.state", i.state, 1), ("inputs.processed", i.processed, 2),
-                ("inputs.defective", i.defective, 2)]
+        return [
+            ("inputs.state", i.state, 1),
+            ("inputs.processed", i.processed, 2),
+            ("inputs.defective", i.defective, 2),
+        ]
 
     def coil_items(self) -> list[tuple[str, int]]:
         return [(k, a) for k, a in self.coils.model_dump().items() if a is not None]
@@ -162,7 +186,7 @@ def _overlaps(table: str, spans: list[tuple[str, int, int]]) -> list[str]:
     for name, address, count in ordered:
         if address + count - 1 > 0xFFFF:
             problems.append(f"{name}: {table} {address}-{address + count - 1} run past 65535")
-    for (a_name, a, a_count), (b_name, b, _) in zip(ordered, ordered[1:], strict=False):
+    for (a_name, a, a_count), (b_name, b, _) in itertools.pairwise(ordered):
         if b < a + a_count:
             problems.append(
                 f"{b_name} at {table} {b} overlaps {a_name} ({table} {a}-{a + a_count - 1})"

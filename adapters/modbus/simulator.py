@@ -71,7 +71,9 @@ class LegacyMachine:
     def setpoint(self, parameter: str) -> float:
         """The value the machine reads from a setpoint, in its own word order."""
         s = next(s for s in self.map.setpoints if s.parameter == parameter)
-        return decode(self.holding[s.address : s.address + WIDTH[s.type]], s.type, self.order, s.scale)
+        return decode(
+            self.holding[s.address : s.address + WIDTH[s.type]], s.type, self.order, s.scale
+        )
 
     def _set_state(self, code: int) -> None:
         self.inputs[self.map.inputs.state] = code
@@ -157,20 +159,18 @@ class _Context(ModbusServerContext):
     async def async_getValues(
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | list[bool] | ExcCodes:
-        table: list[int] | list[bool] | None = {
-            1: self.machine.coils,
-            2: self.machine.discrete,
-            3: self.machine.holding,
-            4: self.machine.inputs,
-            6: self.machine.holding,
-            16: self.machine.holding,
-            23: self.machine.holding,
-            5: self.machine.coils,
-            15: self.machine.coils,
-        }.get(func_code)
-        if table is None or address + count > _SIZE:
+        m = self.machine
+        if address + count > _SIZE:
             return ExcCodes.ILLEGAL_ADDRESS
-        return table[address : address + count]
+        if func_code in (1, 5, 15):
+            return m.coils[address : address + count]
+        if func_code == 2:
+            return m.discrete[address : address + count]
+        if func_code in (3, 6, 16, 23):
+            return m.holding[address : address + count]
+        if func_code == 4:
+            return m.inputs[address : address + count]
+        return ExcCodes.ILLEGAL_FUNCTION
 
     async def async_setValues(
         self,
@@ -227,7 +227,7 @@ class ModbusSimulator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._run
         if self._server is not None:
-            await self._server.shutdown()
+            await self._server.shutdown()  # type: ignore[no-untyped-call]
         self._server = self._run = None
 
 
