@@ -665,6 +665,8 @@ async def run_dev(settings: Settings, port: int, opcua_pki: Path | None = None) 
                 f"           {DEV_OPCUA_SECURITY}, user {DEV_OPCUA_USER}, "
                 f"certificates and password in {opcua_pki}"
             )
+        for unit, sim in stack.modbus.items():
+            print(f"Modbus     {sim.url}  unit: {unit} (legacy machine simulator)")
         if stack.erp is not None:
             print(f"ERP        {stack.erp.base_url}{MESSAGES_PATH}  (callbacks: {stack.erp.url})")
         print(f"Database   {settings.database_url}")
