@@ -282,7 +282,10 @@ async def test_master_data_and_health(stack: Stack) -> None:
 
     walk(tree)
     assert len(units) >= 3
-    assert all(u["endpoint"]["url"] == stack.plc_url for u in units)
+    urls = {u["id"]: u["endpoint"]["url"] for u in units}
+    legacy = {unit: sim.url for unit, sim in stack.modbus.items()}
+    assert legacy == {"WU-LABELLER-1": legacy["WU-LABELLER-1"]}
+    assert urls == dict.fromkeys(set(urls) - set(legacy), stack.plc_url) | legacy
 
 
 async def test_workflow_histories_replay_deterministically(stack: Stack) -> None:
