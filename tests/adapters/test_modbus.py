@@ -5,6 +5,7 @@ counter deltas (modulo 2**32), what the port refuses, and the register map's che
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from adapters.modbus.client import ModbusJobClient
 from adapters.modbus.registers import RegisterMap, decode, encode
 from adapters.modbus.simulator import LegacyMachine, ModbusSimulator
+from mes.b2mml.parsing import B2MMLError
 from mes.machines import (
     CommandNotSupportedError,
     InvalidRequestError,
@@ -25,8 +27,10 @@ from mes.machines import (
     UnableToAcceptJobOrderError,
     UnknownJobOrderError,
 )
-from mes.masterdata import read_master_data_file
+from mes.masterdata import parse_plant, read_master_data_file
 from mes.masterdata.checks import MasterDataError
+from tests.b2mml.test_endpoint_security import equipment
+from tests.b2mml.test_sync import plant_of
 
 ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 LABELLER = (
@@ -310,3 +314,14 @@ def test_endpoint_url_and_security_are_checked(tmp_path: Path) -> None:
         f"{where}.url: 'tcp://plc:502' is not a modbus://host:port URL",
         f"{where}.security: Modbus has no security; it must be None",
     ]
+
+
+def test_b2mml_equipment_property_carries_the_register_map() -> None:
+    endpoint = (("ControllerProtocol", "modbus"), ("ControllerURL", "modbus://plc:502"))
+    data = equipment(*endpoint, ("ControllerRegisterMap", json.dumps(settings("DCBA"))))
+    plant = parse_plant(plant_of(data), partial=True)
+    loaded = plant.equipment[0].endpoint
+    assert loaded is not None
+    assert RegisterMap.model_validate(loaded.settings).word_order == "DCBA"
+    with pytest.raises(B2MMLError, match="ControllerRegisterMap is not a JSON object"):
+        plant_of(equipment(*endpoint, ("ControllerRegisterMap", "[1, 2")))
