@@ -43,6 +43,7 @@ def settings(word_order: str = "ABCD", **changes: Any) -> dict[str, Any]:
     """A register map as a plant file's endpoint settings."""
     base: dict[str, Any] = {
         "word_order": word_order,
+        "timeout_s": 1.0,
         "setpoints": [
             {"parameter": "Quantity", "address": 0, "type": "uint32"},
             {"parameter": "Speed", "address": 2, "type": "float32"},
