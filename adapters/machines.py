@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 
+from adapters.modbus.client import ModbusJobClient
 from adapters.opcua.client import JobControlClient
 from mes.machines import Endpoint, EquipmentAdapter, InvalidRequestError, MachineConnector
 
@@ -19,8 +20,12 @@ def _opcua(endpoint: Endpoint) -> AbstractAsyncContextManager[EquipmentAdapter]:
     )
 
 
+def _modbus(endpoint: Endpoint) -> AbstractAsyncContextManager[EquipmentAdapter]:
+    return ModbusJobClient(endpoint.url, endpoint.machine, endpoint.settings)
+
+
 #: Endpoint protocol (``equipment.protocol``) → how to open a session with it.
-CONNECTORS: Mapping[str, MachineConnector] = {"opcua": _opcua}
+CONNECTORS: Mapping[str, MachineConnector] = {"opcua": _opcua, "modbus": _modbus}
 
 
 def connect(

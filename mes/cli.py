@@ -73,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         default=100,
         help="MaxDownloadableJobOrders of every unit: jobs its JobOrderList holds (1-65535)",
     )
+    modbus = sim_sub.add_parser(
+        "modbus", help="a legacy machine over Modbus TCP, with a plant file's register map"
+    )
+    modbus.add_argument("--plant", type=Path, help="plant file (default: the sample plant)")
+    modbus.add_argument("--unit", help="the Modbus work unit (default: the first one)")
+    modbus.add_argument("--port", type=int, default=5020)
+    modbus.add_argument("--cycle", type=float, default=2.0, help="seconds a job runs")
+    modbus.add_argument("--defect-rate", type=float, default=0.0, help="share of bad items")
+    modbus.add_argument(
+        "--word-order", choices=["ABCD", "CDAB", "BADC", "DCBA"], help="override the map's"
+    )
     erp = sim_sub.add_parser(
         "erp", help="an ERP callback receiver that records and shows callbacks"
     )
@@ -167,6 +178,10 @@ async def _service(settings: Settings, args: argparse.Namespace) -> int:
         names = args.names.split(",") if args.names else None
         return await launch.run_plc_simulator(
             args.units, args.port, args.cycle, names, max_job_orders=args.max_jobs
+        )
+    if args.command == "sim" and args.sim_command == "modbus":
+        return await launch.run_modbus_simulator(
+            args.plant, args.unit, args.port, args.cycle, args.defect_rate, args.word_order
         )
     if args.command == "sim" and args.sim_command == "erp":
         return await launch.run_erp_receiver(args.port, args.store, signing_secret=args.secret)

@@ -38,7 +38,8 @@ DEMO_SEED = 7
 
 
 def demo_orders(now: datetime) -> list[dict[str, Any]]:
-    """What the pretend ERP sends: two products, one order already past its due date."""
+    """What the pretend ERP sends: three products (one labelled on the legacy Modbus
+    labeller), one order already past its due date."""
     stamp = now.strftime("%H%M%S")
     return [
         {
@@ -66,6 +67,15 @@ def demo_orders(now: datetime) -> list[dict[str, Any]]:
             "due": (now - timedelta(hours=1)).isoformat(),
             "priority": 900,
             "customer_order": "SO-1002 (rush, already late)",
+        },
+        {
+            "order_number": f"PO-{stamp}-4",
+            "product": "BREAD-WHITE-LBL",
+            "quantity": 48,
+            "unit": "ea",
+            "due": (now + timedelta(hours=6)).isoformat(),
+            "priority": 600,
+            "customer_order": "SO-1003",
         },
     ]
 
@@ -116,11 +126,11 @@ async def run_demo(timeout_s: float = 100) -> int:
                 )
             results = await _follow(http, ids, started + timeout_s, supervisor)
             print()
-            print(f"{'order':<18}{'product':<13}{'state':<11}{'on time':<9}lots produced")
+            print(f"{'order':<18}{'product':<17}{'state':<11}{'on time':<9}lots produced")
             for o in results.values():
                 lots = ", ".join(lot["lot"] for lot in o["produced_lots"]) or "-"
                 print(
-                    f"{o['order_number']:<18}{o['product']:<13}{o['state']:<11}"
+                    f"{o['order_number']:<18}{o['product']:<17}{o['state']:<11}"
                     f"{'late' if o['late'] else 'yes':<9}{lots}"
                 )
             if stack.erp is not None:
@@ -139,7 +149,7 @@ async def run_demo(timeout_s: float = 100) -> int:
             await _print_quality(http, supervisor)
             done = [o for o in results.values() if o["produced_lots"]]
             if done:
-                lot = done[0]["produced_lots"][0]["lot"]
+                lot = done[-1]["produced_lots"][0]["lot"]
                 trace = (
                     await http.get(f"/api/v1/genealogy/lots/{lot}/backward", headers=auditor)
                 ).json()

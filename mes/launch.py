@@ -13,7 +13,8 @@ cancellation):
   :func:`connect_temporal`: a configured Temporal cluster;
 - :func:`running_worker`: a Temporal worker;
 - :func:`api_server`: the Litestar API under uvicorn, in this event loop;
-- :class:`~adapters.opcua.simulator.PlcSimulator` and
+- :class:`~adapters.opcua.simulator.PlcSimulator`,
+  :class:`~adapters.modbus.simulator.ModbusSimulator` (:func:`modbus_simulators`) and
   :class:`~adapters.erp.receiver.ErpReceiver` (the adapters' own context managers).
 
 Composed:
@@ -21,8 +22,8 @@ Composed:
 - :func:`embedded_stack`: all of them on free loopback ports, for ``mes demo``, ``mes dev``,
   the end-to-end tests and the benchmark;
 - one ``run_*`` function per long-running ``mes`` command (``dev``, ``serve``, ``worker``,
-  ``sim opcua``, ``sim erp``): start, print where to reach it, wait for Ctrl-C or SIGTERM
-  (:func:`wait_for_stop_signal`), stop.
+  ``sim opcua``, ``sim modbus``, ``sim erp``): start, print where to reach it, wait for
+  Ctrl-C or SIGTERM (:func:`wait_for_stop_signal`), stop.
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.client import Client
 
 from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, format_message
+from adapters.modbus.registers import RegisterMap
+from adapters.modbus.simulator import LegacyMachine, ModbusSimulator
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
 from adapters.opcua.security import ServerSecurity, make_certificate
 from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, MeasuredFault, PlcSimulator, SimUnit
@@ -490,6 +493,45 @@ def simulated_units(
     return units
 
 
+@contextlib.asynccontextmanager
+async def modbus_simulators(
+    sessions: sessionmaker[Session], cycle_time_s: float | None = None
+) -> AsyncIterator[dict[str, ModbusSimulator]]:
+    """A legacy machine simulator per Modbus work unit (by equipment id), each on a free
+    loopback port with the unit's endpoint pointed at it, serving the unit's register map;
+    the cycle time is the unit's ideal cycle time (or ``cycle_time_s``). Stopped on exit."""
+    with sessions() as s:
+        rows = s.execute(
+            select(Equipment.external_id, Equipment.id, ControllerEndpoint.settings)
+            .join(ControllerEndpoint)
+            .where(ControllerEndpoint.protocol == "modbus")
+            .order_by(Equipment.external_id)
+        ).all()
+        cycles = {
+            eq_id: s.scalars(
+                select(WorkMasterEquipment.ideal_cycle_time_s).where(
+                    WorkMasterEquipment.equipment_id == eq_id
+                )
+            ).first()
+            for _, eq_id, _ in rows
+        }
+    async with contextlib.AsyncExitStack() as stack:
+        sims: dict[str, ModbusSimulator] = {}
+        for unit, eq_id, settings in rows:
+            machine = LegacyMachine(
+                RegisterMap.model_validate(settings),
+                cycle_time_s=cycle_time_s or cycles[eq_id] or 2.0,
+            )
+            sims[unit] = await stack.enter_async_context(ModbusSimulator(machine))
+            with sessions() as s, s.begin():
+                s.execute(
+                    update(ControllerEndpoint)
+                    .where(ControllerEndpoint.equipment_id == eq_id)
+                    .values(url=sims[unit].url)
+                )
+        yield sims
+
+
 @dataclass
 class Stack:
     """The running embedded services and where to reach them."""
@@ -506,6 +548,8 @@ class Stack:
     tokens: dict[str, str]
     #: The ERP callback receiver standing in for the ERP (None if not started).
     erp: ErpReceiver | None
+    #: The legacy machine simulators of the Modbus work units, by equipment id.
+    modbus: dict[str, ModbusSimulator] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.asynccontextmanager
@@ -567,6 +611,7 @@ async def embedded_stack(
         await stack.enter_async_context(
             PlcSimulator(units, port=plc_port, security=server_security)
         )
+        legacy = await stack.enter_async_context(modbus_simulators(sessions, cycle_time_s))
 
         if temporal_client is None:
             tmp = Path(tempfile.mkdtemp(prefix="mes-temporal-"))
@@ -594,6 +639,7 @@ async def embedded_stack(
             temporal=client,
             tokens=tokens,
             erp=erp,
+            modbus=legacy,
         )
 
 
@@ -619,6 +665,8 @@ async def run_dev(settings: Settings, port: int, opcua_pki: Path | None = None) 
                 f"           {DEV_OPCUA_SECURITY}, user {DEV_OPCUA_USER}, "
                 f"certificates and password in {opcua_pki}"
             )
+        for unit, sim in stack.modbus.items():
+            print(f"Modbus     {sim.url}  unit: {unit} (legacy machine simulator)")
         if stack.erp is not None:
             print(f"ERP        {stack.erp.base_url}{MESSAGES_PATH}  (callbacks: {stack.erp.url})")
         print(f"Database   {settings.database_url}")
@@ -675,6 +723,50 @@ async def run_plc_simulator(
         print(f"  MaxDownloadableJobOrders per unit: {max_job_orders}", flush=True)
         for name in sim.unit_names:
             print(f"  {name}: Objects/{name}/{JOB_MANAGEMENT}/{JOB_ORDER_CONTROL}", flush=True)
+        await wait_for_stop_signal()
+    return 0
+
+
+async def run_modbus_simulator(
+    plant_file: Path | None,
+    unit: str | None,
+    port: int,
+    cycle_time_s: float,
+    defect_rate: float,
+    word_order: str | None = None,
+    host: str = "127.0.0.1",
+) -> int:
+    """``mes sim modbus``: a legacy machine with the register map of a Modbus work unit of
+    the plant file (the sample plant's unless given; the first Modbus unit unless ``unit``),
+    printing its URL and map, until stopped. ``word_order`` overrides the map's."""
+    if plant_file is None:
+        with samples.plant_file() as sample:
+            plant, _ = masterdata.read_master_data_file(sample)
+    else:
+        plant, _ = masterdata.read_master_data_file(plant_file)
+    units = {
+        node.id: node.endpoint.settings
+        for _, node, _, _ in walk_equipment(plant.equipment)
+        if node.endpoint is not None and node.endpoint.protocol == "modbus"
+    }
+    name = unit or next(iter(units), None)
+    if name not in units:
+        known = ", ".join(units) or "none"
+        print(f"no Modbus work unit {name!r} in the plant file (Modbus units: {known})")
+        return 2
+    registers = RegisterMap.model_validate(units[name])
+    machine = LegacyMachine(registers, cycle_time_s, defect_rate, word_order)
+    async with ModbusSimulator(machine, host=host, port=port) as sim:
+        print(f"Modbus legacy machine {name} at {sim.url} (device {registers.device_id})")
+        print(f"  word order {machine.order}, cycle {cycle_time_s} s, defect rate {defect_rate}")
+        for s in registers.setpoints:
+            print(f"  holding {s.address}: {s.parameter} ({s.type}, scale {s.scale})")
+        print(f"  holding {registers.job.address}: job record ({registers.job.length} + 6)")
+        for coil, address in registers.coil_items():
+            print(f"  coil {address}: {coil}")
+        for field_name, address, _ in registers.input_spans():
+            print(f"  input {address}: {field_name.removeprefix('inputs.')}")
+        print(flush=True)
         await wait_for_stop_signal()
     return 0
 

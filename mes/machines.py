@@ -161,6 +161,11 @@ class InvalidRequestError(JobControlError):
     """The request itself is malformed (bad parameters, unknown work master)."""
 
 
+class CommandNotSupportedError(InvalidRequestError):
+    """The machine has no way to do this (a legacy machine without a pause coil cannot
+    pause): the port says what it cannot do instead of pretending."""
+
+
 class MachineSecurityError(JobControlError):
     """The controller refused the MES's credentials or security settings (an untrusted
     certificate, a wrong user or password, no endpoint with the configured policy), or the
@@ -243,8 +248,14 @@ class EquipmentAdapter(Protocol):
         every ``tick_s`` seconds meanwhile (an activity heartbeats there)."""
         ...
 
-    async def job_response(self, job_order_id: str) -> JobResponseData:
-        """What the machine reports it made, from what, and how well."""
+    async def job_response(
+        self, job_order_id: str, order: JobOrderData | None = None
+    ) -> JobResponseData:
+        """What the machine reports it made, from what, and how well.
+
+        ``order`` is the job as dispatched: a machine that only counts (Modbus) has the MES
+        build the material actuals from its requirements; one that reports them ignores it.
+        """
         ...
 
     async def capacity(self) -> JobCapacity:

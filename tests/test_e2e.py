@@ -285,9 +285,11 @@ async def test_master_data_and_health(stack: Stack) -> None:
     walk(tree)
     # Other tests share this database and add units of their own: check the sample plant's.
     plant_units = set(re.findall(r"\bWU-[A-Z0-9-]+", samples.plant_text()))
-    ours = [u for u in units if u["id"] in plant_units]
-    assert len(ours) >= 3
-    assert all(u["endpoint"]["url"] == stack.plc_url for u in ours)
+    urls = {u["id"]: u["endpoint"]["url"] for u in units if u["id"] in plant_units}
+    assert len(urls) >= 3
+    legacy = {unit: sim.url for unit, sim in stack.modbus.items()}
+    assert legacy == {"WU-LABELLER-1": legacy["WU-LABELLER-1"]}
+    assert urls == dict.fromkeys(set(urls) - set(legacy), stack.plc_url) | legacy
 
 
 async def test_workflow_histories_replay_deterministically(stack: Stack) -> None:

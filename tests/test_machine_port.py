@@ -9,6 +9,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 import pytest
 
 from adapters.machines import CONNECTORS, connect
+from adapters.modbus.client import ModbusJobClient
 from adapters.opcua.client import JobControlClient
 from mes.machines import Endpoint, EquipmentAdapter, InvalidRequestError, MachineConnector
 
@@ -18,12 +19,24 @@ def test_opcua_is_the_first_protocol_and_its_client_is_an_equipment_adapter() ->
     assert isinstance(session, JobControlClient)
     adapter: EquipmentAdapter = session  # the type checker holds the client to the port
     assert adapter is session
-    assert set(CONNECTORS) == {"opcua"}
+    assert set(CONNECTORS) == {"opcua", "modbus"}
+
+
+def test_modbus_is_the_second_protocol() -> None:
+    settings = {
+        "job": {"address": 100},
+        "coils": {"start": 0, "recipe_valid": 1},
+        "inputs": {"state": 0, "processed": 2, "defective": 4},
+    }
+    session = connect(Endpoint("modbus", "modbus://127.0.0.1:502", "Press", settings=settings))
+    assert isinstance(session, ModbusJobClient)
+    adapter: EquipmentAdapter = session
+    assert adapter is session
 
 
 def test_an_unknown_protocol_is_refused_for_good() -> None:
-    with pytest.raises(InvalidRequestError, match="'modbus' is not supported") as caught:
-        connect(Endpoint("modbus", "modbus://127.0.0.1:502", "Press"))
+    with pytest.raises(InvalidRequestError, match="'profinet' is not supported") as caught:
+        connect(Endpoint("profinet", "profinet://127.0.0.1", "Press"))
     assert caught.value.retryable is False
 
 

@@ -41,6 +41,8 @@ from mes.samples import plant_resource
 # The packaged sample plant; the tests run from the source tree, where it is a plain file.
 EXAMPLE = Path(str(plant_resource()))
 WORK_UNITS = ["WU-MIXER-1", "WU-MIXER-2", "WU-OVEN-1", "WU-OVEN-2", "WU-PACKER-2"]
+#: The legacy machine of the sample plant, reached over Modbus TCP.
+MODBUS_UNIT, MODBUS_URL = "WU-LABELLER-1", "modbus://127.0.0.1:5020"
 
 Data = dict[str, Any]
 
@@ -144,10 +146,13 @@ def test_example_describes_the_springfield_bakery() -> None:
     lines = site.children[0].children
     assert [line.id for line in lines] == ["LINE-1", "LINE-2"]
     units = {u.id: u for line in lines for u in line.children}
-    assert sorted(units) == WORK_UNITS
+    assert sorted(units) == sorted([*WORK_UNITS, MODBUS_UNIT])
     for wu_id, unit in units.items():
         assert unit.level == "WorkUnit"
         assert unit.endpoint is not None
+        if wu_id == MODBUS_UNIT:
+            assert (unit.endpoint.protocol, unit.endpoint.url) == ("modbus", MODBUS_URL)
+            continue
         assert (unit.endpoint.protocol, unit.endpoint.machine) == ("opcua", wu_id)
         assert unit.endpoint.url == "opc.tcp://127.0.0.1:4840/"
 
@@ -160,6 +165,7 @@ def test_example_describes_the_springfield_bakery() -> None:
     assert {r.product: [s.id for s in r.steps] for r in plant.routings} == {
         "BREAD-WHITE": ["MIX", "BAKE"],
         "ROLL-6PK": ["MIX", "BAKE", "PACK"],
+        "BREAD-WHITE-LBL": ["MIX", "BAKE", "LABEL"],
     }
     lots_per_raw = {
         m.id: [lot.id for lot in plant.lots if lot.material == m.id]
@@ -301,11 +307,11 @@ def test_opcua_url_points_every_work_unit_at_one_server(db: sessionmaker[Session
         return {wu["endpoint"]["url"] for line in lines for wu in line["children"]}
 
     load_plant_file(db, EXAMPLE, opcua_url="opc.tcp://127.0.0.1:48999/")
-    assert urls() == {"opc.tcp://127.0.0.1:48999/"}
+    assert urls() == {"opc.tcp://127.0.0.1:48999/", MODBUS_URL}
 
     report = load_plant_file(db, EXAMPLE)
     assert (report.created, report.updated) == (0, len(WORK_UNITS))
-    assert urls() == {"opc.tcp://127.0.0.1:4840/"}
+    assert urls() == {"opc.tcp://127.0.0.1:4840/", MODBUS_URL}
 
 
 # --- read helpers -----------------------------------------------------------------------------
@@ -333,6 +339,32 @@ def test_list_products(plant_db: sessionmaker[Session]) -> None:
                     "id": "BAKE",
                     "work_master": "WM-BAKE-LOAF",
                     "work_units": ["WU-OVEN-1", "WU-OVEN-2"],
+                },
+            ],
+        },
+        {
+            "id": "BREAD-WHITE-LBL",
+            "description": "White loaf 500 g, labelled for retail",
+            "unit": "ea",
+            "routing": "OD-BREAD-WHITE-LBL",
+            "steps": [
+                {
+                    "sequence": 1,
+                    "id": "MIX",
+                    "work_master": "WM-MIX-WHITE",
+                    "work_units": ["WU-MIXER-1", "WU-MIXER-2"],
+                },
+                {
+                    "sequence": 2,
+                    "id": "BAKE",
+                    "work_master": "WM-BAKE-LOAF",
+                    "work_units": ["WU-OVEN-1", "WU-OVEN-2"],
+                },
+                {
+                    "sequence": 3,
+                    "id": "LABEL",
+                    "work_master": "WM-LABEL-LOAF",
+                    "work_units": ["WU-LABELLER-1"],
                 },
             ],
         },
@@ -380,7 +412,11 @@ def test_equipment_tree(plant_db: sessionmaker[Session]) -> None:
         for line in area["children"]
     }
     assert shape == {
-        "LINE-1": [("WU-MIXER-1", "WorkUnit", []), ("WU-OVEN-1", "WorkUnit", [])],
+        "LINE-1": [
+            ("WU-LABELLER-1", "WorkUnit", []),
+            ("WU-MIXER-1", "WorkUnit", []),
+            ("WU-OVEN-1", "WorkUnit", []),
+        ],
         "LINE-2": [
             ("WU-MIXER-2", "WorkUnit", []),
             ("WU-OVEN-2", "WorkUnit", []),
@@ -434,7 +470,7 @@ BAD_FILES = [
     ),
     pytest.param(
         _duplicate_salt,
-        "materials[10] (SALT): duplicate id, first at materials[2]",
+        "materials[12] (SALT): duplicate id, first at materials[2]",
         id="duplicate-id",
     ),
     pytest.param(

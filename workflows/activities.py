@@ -239,7 +239,7 @@ class MesActivities:
     async def record_job_response(self, dispatch: Dispatch) -> JobOutcome:
         """Read the job response from the PLC and record it (genealogy, data, quality)."""
         async with self._plc(dispatch) as plc:
-            response = await plc.job_response(dispatch.order.job_order_id)
+            response = await plc.job_response(dispatch.order.job_order_id, dispatch.order)
         job_id = dispatch.order.job_order_id
 
         def record(s: Session) -> tuple[str, list[str], str]:

@@ -458,8 +458,11 @@ class JobControlClient:
     async def _find_state(self, job_order_id: str) -> JobState | None:
         return dict(await self.list_jobs()).get(job_order_id)
 
-    async def job_response(self, job_order_id: str) -> JobResponseData:
-        """The machine's job response (RequestJobResponseByJobOrderID), as plain data."""
+    async def job_response(
+        self, job_order_id: str, order: JobOrderData | None = None
+    ) -> JobResponseData:
+        """The machine's job response (RequestJobResponseByJobOrderID), as plain data; the
+        machine reports its material actuals itself, so ``order`` is not needed."""
         if self._results is None:
             self._require()
             raise RuntimeError("JobControlClient did not find JobOrderResults")

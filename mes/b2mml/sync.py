@@ -37,8 +37,9 @@ Equipment → ``equipment``
     ``EquipmentProperty`` IDs ControllerProtocol, ControllerURL, ControllerMachine and
     ControllerSecurity (``Value/ValueString``), and its settings from ControllerCertificate,
     ControllerPrivateKey, ControllerServerCertificate, ControllerUser, ControllerPasswordEnv
-    and ControllerPasswordFile (where the password is; a ControllerPassword is refused);
-    without them the stored endpoint stays.
+    and ControllerPasswordFile (where the password is; a ControllerPassword is refused); a
+    Modbus endpoint's register map is ControllerRegisterMap, a JSON object (``Value/
+    ValueString``, the plant file's ``settings``); without them the stored endpoint stays.
 OperationsDefinition → ``routings``
     ``ID``, first ``Description``; steps from each ``OperationsSegment`` in order: ``ID``,
     first ``Description``, work master from the first ``WorkMasterSourceID``, materials from
@@ -57,6 +58,7 @@ WorkMaster → ``work_masters``
 
 from __future__ import annotations
 
+import json
 from decimal import Decimal
 from typing import Any, cast
 
@@ -331,13 +333,22 @@ def _equipment(element: Element) -> dict[str, Any]:
     else:
         entry["level"] = level
     endpoint: dict[str, Any] = {}
-    settings: dict[str, str] = {}
+    settings: dict[str, Any] = {}
     for key, prop in _properties(element, "EquipmentProperty").items():
         value = child(prop, "Value")
         setting = _value_string(value) if value is not None else None
         if setting is None:
             continue
-        if key in _ENDPOINT_PROPERTIES:
+        if key == "controllerregistermap":
+            try:
+                registers = json.loads(setting)
+            except ValueError as exc:
+                registers = exc
+            if not isinstance(registers, dict):
+                problems.append(f"{where}: ControllerRegisterMap is not a JSON object")
+            else:
+                settings.update(registers)
+        elif key in _ENDPOINT_PROPERTIES:
             endpoint[_ENDPOINT_PROPERTIES[key]] = setting
         elif key in _ENDPOINT_SETTINGS:
             settings[_ENDPOINT_SETTINGS[key]] = setting

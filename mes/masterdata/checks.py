@@ -11,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from adapters.modbus.registers import RegisterMap
 from mes import units as unit_vocabulary
 from mes.masterdata.schema import (
     OPCUA_SECURITY,
@@ -542,10 +544,36 @@ def check_against_database(session: Session, plant: Plant, partial: bool = False
     return problems
 
 
+def _validation_problems(where: str, exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        # A model-level message starts with the setting it is about ("user: ...").
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}.{loc}: {message}" if loc else f"{where}.{message}")
+    return problems
+
+
+def _modbus_problems(where: str, endpoint: EndpointEntry) -> list[str]:
+    """A Modbus endpoint: a modbus://host:port URL, no security, its register map."""
+    problems = []
+    url = urlsplit(endpoint.url)
+    if url.scheme != "modbus" or not url.hostname:
+        problems.append(f"{where}.url: {endpoint.url!r} is not a modbus://host:port URL")
+    if endpoint.security != "None":
+        problems.append(f"{where}.security: Modbus has no security; it must be None")
+    try:
+        registers = RegisterMap.model_validate(endpoint.settings)
+    except ValidationError as exc:
+        return problems + _validation_problems(f"{where}.settings", exc)
+    return problems + [f"{where}.settings.{p}" for p in registers.problems()]
+
+
 def _endpoint_problems(where: str, endpoint: EndpointEntry) -> list[str]:
-    """An OPC UA endpoint's security and settings (``OpcUaSettings``); others are free-form."""
-    if endpoint.protocol != "opcua":
-        return []
+    """An OPC UA endpoint's security and settings (``OpcUaSettings``); a Modbus endpoint's
+    register map (``adapters.modbus.registers.RegisterMap``)."""
+    if endpoint.protocol == "modbus":
+        return _modbus_problems(where, endpoint)
     problems = []
     if endpoint.security not in OPCUA_SECURITY:
         problems.append(
@@ -554,14 +582,7 @@ def _endpoint_problems(where: str, endpoint: EndpointEntry) -> list[str]:
     try:
         settings = OpcUaSettings.model_validate(endpoint.settings)
     except ValidationError as exc:
-        for error in exc.errors():
-            loc = ".".join(str(part) for part in error["loc"])
-            # A model-level message starts with the setting it is about ("user: ...").
-            message = error["msg"].removeprefix("Value error, ")
-            problems.append(
-                f"{where}.settings.{loc}: {message}" if loc else f"{where}.settings.{message}"
-            )
-        return problems
+        return problems + _validation_problems(f"{where}.settings", exc)
     if endpoint.security != "None":
         needed = ("certificate", "private_key", "server_certificate")
         missing = [name for name in needed if getattr(settings, name) is None]

@@ -76,12 +76,13 @@ class EndpointEntry(_Entry):
     """How the MES reaches a work unit's controller.
 
     ``security`` is, for OPC UA, one of ``OPCUA_SECURITY`` and ``settings`` an
-    ``OpcUaSettings`` (certificates and login).
+    ``OpcUaSettings`` (certificates and login); for Modbus ``settings`` is the machine's
+    register map (``adapters.modbus.registers.RegisterMap``, its device id included).
     """
 
     protocol: Literal["opcua", "modbus"]
     url: Annotated[str, Field(min_length=1, max_length=500)]
-    #: The machine object on the server (OPC UA) or the unit id (Modbus); default: equipment id.
+    #: The machine object on the server (OPC UA) or its name (Modbus); default: equipment id.
     machine: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     security: Annotated[str, Field(max_length=50)] = "None"
     settings: dict[str, Any] = {}
