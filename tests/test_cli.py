@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest.mock import patch
 
 import yaml
 from sqlalchemy import func, select
 
+from mes.cli import main
 from mes.db import make_engine, make_sessionmaker
 from mes.models import Base
 from mes.samples import plant_file, plant_text
@@ -20,6 +24,18 @@ MES = str(Path(sys.executable).parent / "mes")
 def run(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"MES_DATABASE_URL": f"sqlite:///{tmp / 'cli.db'}"}
     return subprocess.run([MES, *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def run_here(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``mes`` run in this process (as ``run`` does in a new one, without its start-up)."""
+    out, err = io.StringIO(), io.StringIO()
+    env = {"MES_DATABASE_URL": f"sqlite:///{tmp / 'cli.db'}"}
+    with patch.dict(os.environ, env), redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def row_counts(tmp: Path) -> dict[str, int]:
@@ -90,8 +106,10 @@ def test_token_with_an_expiry(tmp_path: Path) -> None:
 
     from mes.auth import authenticate
 
-    assert run(tmp_path, "db", "upgrade").returncode == 0
-    made = run(tmp_path, "token", "create", "--role", "erp", "--name", "sap", "--expires-in", "30d")
+    assert run_here(tmp_path, "db", "upgrade").returncode == 0
+    made = run_here(
+        tmp_path, "token", "create", "--role", "erp", "--name", "sap", "--expires-in", "30d"
+    )
     assert made.returncode == 0, made.stderr
     token = made.stdout.strip()
     until = (datetime.now(UTC) + timedelta(days=2)).isoformat()
@@ -99,10 +117,12 @@ def test_token_with_an_expiry(tmp_path: Path) -> None:
         tmp_path, "token", "create", "--role", "auditor", "--name", "aud", "--expires-at", until
     )
     assert at.returncode == 0, at.stderr
-    forever = run(tmp_path, "token", "create", "--role", "admin", "--name", "ops")
+    forever = run_here(tmp_path, "token", "create", "--role", "admin", "--name", "ops")
     assert forever.returncode == 0, forever.stderr
 
-    bad = run(tmp_path, "token", "create", "--role", "erp", "--name", "x", "--expires-in", "30y")
+    bad = run_here(
+        tmp_path, "token", "create", "--role", "erp", "--name", "x", "--expires-in", "30y"
+    )
     assert bad.returncode == 1
     assert "expires_in" in bad.stderr
     past = run(
@@ -132,14 +152,16 @@ def test_token_with_an_expiry(tmp_path: Path) -> None:
     assert naive.returncode == 1
     assert "time zone" in naive.stderr
 
-    listed = {line.split()[0]: line for line in run(tmp_path, "token", "list").stdout.splitlines()}
+    listed = {
+        line.split()[0]: line for line in run_here(tmp_path, "token", "list").stdout.splitlines()
+    }
     assert set(listed) == {"sap", "aud", "ops"}
     expiry = listed["sap"].split("expires ")[1][:16]
     in_30_days = datetime.fromisoformat(expiry).replace(tzinfo=UTC) - datetime.now(UTC)
     assert timedelta(days=29, hours=23) < in_30_days <= timedelta(days=30)
     assert "expires -" in listed["ops"]
     assert all(line.endswith("active") for line in listed.values())
-    assert token not in run(tmp_path, "token", "list").stdout
+    assert token not in run_here(tmp_path, "token", "list").stdout
 
     engine = make_engine(f"sqlite:///{tmp_path / 'cli.db'}")
     with make_sessionmaker(engine)() as s:
