@@ -171,3 +171,10 @@ async def test_stop_reason_of_a_fault(pg_sessions: sessionmaker[Session]) -> Non
 
             await eventually(held_with_reason)
             await plc.abort("F-1")
+
+
+def test_cli_refuses_a_bad_share(capsys: pytest.CaptureFixture[str]) -> None:
+    from mes.cli import main
+
+    assert main(["collector", "--share", "2/2"]) == 2
+    assert "--share" in capsys.readouterr().err
