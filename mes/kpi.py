@@ -197,7 +197,7 @@ def oee(
         select(WorkMasterEquipment.equipment_id, func.min(WorkMasterEquipment.ideal_cycle_time_s))
         .where(WorkMasterEquipment.equipment_id.in_(ids))
         .group_by(WorkMasterEquipment.equipment_id)
-    ).tuples()
+    )
     ideal: dict[int, float] = {eid: seconds for eid, seconds in rows}  # noqa: C416
     intervals = session.scalars(
         select(EquipmentStateInterval).where(
