@@ -43,13 +43,15 @@ from mes.models import (
     JobResponse,
     LotDisposition,
     MaterialActual,
+    MaterialDefinition,
     MaterialLot,
     MaterialUse,
     OperationsRequest,
     SegmentRequirement,
     WorkMasterEquipment,
 )
-from mes.states import RequestState
+from mes.quantities import QuantityNumber
+from mes.states import OPEN_WORK_STATES, RequestState
 
 PACKML_EXECUTE = 6
 PACKML_STATE_NAMES = {
@@ -150,15 +152,9 @@ def _check_period(start: datetime, end: datetime) -> None:
         raise invalid("to", "must be after from")
 
 
-def _work_units(session: Session, root: Equipment) -> list[Equipment]:
+def _work_units(root: Equipment) -> list[Equipment]:
     """``root`` if it is a work unit, else the work units below it."""
-    found: list[Equipment] = []
-    todo = [root]
-    while todo:
-        node = todo.pop()
-        if node.equipment_level == EquipmentLevel.WORK_UNIT:
-            found.append(node)
-        todo.extend(node.children)
+    found = [e for e in _below(root) if e.equipment_level == EquipmentLevel.WORK_UNIT]
     return sorted(found, key=lambda e: e.external_id)
 
 
@@ -182,7 +178,7 @@ def oee(
     root = session.scalars(select(Equipment).where(Equipment.external_id == equipment)).first()
     if root is None:
         raise NotFound("equipment", equipment)
-    units = _work_units(session, root)
+    units = _work_units(root)
     step = BUCKET_LENGTH[bucket] if bucket else end - start
     if (end - start) / step > MAX_BUCKETS:
         raise invalid("bucket", f"more than {MAX_BUCKETS} buckets in the period; take a longer one")
@@ -375,3 +371,124 @@ def delivery(
         total=_group(session, None, orders, now),
         groups=[_group(session, k, v, now) for k, v in sorted(groups.items())],
     )
+
+
+# --- throughput and work in progress ----------------------------------------------------------
+
+
+class ProducedOut(BaseModel):
+    material: str
+    unit: str
+    quantity: QuantityNumber
+    per_hour: float
+
+
+class LineThroughputOut(BaseModel):
+    line: str
+    work_units: list[str]
+    work_orders_completed: int
+    produced: list[ProducedOut]
+    #: Open work orders on the line's work units now, by state (Waiting, Ready, Running, Held).
+    wip: dict[str, int]
+    wip_total: int
+
+
+class ThroughputOut(BaseModel):
+    start: datetime
+    end: datetime
+    lines: list[LineThroughputOut]
+
+
+def throughput(
+    session: Session, start: datetime, end: datetime, equipment: str | None = None
+) -> ThroughputOut:
+    """Per production line (all, or those at or below ``equipment``): the work orders its
+    work units completed in [start, end), what they produced (per material and unit, and per
+    hour of the period), and the work orders open on them now (WIP)."""
+    _check_period(start, end)
+    if equipment is None:
+        lines = list(
+            session.scalars(
+                select(Equipment)
+                .where(Equipment.equipment_level == EquipmentLevel.PRODUCTION_LINE)
+                .order_by(Equipment.external_id)
+            )
+        )
+    else:
+        root = session.scalars(select(Equipment).where(Equipment.external_id == equipment)).first()
+        if root is None:
+            raise NotFound("equipment", equipment)
+        lines = [e for e in _below(root) if e.equipment_level == EquipmentLevel.PRODUCTION_LINE]
+    hours = (end - start).total_seconds() / 3600
+    out: list[LineThroughputOut] = []
+    for line in sorted(lines, key=lambda e: e.external_id):
+        units = _work_units(line)
+        ids = [u.id for u in units]
+        completed = (
+            session.scalar(
+                select(func.count()).where(
+                    JobOrder.equipment_id.in_(ids),
+                    JobOrder.state == RequestState.COMPLETED,
+                    JobOrder.ended_at >= start,
+                    JobOrder.ended_at < end,
+                )
+            )
+            or 0
+        )
+        produced = session.execute(
+            select(
+                MaterialDefinition.external_id,
+                MaterialActual.unit,
+                func.sum(MaterialActual.quantity),
+            )
+            .join(
+                MaterialDefinition, MaterialActual.material_definition_id == MaterialDefinition.id
+            )
+            .join(JobResponse, MaterialActual.job_response_id == JobResponse.id)
+            .join(JobOrder, JobResponse.job_order_id == JobOrder.id)
+            .where(
+                JobOrder.equipment_id.in_(ids),
+                MaterialActual.use == MaterialUse.PRODUCED,
+                JobOrder.ended_at >= start,
+                JobOrder.ended_at < end,
+            )
+            .group_by(MaterialDefinition.external_id, MaterialActual.unit)
+            .order_by(MaterialDefinition.external_id, MaterialActual.unit)
+        )
+        wip = {
+            str(state): int(n)
+            for state, n in session.execute(
+                select(JobOrder.state, func.count())
+                .where(JobOrder.equipment_id.in_(ids), JobOrder.state.in_(OPEN_WORK_STATES))
+                .group_by(JobOrder.state)
+            )
+        }
+        out.append(
+            LineThroughputOut(
+                line=line.external_id,
+                work_units=[u.external_id for u in units],
+                work_orders_completed=completed,
+                produced=[
+                    ProducedOut(
+                        material=m,
+                        unit=u,
+                        quantity=Decimal(q),
+                        per_hour=float(q) / hours,
+                    )
+                    for m, u, q in produced
+                ],
+                wip=wip,
+                wip_total=sum(wip.values()),
+            )
+        )
+    return ThroughputOut(start=start, end=end, lines=out)
+
+
+def _below(root: Equipment) -> list[Equipment]:
+    """``root`` and everything below it."""
+    found, todo = [], [root]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        todo.extend(node.children)
+    return found

@@ -25,9 +25,16 @@ from mes.models import (
     EquipmentCount,
     EquipmentLevel,
     EquipmentStateInterval,
+    JobOrder,
+    JobResponse,
+    LotDisposition,
+    MaterialActual,
     MaterialDefinition,
+    MaterialLot,
     OperationsDefinition,
     OperationsRequest,
+    OperationsSegment,
+    SegmentRequirement,
     WorkMaster,
     WorkMasterEquipment,
 )
@@ -285,3 +292,137 @@ async def test_delivery_by_hand(api: httpx.AsyncClient, pg_sessions: sessionmake
     )
     assert r.status_code == 400
     assert "group_by" in r.text
+
+
+def add_order(
+    s: Session,
+    tag: str,
+    name: str,
+    unit: Equipment,
+    *,
+    due: datetime,
+    completed: datetime | None,
+    made: int,
+    job_state: str,
+    rejected: bool = False,
+) -> None:
+    """An order of 10 of a new product, with one step and one work order on ``unit`` that
+    made ``made`` items (a lot Rejected with ``rejected``)."""
+    md = MaterialDefinition(external_id=f"P-{tag}-{name}", unit="ea")
+    wm = WorkMaster(external_id=f"WM-{tag}-{name}")
+    s.add_all([md, wm])
+    s.flush()
+    od = OperationsDefinition(external_id=f"OD-{tag}-{name}", material_definition_id=md.id)
+    s.add(od)
+    s.flush()
+    seg = OperationsSegment(
+        operations_definition_id=od.id, external_id="S1", sequence=1, work_master_id=wm.id
+    )
+    order = OperationsRequest(
+        external_id=f"ORD-{tag}-{name}",
+        operations_definition_id=od.id,
+        material_definition_id=md.id,
+        quantity=Decimal(10),
+        unit="ea",
+        due=due,
+        state="Completed" if completed else "Running",
+        request_hash="x",
+        workflow_id=f"wf-{tag}-{name}",
+        created_at=due - timedelta(hours=3),
+        completed_at=completed,
+    )
+    s.add_all([seg, order])
+    s.flush()
+    step = SegmentRequirement(
+        operations_request_id=order.id,
+        operations_segment_id=seg.id,
+        sequence=1,
+        quantity=Decimal(10),
+        unit="ea",
+        state=job_state,
+    )
+    s.add(step)
+    s.flush()
+    job = JobOrder(
+        external_id=f"JO-{tag}-{name}",
+        segment_requirement_id=step.id,
+        work_master_id=wm.id,
+        equipment_id=unit.id,
+        state=job_state,
+        ended_at=completed,
+    )
+    s.add(job)
+    s.flush()
+    if not made:
+        return
+    lot = MaterialLot(
+        external_id=f"LOT-{tag}-{name}",
+        material_definition_id=md.id,
+        quantity=Decimal(made),
+        unit="ea",
+        disposition=LotDisposition.REJECTED if rejected else LotDisposition.RELEASED,
+    )
+    response = JobResponse(external_id=f"JR-{tag}-{name}", job_order_id=job.id, state="Ended")
+    s.add_all([lot, response])
+    s.flush()
+    s.add(
+        MaterialActual(
+            job_response_id=response.id,
+            material_definition_id=md.id,
+            material_lot_id=lot.id,
+            use="Produced",
+            quantity=Decimal(made),
+            unit="ea",
+        )
+    )
+
+
+async def test_otif_throughput_and_wip(
+    api: httpx.AsyncClient, pg_sessions: sessionmaker[Session]
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    t = datetime(2021, 6, 1, tzinfo=UTC) + timedelta(minutes=int(tag, 16) % 100000)
+    h = timedelta(hours=1)
+    with pg_sessions() as s, s.begin():
+        site = add_equipment(s, f"SITE-{tag}", EquipmentLevel.SITE)
+        line = add_equipment(s, f"LINE-{tag}", EquipmentLevel.PRODUCTION_LINE, site)
+        u1 = add_equipment(s, f"U1-{tag}", EquipmentLevel.WORK_UNIT, line)
+        u2 = add_equipment(s, f"U2-{tag}", EquipmentLevel.WORK_UNIT, line)
+        # In full; on time but its lot rejected; running late; waiting (due later).
+        add_order(
+            s, tag, "full", u1, due=t + 2 * h, completed=t + h, made=10, job_state="Completed"
+        )
+        add_order(
+            s, tag, "rej", u1, due=t + 2 * h, completed=t + h, made=10, job_state="Completed",
+            rejected=True,
+        )  # fmt: skip
+        add_order(s, tag, "run", u2, due=t + 3 * h, completed=None, made=0, job_state="Running")
+        add_order(s, tag, "wait", u2, due=t + 30 * h, completed=None, made=0, job_state="Waiting")
+    auditor = token(pg_sessions, "auditor")
+    period = {"from": t.isoformat(), "to": (t + 4 * h).isoformat()}
+
+    r = await api.get("/api/v1/kpi/delivery", params=period, headers=auditor)
+    assert r.status_code == 200, r.text
+    total = r.json()["total"]
+    assert (total["orders_due"], total["on_time"], total["on_time_in_full"]) == (3, 2, 1)
+    assert total["otd"] == pytest.approx(2 / 3)
+    assert total["otif"] == pytest.approx(1 / 3)
+    assert [o["order"] for o in total["late_orders"]] == [f"ORD-{tag}-run"]
+
+    r = await api.get(
+        "/api/v1/kpi/throughput", params={**period, "equipment": f"SITE-{tag}"}, headers=auditor
+    )
+    assert r.status_code == 200, r.text
+    (only,) = r.json()["lines"]
+    assert only["line"] == f"LINE-{tag}"
+    assert only["work_orders_completed"] == 2
+    assert only["produced"] == [
+        {"material": f"P-{tag}-full", "unit": "ea", "quantity": 10, "per_hour": 2.5},
+        {"material": f"P-{tag}-rej", "unit": "ea", "quantity": 10, "per_hour": 2.5},
+    ]
+    assert only["wip"] == {"Running": 1, "Waiting": 1}
+    assert only["wip_total"] == 2
+    r = await api.get(
+        "/api/v1/kpi/throughput", params={**period, "equipment": "NOPE"}, headers=auditor
+    )
+    assert r.status_code == 404

@@ -87,3 +87,26 @@ class KpiController(Controller):
                 group_by=group_by,
             )
         )
+
+    @get(
+        "/throughput",
+        summary="Throughput and work in progress (WIP) per production line",
+        description=(
+            "Per production line (all, or those at or below `equipment`): the work orders its "
+            "work units completed in [from, to), what they produced per material and unit (and "
+            "per hour of the period), and the work orders open on them now, by state. "
+            + roles_note(READ_SHOP_FLOOR)
+        ),
+    )
+    async def throughput(
+        self,
+        db: NamedDependency[Database],
+        start: Annotated[str, FROM],
+        end: Annotated[str, TO],
+        equipment: Annotated[
+            str | None,
+            QueryParameter(min_length=1, max_length=100, description="A site, area or line"),
+        ] = None,
+    ) -> kpi.ThroughputOut:
+        begin, finish = kpi.moment("from", start), kpi.moment("to", end)
+        return await db.run(partial(kpi.throughput, start=begin, end=finish, equipment=equipment))
