@@ -24,6 +24,7 @@ from mes.api.erp import B2mmlController, ErpClientController, PerformanceControl
 from mes.api.genealogy import GenealogyController
 from mes.api.kpi import KpiController
 from mes.api.master_data import MasterDataController
+from mes.api.metrics import metrics_route
 from mes.api.problems import EXCEPTION_HANDLERS, problem
 from mes.api.production_orders import ProductionOrderController
 from mes.api.quality import QualityController
@@ -74,6 +75,7 @@ def create_app(
             ErpClientController,
             PerformanceController,
             KpiController,
+            metrics_route(settings.metrics_public),
             health,
         ],
         middleware=[AUTH_MIDDLEWARE],
@@ -107,6 +109,7 @@ def create_app(
                 Tag(name="audit", description="The hash-chained audit trail"),
                 Tag(name="tokens", description="API tokens and roles"),
                 Tag(name="KPIs", description="OEE (ISO 22400-2) and on-time delivery"),
+                Tag(name="operations", description="Prometheus metrics"),
                 Tag(name="B2MML", description="ISA-95 messages in B2MML V0701; ERP callbacks"),
             ],
             components=Components(
