@@ -2,7 +2,8 @@
 
 OEE of a work unit over a period, from the collector's rows (``mes.collector``):
 
-- PBT, planned busy time: the period (no work calendar yet: every hour is planned);
+- PBT, planned busy time: the period within the work calendar's shifts, minus its planned
+  downtime (the unit's calendar, else its nearest ancestor's; none: all of the period);
 - APT, actual production time: the time the unit spent in PackML Execute (6);
 - PQ, produced quantity, and SQ, scrap quantity: the sums of the processed and defective
   counter deltas stamped in the period; GQ, good quantity = PQ - SQ;
@@ -34,6 +35,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from mes.errors import NotFound, invalid
+from mes.masterdata.schema import CalendarEntry
 from mes.models import (
     Equipment,
     EquipmentCount,
@@ -158,6 +160,49 @@ def _work_units(root: Equipment) -> list[Equipment]:
     return sorted(found, key=lambda e: e.external_id)
 
 
+def _calendar_of(unit: Equipment) -> CalendarEntry | None:
+    """The work calendar of ``unit``: its own, else its nearest ancestor's."""
+    node: Equipment | None = unit
+    while node is not None:
+        if node.calendar is not None:
+            return CalendarEntry.model_validate(node.calendar)
+        node = node.parent
+    return None
+
+
+def _union(spans: list[tuple[datetime, datetime]]) -> list[tuple[datetime, datetime]]:
+    merged: list[tuple[datetime, datetime]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def planned_seconds(calendar: CalendarEntry | None, w0: datetime, w1: datetime) -> float:
+    """Planned busy time in [w0, w1): the calendar's shifts (none: all of it) minus its
+    planned downtime; no calendar: all of it."""
+    if calendar is None:
+        return (w1 - w0).total_seconds()
+    spans = [(w0, w1)]
+    if calendar.shifts:
+        spans = []
+        day = w0.astimezone(UTC).date() - timedelta(days=1)
+        while day <= w1.astimezone(UTC).date():
+            for shift in calendar.shifts:
+                a = datetime.combine(day, shift.start, UTC)
+                b = datetime.combine(day, shift.end, UTC)
+                b += timedelta(days=1) if b <= a else timedelta(0)
+                spans.append((max(a, w0), min(b, w1)))
+            day += timedelta(days=1)
+    working = _union([(a, b) for a, b in spans if a < b])
+    down = _union([(d.start, d.end) for d in calendar.planned_downtime])
+    return sum(
+        (b - a).total_seconds() - sum(_overlap(a, b, d0, d1) for d0, d1 in down) for a, b in working
+    )
+
+
 def _overlap(a0: datetime, a1: datetime, b0: datetime, b1: datetime) -> float:
     return max(0.0, (min(a1, b1) - max(a0, b0)).total_seconds())
 
@@ -209,10 +254,11 @@ def oee(
             EquipmentCount.at < end,
         )
     ).all()
-    length = (end - start).total_seconds()
-    total.pbt = length * len(units)
-    for sums, (w0, w1) in zip(per, windows, strict=True):
-        sums.pbt = (w1 - w0).total_seconds() * len(units)
+    for unit in units:
+        calendar = _calendar_of(unit)
+        total.pbt += planned_seconds(calendar, start, end)
+        for sums, (w0, w1) in zip(per, windows, strict=True):
+            sums.pbt += planned_seconds(calendar, w0, w1)
     for iv in intervals:
         i1 = iv.ended_at or max(now, iv.started_at)
         for sums, (w0, w1) in [*zip(per, windows, strict=True), (total, (start, end))]:

@@ -139,6 +139,9 @@ class Equipment(Base):
     description: Mapped[str] = mapped_column(String(500), default="")
     equipment_level: Mapped[str] = mapped_column(String(40))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("equipment.id"), index=True)
+    #: Its work calendar (``mes.masterdata.schema.CalendarEntry`` as JSON): shifts and
+    #: planned downtime; None: its parent's, or around the clock.
+    calendar: Mapped[dict[str, Any] | None] = mapped_column()
 
     parent: Mapped[Equipment | None] = relationship(remote_side=[id], back_populates="children")
     children: Mapped[list[Equipment]] = relationship(

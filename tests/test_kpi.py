@@ -9,17 +9,22 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from litestar.testing import AsyncTestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.opcua.simulator import PlcSimulator, SimUnit
 from mes.api.app import create_app
 from mes.auth import create_token
 from mes.collector import collector_running
+from mes.kpi import planned_seconds
+from mes.masterdata import load_plant_file
+from mes.masterdata.schema import CalendarEntry
 from mes.models import (
     Equipment,
     EquipmentCount,
@@ -426,3 +431,78 @@ async def test_otif_throughput_and_wip(
         "/api/v1/kpi/throughput", params={**period, "equipment": "NOPE"}, headers=auditor
     )
     assert r.status_code == 404
+
+
+def test_planned_seconds_of_a_calendar() -> None:
+    day = datetime(2026, 12, 1, tzinfo=UTC)
+    cal = CalendarEntry.model_validate(
+        {
+            "shifts": [
+                {"name": "Early", "start": "06:00", "end": "14:00"},
+                {"name": "Night", "start": "22:00", "end": "06:00"},  # into the next day
+            ],
+            "planned_downtime": [
+                {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T09:00:00Z"},
+                {"start": "2026-12-01T08:00:00Z", "end": "2026-12-01T10:00:00Z"},  # overlaps
+            ],
+        }
+    )
+    # 00-06 (the night from the day before) + 06-14 + 22-24 = 16 h, minus 07-10 = 13 h.
+    assert planned_seconds(cal, day, day + timedelta(days=1)) == 13 * 3600
+    assert planned_seconds(cal, day + timedelta(hours=14), day + timedelta(hours=22)) == 0
+    assert planned_seconds(None, day, day + timedelta(hours=2)) == 7200
+    no_shifts = CalendarEntry.model_validate(
+        {"planned_downtime": [{"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T09:00:00Z"}]}
+    )
+    assert planned_seconds(no_shifts, day, day + timedelta(days=1)) == 22 * 3600
+
+
+async def test_oee_planned_busy_time_follows_the_line_calendar(
+    api: httpx.AsyncClient, pg_sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    plant = tmp_path / "plant.yaml"
+    plant.write_text(
+        f"""
+equipment:
+  - id: LINE-CAL-{tag}
+    level: ProductionLine
+    calendar:
+      shifts: [{{name: Day, start: "06:00", end: "18:00"}}]
+      planned_downtime:
+        - {{start: "2026-12-01T10:00:00Z", end: "2026-12-01T11:00:00Z", reason: cleaning}}
+    children:
+      - {{id: WU-CAL-{tag}, level: WorkUnit}}
+""",
+        encoding="utf-8",
+    )
+    load_plant_file(pg_sessions, plant)
+    with pg_sessions() as s, s.begin():
+        unit = s.scalars(select(Equipment).where(Equipment.external_id == f"WU-CAL-{tag}")).one()
+        assert unit.parent is not None
+        assert unit.parent.calendar is not None
+        day = datetime(2026, 12, 1, tzinfo=UTC)
+        s.add(
+            EquipmentStateInterval(
+                equipment_id=unit.id,
+                state=EXECUTE,
+                started_at=day + timedelta(hours=6),
+                ended_at=day + timedelta(hours=16),
+            )
+        )
+    r = await api.get(
+        "/api/v1/kpi/oee",
+        params={
+            "equipment": f"LINE-CAL-{tag}",
+            "from": day.isoformat(),
+            "to": (day + timedelta(days=1)).isoformat(),
+            "bucket": "shift",
+        },
+        headers=token(pg_sessions, "supervisor"),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    # 06-18 minus the hour of cleaning: 11 h planned; 10 h executed.
+    assert body["total"]["planned_busy_time_s"] == 11 * 3600
+    assert body["total"]["availability"] == pytest.approx(10 / 11)
+    assert [b["planned_busy_time_s"] for b in body["buckets"]] == [2 * 3600, 7 * 3600, 2 * 3600]

@@ -1,4 +1,4 @@
-"""machine data: PackML state intervals and counter deltas per work unit (OEE)
+"""machine data: PackML state intervals and counter deltas per work unit (OEE); calendars
 
 Revision ID: 0014
 Revises: 0013
@@ -6,7 +6,8 @@ Create Date: 2026-12-02 10:00:00.000000
 
 Written by the collector (``mes.collector``), read by the KPIs (``mes.kpi``). Both tables
 grow with time and are read by (equipment, time): one index each on that pair. See README
-"KPIs" for their size over a year and how to partition them on PostgreSQL.
+"KPIs" for their size over a year and how to partition them on PostgreSQL. An equipment's
+work calendar (shifts, planned downtime) is a JSON column of ``equipment``.
 """
 
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("equipment") as batch:
+        batch.add_column(sa.Column("calendar", sa.JSON(), nullable=True))
     op.create_table(
         "equipment_state_interval",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -67,3 +70,5 @@ def downgrade() -> None:
     op.drop_table("equipment_count")
     op.drop_index("ix_equipment_state_interval_equipment", table_name="equipment_state_interval")
     op.drop_table("equipment_state_interval")
+    with op.batch_alter_table("equipment") as batch:
+        batch.drop_column("calendar")
