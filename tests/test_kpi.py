@@ -5,6 +5,7 @@ orders; roles and bad input."""
 from __future__ import annotations
 
 import asyncio
+import random
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from litestar.testing import AsyncTestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from adapters.opcua.simulator import PlcSimulator, SimUnit
+from adapters.opcua.simulator import PlcSimulator, SimUnit, Stoppages
 from mes.api.app import create_app
 from mes.auth import create_token
 from mes.collector import collector_running
@@ -196,10 +197,35 @@ async def test_oee_of_a_hand_built_history(
 async def test_oee_of_a_seeded_simulator_run(
     api: httpx.AsyncClient, pg_sessions: sessionmaker[Session]
 ) -> None:
-    """4 jobs of 8 items, 0.4 s each, a quarter defective: by hand PQ 32, SQ 8, quality 0.75,
-    APT 1.6 s (to 0.15 s: the server stamps the states), performance = 0.05 x 32 / APT."""
+    """6 jobs of 8 items at speed 2 (0.4 s cycle: 0.2 s each), a quarter defective, faults and
+    micro-stops drawn from seed 7. By hand: PQ 48, SQ 12, quality 0.75 (exact); APT 1.2 s;
+    each fault 0.4 s Held with its reason, each micro-stop 0.2 s Suspended; performance =
+    0.05 x 48 / APT. Times to 0.15 s (the server stamps the states as they change)."""
     machine = f"WU-SEEDED-{uuid.uuid4().hex[:6]}"
-    spec = SimUnit(machine, cycle_time_s=0.4, defect_rate=0.25, measured={}, seed=7)
+    plan = Stoppages(micro_stop_rate=0.3, micro_stop_s=0.2, fault_rate=0.3, fault_s=0.4)
+    spec = SimUnit(
+        machine,
+        cycle_time_s=0.4,
+        speed=2.0,
+        defect_rate=0.25,
+        measured={},
+        seed=7,
+        stoppages=plan,
+    )
+    # The stoppages by hand: the simulator's draws, three per job, from its seed and name.
+    rng = random.Random(f"7|{machine}|stops")
+    faults: dict[int, float] = {}
+    micro = 0.0
+    for _ in range(6):
+        u, _at, pick = rng.random(), rng.uniform(0.2, 0.8), rng.random()
+        if u < 0.3:
+            reason = plan.fault_reasons[int(pick * 3)]
+            faults[reason] = faults.get(reason, 0.0) + 0.4
+        elif u < 0.6:
+            micro += 0.2
+    assert faults
+    assert micro  # seed 7 gives both kinds
+
     async with PlcSimulator([spec]) as sim:
         unit_id = add_unit(pg_sessions, sim.url, machine)
         with pg_sessions() as s, s.begin():
@@ -207,8 +233,8 @@ async def test_oee_of_a_seeded_simulator_run(
         async with collector_running(pg_sessions, publish_ms=50):
             await asyncio.sleep(0.5)
             start = datetime.now(UTC)
-            await run_jobs(sim.url, machine, "S", 4, 8)
-            await eventually(lambda: totals(pg_sessions, unit_id) == (32, 8))
+            await run_jobs(sim.url, machine, "S", 6, 8)
+            await eventually(lambda: totals(pg_sessions, unit_id) == (48, 12))
             await asyncio.sleep(0.3)
             end = datetime.now(UTC)
     r = await api.get(
@@ -217,17 +243,21 @@ async def test_oee_of_a_seeded_simulator_run(
         headers=token(pg_sessions, "supervisor"),
     )
     assert r.status_code == 200, r.text
-    total = r.json()["total"]
-    assert total["produced_quantity"] == 32
-    assert total["scrap_quantity"] == 8
+    body = r.json()
+    total = body["total"]
+    assert (total["produced_quantity"], total["scrap_quantity"]) == (48, 12)
     assert total["quality"] == 0.75
     pbt = (end - start).total_seconds()
     assert total["planned_busy_time_s"] == pytest.approx(pbt, abs=1e-3)
     apt = total["actual_production_time_s"]
-    assert apt == pytest.approx(1.6, abs=0.15)
+    assert apt == pytest.approx(1.2, abs=0.15)
     assert total["availability"] == pytest.approx(apt / pbt)
-    assert total["performance"] == pytest.approx(0.05 * 32 / 1.6, rel=0.1)
-    assert total["oee"] == pytest.approx((1.6 / pbt) * (0.05 * 32 / 1.6) * 0.75, rel=0.1)
+    assert total["performance"] == pytest.approx(0.05 * 48 / 1.2, rel=0.12)
+    assert total["oee"] == pytest.approx((1.2 / pbt) * (0.05 * 48 / 1.2) * 0.75, rel=0.12)
+    downtime = {(d["state"], d["stop_reason"]): d["seconds"] for d in body["top_downtime"]}
+    for reason, seconds in faults.items():
+        assert downtime[("Held", reason)] == pytest.approx(seconds, abs=0.15)
+    assert downtime[("Suspended", 1)] == pytest.approx(micro, abs=0.15)
 
 
 async def test_delivery_by_hand(api: httpx.AsyncClient, pg_sessions: sessionmaker[Session]) -> None:
