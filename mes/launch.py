@@ -53,7 +53,13 @@ from temporalio.client import Client
 from adapters.erp.receiver import MESSAGES_PATH, ErpReceiver, ReceivedMessage, format_message
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
 from adapters.opcua.security import ServerSecurity, make_certificate
-from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, MeasuredFault, PlcSimulator, SimUnit
+from adapters.opcua.simulator import (
+    DEFAULT_MAX_JOB_ORDERS,
+    MeasuredFault,
+    PlcSimulator,
+    SimUnit,
+    Stoppages,
+)
 from mes import masterdata, samples
 from mes.audit_checkpoints import ensure_key
 from mes.auth import create_token
@@ -452,13 +458,14 @@ def simulated_units(
     cycle_time_s: float | None = None,
     faults: Mapping[str, MeasuredFault] | None = None,
     seed: int = 0,
+    stoppages: Stoppages | None = None,
 ) -> list[SimUnit]:
     """One simulated PLC per OPC UA work unit, measuring what its work masters test.
 
     The nominal of each measured value is the middle of its test limits; the cycle time is
     the work unit's ideal cycle time (or ``cycle_time_s`` when given, to keep a demo short).
     ``faults`` (by measured value) make the units that measure it go out of specification,
-    drawn from ``seed``.
+    drawn from ``seed``; so are the ``stoppages`` (faults, micro-stops) of every unit.
     """
     units: list[SimUnit] = []
     rows = session.scalars(
@@ -487,6 +494,7 @@ def simulated_units(
                 measured=measured,
                 faults={k: v for k, v in (faults or {}).items() if k in measured},
                 seed=seed,
+                stoppages=stoppages or Stoppages(),
             )
         )
     return units
@@ -524,6 +532,7 @@ async def embedded_stack(
     measured_faults: Mapping[str, MeasuredFault] | None = None,
     sim_seed: int = 0,
     opcua_pki: Path | None = None,
+    sim_stoppages: Stoppages | None = None,
 ) -> AsyncIterator[Stack]:
     """Migrate the database (as ``mes db upgrade`` does: as the owner, granting the app
     role), make the audit key if the settings name one that is missing, load the plant (the
@@ -534,7 +543,8 @@ async def embedded_stack(
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
     and the erp token's client reports to it in that format. ``measured_faults`` and
     ``sim_seed`` make the simulated units' measured values go out of specification now and
-    then (see ``simulated_units``). With ``opcua_pki`` (a folder,
+    then, and ``sim_stoppages`` make them stop now and then (see ``simulated_units``). With
+    ``opcua_pki`` (a folder,
     see :class:`DevPki`) the simulator requires Basic256Sha256 SignAndEncrypt, a certificate
     it trusts and a user name and password, and every OPC UA endpoint is set up for it.
     """
@@ -552,7 +562,7 @@ async def embedded_stack(
         endpoint = pki.endpoint() if pki is not None else None
         await asyncio.to_thread(load_plant, sessions, plant_file, plc_url, "system", endpoint)
         with sessions() as s:
-            units = simulated_units(s, cycle_time_s, measured_faults, sim_seed)
+            units = simulated_units(s, cycle_time_s, measured_faults, sim_seed, sim_stoppages)
         # A random suffix, so that a second run on the same database adds new tokens.
         suffix = secrets.token_hex(3)
         tokens = issue_role_tokens(sessions, token_prefix, suffix)
