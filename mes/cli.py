@@ -46,6 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default=None)
     serve.add_argument("--port", type=int, default=None)
     sub.add_parser("worker", help="run a Temporal worker (uses MES_* settings)")
+    col = sub.add_parser(
+        "collector", help="follow the work units' PackML states and counters (for OEE)"
+    )
+    col.add_argument(
+        "--share",
+        default="0/1",
+        help="K/N: follow the work units whose id %% N == K (default 0/1: all)",
+    )
     db = sub.add_parser("db", help="database schema")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     up = db_sub.add_parser(
@@ -174,6 +182,15 @@ async def _service(settings: Settings, args: argparse.Namespace) -> int:
         return await launch.serve_api(settings, host, args.port or settings.api_port)
     if args.command == "worker":
         return await launch.run_worker(settings)
+    if args.command == "collector":
+        from mes.collector import Share
+
+        try:
+            share = Share.parse(args.share)
+        except ValueError as exc:
+            print(f"mes collector: --share: {exc}", file=sys.stderr)
+            return 2
+        return await launch.run_collector(settings, share)
     if args.command == "sim" and args.sim_command == "opcua":
         names = args.names.split(",") if args.names else None
         return await launch.run_plc_simulator(

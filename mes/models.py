@@ -19,6 +19,8 @@ Families:
 - performance: ``job_response``, ``material_actual``, ``segment_data``;
 - quality: ``test_specification``, ``test_result``, ``nonconformance`` (an out-of-spec lot
   held until a supervisor disposes of it);
+- machine data: ``equipment_state_interval`` and ``equipment_count`` (PackML states and
+  counters, for OEE);
 - ``audit_event``.
 """
 
@@ -31,6 +33,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -136,6 +139,9 @@ class Equipment(Base):
     description: Mapped[str] = mapped_column(String(500), default="")
     equipment_level: Mapped[str] = mapped_column(String(40))
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("equipment.id"), index=True)
+    #: Its work calendar (``mes.masterdata.schema.CalendarEntry`` as JSON): shifts and
+    #: planned downtime; None: its parent's, or around the clock.
+    calendar: Mapped[dict[str, Any] | None] = mapped_column()
 
     parent: Mapped[Equipment | None] = relationship(remote_side=[id], back_populates="children")
     children: Mapped[list[Equipment]] = relationship(
@@ -161,6 +167,39 @@ class ControllerEndpoint(Base):
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
     equipment: Mapped[Equipment] = relationship(back_populates="endpoint")
+
+
+class EquipmentStateInterval(Base):
+    """A stretch of time one work unit spent in one PackML state (OPC 30050 StateCurrent),
+    with the machine's stop reason (``Admin.StopReason``) if it gave one; ``ended_at`` is
+    None while the unit is still in it. Written by the collector (``mes.collector``)."""
+
+    __tablename__ = "equipment_state_interval"
+    __table_args__ = (Index("ix_equipment_state_interval_equipment", "equipment_id", "started_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"))
+    state: Mapped[int] = mapped_column(Integer)
+    stop_reason: Mapped[int | None] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column()
+    ended_at: Mapped[datetime | None] = mapped_column()
+
+
+class EquipmentCount(Base):
+    """What one work unit processed (and how much of it was defective) since the previous
+    row, from its PackML ``Admin.ProdProcessedCount`` / ``ProdDefectiveCount``; the totals
+    are the counters as read, so a restarted collector continues from them."""
+
+    __tablename__ = "equipment_count"
+    __table_args__ = (Index("ix_equipment_count_equipment", "equipment_id", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"))
+    at: Mapped[datetime] = mapped_column()
+    processed_delta: Mapped[int] = mapped_column(Integer)
+    defective_delta: Mapped[int] = mapped_column(Integer)
+    processed_total: Mapped[int] = mapped_column(BigInteger)
+    defective_total: Mapped[int] = mapped_column(BigInteger)
 
 
 # --- material -------------------------------------------------------------------------------

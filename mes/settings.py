@@ -50,6 +50,8 @@ class Settings:
     audit_checkpoint_seconds: float = 60.0
     #: ... and as soon as this many events were added since the last one.
     audit_checkpoint_events: int = 1000
+    #: ``GET /metrics`` without a token (for a scraper on a trusted network).
+    metrics_public: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -82,4 +84,5 @@ class Settings:
             audit_checkpoint_events=int(
                 e.get("MES_AUDIT_CHECKPOINT_EVENTS", d.audit_checkpoint_events)
             ),
+            metrics_public=e.get("MES_METRICS_PUBLIC", "") in ("1", "true", "yes"),
         )

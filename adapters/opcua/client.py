@@ -58,6 +58,7 @@ from mes.machines import (
     UnableToAcceptJobOrderError,
     UnknownJobOrderError,
 )
+from mes.metrics import PLC_CALL_SECONDS, PLC_CALLS, PLC_ERRORS
 
 # Errors are tested in this order when a ReturnStatus carries several bits.
 _STATUS_ERRORS: tuple[tuple[ReturnStatus, type[JobControlError]], ...] = (
@@ -284,7 +285,12 @@ class JobControlClient:
         InvalidRequestError naming the code, unless the code says the link is down.
         """
         client = self._require()
-        with self._guard(method):
+        PLC_CALLS.labels(method).inc()
+        with (
+            PLC_CALL_SECONDS.labels(method).time(),
+            PLC_ERRORS.labels(method).count_exceptions(),
+            self._guard(method),
+        ):
             key = (str(obj.nodeid), method)
             if key not in self._methods:
                 child = await obj.get_child(ua.QualifiedName(method, self._jc_ns))

@@ -9,7 +9,8 @@ One asyncua server hosts several work units. Each unit is an object ``Objects/<u
   ``RequestJobResponseByJobOrderID`` / ``…ByJobOrderState`` and keeping
   ``JobOrderResponseList`` current;
 - ``PackML/Status/StateCurrent``, ``PackML/Status/UnitModeCurrent``,
-  ``PackML/Admin/ProdProcessedCount`` and ``PackML/Admin/ProdDefectiveCount``.
+  ``PackML/Admin/ProdProcessedCount``, ``PackML/Admin/ProdDefectiveCount`` and
+  ``PackML/Admin/StopReason`` (set by :meth:`PlcSimulator.fault`).
 
 A unit runs one job at a time: the AllowedToStart job with the highest priority (then the
 earliest) starts when the unit is free, runs for ``cycle_time_s`` of Running time and ends
@@ -105,6 +106,27 @@ class MeasuredFault:
     drift: float = 0.0
 
 
+#: Admin.StopReason of a micro-stop (faults use their own reasons).
+MICRO_STOP_REASON = 1
+PACKML_SUSPENDED = 5
+
+
+@dataclass
+class Stoppages:
+    """How a unit stops now and then, drawn per job from the unit's ``seed`` and name (so a
+    rerun with the same jobs stops the same way): with ``fault_rate``'s probability a job is
+    interrupted by a fault (PackML Held, a StopReason from ``fault_reasons``) for ``fault_s``;
+    else with ``micro_stop_rate``'s by a micro-stop (PackML Suspended, StopReason
+    ``MICRO_STOP_REASON``) for ``micro_stop_s``. The job's state stays Running meanwhile;
+    only its progress waits."""
+
+    micro_stop_rate: float = 0.0
+    micro_stop_s: float = 0.5
+    fault_rate: float = 0.0
+    fault_s: float = 2.0
+    fault_reasons: tuple[int, ...] = (101, 102, 103)
+
+
 @dataclass
 class SimUnit:
     """One simulated work unit.
@@ -116,11 +138,14 @@ class SimUnit:
     JobOrderList holds (Store answers UnableToAcceptJobOrder beyond it); None takes the
     simulator's ``max_job_orders``. ``faults`` make measured values go out of specification
     (:class:`MeasuredFault`), drawn from ``seed`` and the unit's name, so a rerun with the
-    same jobs in the same order gives the same defects.
+    same jobs in the same order gives the same defects. ``speed`` divides the cycle time (2.0:
+    twice as fast); ``stoppages`` make it stop now and then (:class:`Stoppages`).
     """
 
     name: str
     cycle_time_s: float = 2.0
+    speed: float = 1.0
+    stoppages: Stoppages = field(default_factory=Stoppages)
     measured: dict[str, tuple[float, str]] = field(default_factory=lambda: dict(DEFAULT_MEASURED))
     defect_rate: float = 0.0
     max_job_orders: int | None = None
@@ -161,6 +186,7 @@ class _UnitNodes:
     unit_mode: Node
     processed: Node
     defective: Node
+    stop_reason: Node
 
 
 _Handler = Callable[..., Awaitable[ua.CallMethodResult]]
@@ -244,9 +270,15 @@ class _UnitRuntime:
         self.jobs: dict[str, _Job] = {}
         self.processed_total = 0
         self.defective_total = 0
+        #: PackML Admin.StopReason: why the unit stands (0: it does not), see fault().
+        self.stop_reason = 0
         self._arrivals = itertools.count()
         self._measured_jobs = 0
         self._faults = random.Random(f"{spec.seed}|{spec.name}")
+        # A stream of its own, so stoppages do not shift the measured values' draws.
+        self._stops = random.Random(f"{spec.seed}|{spec.name}|stops")
+        #: The PackML state while the unit stands in a stoppage (None: it does not).
+        self._standing: int | None = None
         self._changed = asyncio.Event()
 
     # -- machine behaviour -------------------------------------------------------------
@@ -267,11 +299,29 @@ class _UnitRuntime:
             return None
         return min(waiting, key=lambda j: (-j.priority, j.arrival))
 
+    @property
+    def run_time_s(self) -> float:
+        """The Running time a job takes: the cycle time at the unit's speed."""
+        return self.spec.cycle_time_s / self.spec.speed
+
+    def _draw_stop(self) -> tuple[float, float, int, int] | None:
+        """This job's stoppage, if any: (after how much run time, for how long, StopReason,
+        PackML state). Three draws per job whatever comes out, so the stream stays aligned."""
+        plan = self.spec.stoppages
+        u, at, pick = self._stops.random(), self._stops.uniform(0.2, 0.8), self._stops.random()
+        if u < plan.fault_rate and plan.fault_reasons:
+            reason = plan.fault_reasons[int(pick * len(plan.fault_reasons))]
+            return at * self.run_time_s, plan.fault_s, reason, PACKML_HELD
+        if u < plan.fault_rate + plan.micro_stop_rate:
+            return at * self.run_time_s, plan.micro_stop_s, MICRO_STOP_REASON, PACKML_SUSPENDED
+        return None
+
     async def _execute(self, job: _Job) -> None:
         loop = asyncio.get_running_loop()
         job.state = JobState.RUNNING
         job.start_time = datetime.now(UTC)
         job.run_since = loop.time()
+        stop = self._draw_stop()
         await self.publish()
         # Pause, Resume, Stop and Abort change the job from method calls; they set the event
         # so this loop re-reads the state instead of sleeping through the change.
@@ -280,13 +330,35 @@ class _UnitRuntime:
             if job.state is JobState.INTERRUPTED:
                 await self._changed.wait()
                 continue
-            remaining = self.spec.cycle_time_s - job.elapsed(loop.time())
-            if remaining <= 0:
+            elapsed = job.elapsed(loop.time())
+            if stop is not None and elapsed >= stop[0]:
+                await self._stand(job, *stop[1:])
+                stop = None
+                continue
+            remaining = (stop[0] if stop is not None else self.run_time_s) - elapsed
+            if stop is None and remaining <= 0:
                 self._finish(job, JobState.ENDED)
                 break
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(remaining):
                     await self._changed.wait()
+        await self.publish()
+
+    async def _stand(self, job: _Job, seconds: float, reason: int, packml_state: int) -> None:
+        """A stoppage: the running job makes no progress for ``seconds`` (unless a method
+        call ends or pauses it first), the unit shows ``packml_state`` and ``reason``."""
+        loop = asyncio.get_running_loop()
+        job.run_s, job.run_since = job.elapsed(loop.time()), None
+        self._standing, self.stop_reason = packml_state, reason
+        await self.publish()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while job.state is JobState.RUNNING and self.jobs.get(job.job_order_id) is job:
+                    self._changed.clear()
+                    await self._changed.wait()
+        self._standing, self.stop_reason = None, 0
+        if job.state is JobState.RUNNING and job.run_since is None:
+            job.run_since = loop.time()
         await self.publish()
 
     def _finish(self, job: _Job, state: JobState) -> None:
@@ -297,7 +369,7 @@ class _UnitRuntime:
         job.state = state
         job.substate = "Completed" if state is JobState.ENDED else ""
         job.end_time = datetime.now(UTC)
-        cycle = self.spec.cycle_time_s
+        cycle = self.run_time_s
         progress = 1.0 if cycle <= 0 else min(1.0, job.run_s / cycle)
         if job.start_time is not None:
             self._record_actuals(job, progress)
@@ -374,8 +446,11 @@ class _UnitRuntime:
 
     @property
     def packml_state(self) -> int:
-        """PackML StateCurrent: Execute while a job runs, Held while paused, else Idle."""
+        """PackML StateCurrent: Execute while a job runs, Held while paused or in a fault,
+        Suspended in a micro-stop, else Idle."""
         states = {j.state for j in self.jobs.values()}
+        if JobState.RUNNING in states and self._standing is not None:
+            return self._standing
         if JobState.RUNNING in states:
             return PACKML_EXECUTE
         if JobState.INTERRUPTED in states:
@@ -404,6 +479,26 @@ class _UnitRuntime:
         await self.nodes.defective.write_value(
             ua.Variant(self.defective_total, ua.VariantType.Int32)
         )
+        await self.nodes.stop_reason.write_value(ua.Variant(self.stop_reason, ua.VariantType.Int32))
+
+    async def fault(self, reason: int) -> None:
+        """A machine fault: the running job is held (PackML Held) with ``reason`` as
+        Admin.StopReason until :meth:`clear_fault`."""
+        self.stop_reason = reason
+        for job in list(self.jobs.values()):
+            if job.state is JobState.RUNNING:
+                self._pause(job)
+        self._changed.set()
+        await self.publish()
+
+    async def clear_fault(self) -> None:
+        """The fault is fixed: the held job runs on and StopReason is 0 again."""
+        self.stop_reason = 0
+        for job in list(self.jobs.values()):
+            if job.state is JobState.INTERRUPTED:
+                self._resume(job)
+        self._changed.set()
+        await self.publish()
 
     def _states(self, job: _Job) -> list[Any]:
         state_type = ua_type("ISA95StateDataType")
@@ -711,6 +806,20 @@ class PlcSimulator:
             server, self._server = self._server, None
             await server.stop()
 
+    def _unit(self, name: str) -> _UnitRuntime:
+        for unit in self._units:
+            if unit.spec.name == name:
+                return unit
+        raise KeyError(f"no simulated unit {name!r}")
+
+    async def fault(self, unit: str, reason: int) -> None:
+        """Stop ``unit`` with a fault: its running job is held, StopReason is ``reason``."""
+        await self._unit(unit).fault(reason)
+
+    async def clear_fault(self, unit: str) -> None:
+        """Clear ``unit``'s fault: its held job runs on."""
+        await self._unit(unit).clear_fault()
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -770,6 +879,7 @@ async def _build_unit(
         unit_mode=await int32(status, ["Status", "UnitModeCurrent"], PACKML_PRODUCE_MODE),
         processed=await int32(admin, ["Admin", "ProdProcessedCount"], 0),
         defective=await int32(admin, ["Admin", "ProdDefectiveCount"], 0),
+        stop_reason=await int32(admin, ["Admin", "StopReason"], 0),
     )
     limit = spec.max_job_orders if spec.max_job_orders is not None else default_max_job_orders
     max_orders = await control.get_child(in_jc(MAX_DOWNLOADABLE_JOB_ORDERS))
@@ -796,4 +906,5 @@ __all__ = [
     "SIM_NAMESPACE_URI",
     "PlcSimulator",
     "SimUnit",
+    "Stoppages",
 ]

@@ -22,7 +22,9 @@ from mes.api.audit_trail import AuditController
 from mes.api.deps import DEPENDENCIES, app_state
 from mes.api.erp import B2mmlController, ErpClientController, PerformanceController
 from mes.api.genealogy import GenealogyController
+from mes.api.kpi import KpiController
 from mes.api.master_data import MasterDataController
+from mes.api.metrics import metrics_route
 from mes.api.params import TYPE_DECODERS, CheckedRequest, ClosedModelSchema, InstantSchema
 from mes.api.problems import EXCEPTION_HANDLERS, document_problems, problem
 from mes.api.production_orders import ProductionOrderController
@@ -87,6 +89,8 @@ def create_app(
             B2mmlController,
             ErpClientController,
             PerformanceController,
+            KpiController,
+            metrics_route(settings.metrics_public),
             health,
         ],
         middleware=[AUTH_MIDDLEWARE],
@@ -123,6 +127,8 @@ def create_app(
                 Tag(name="master data", description="Products, routings and equipment"),
                 Tag(name="audit", description="The hash-chained audit trail"),
                 Tag(name="tokens", description="API tokens and roles"),
+                Tag(name="KPIs", description="OEE (ISO 22400-2) and on-time delivery"),
+                Tag(name="operations", description="Prometheus metrics"),
                 Tag(name="B2MML", description="ISA-95 messages in B2MML V0701; ERP callbacks"),
             ],
             components=Components(

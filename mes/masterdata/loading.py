@@ -266,6 +266,9 @@ class _Loader:
                     "description": node.description,
                     "equipment_level": node.level.value,
                 }
+                if not (self.partial and "calendar" not in node.model_fields_set):
+                    calendar = node.calendar
+                    values["calendar"] = calendar.model_dump(mode="json") if calendar else None
                 parent = parent or node.parent
                 if parent is not None:
                     values["parent_id"] = rows[parent].id

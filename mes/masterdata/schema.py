@@ -7,9 +7,10 @@ agree with each other and with the database is ``mes.masterdata.checks``'s job.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
 from mes.models import EquipmentLevel, LotDisposition, MaterialUse
 from mes.quantities import QuantityLax
@@ -88,6 +89,36 @@ class EndpointEntry(_Entry):
     settings: dict[str, Any] = {}
 
 
+class ShiftEntry(_Entry):
+    """A shift worked every day, in UTC; an ``end`` at or before ``start`` ends the next day."""
+
+    name: Annotated[str, Field(min_length=1, max_length=50)]
+    start: time
+    end: time
+
+
+class PlannedDowntimeEntry(_Entry):
+    """A stretch of time the equipment is not planned to run (maintenance, a holiday)."""
+
+    start: AwareDatetime
+    end: AwareDatetime
+    reason: Description = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PlannedDowntimeEntry:
+        if self.end <= self.start:
+            raise ValueError("end must be after start")
+        return self
+
+
+class CalendarEntry(_Entry):
+    """When equipment is planned to run (OEE's planned busy time): its shifts (none: around
+    the clock) minus its planned downtime. Equipment without one takes its parent's."""
+
+    shifts: list[ShiftEntry] = []
+    planned_downtime: list[PlannedDowntimeEntry] = []
+
+
 class EquipmentEntry(_Entry):
     """One node of the equipment hierarchy, with its children nested."""
 
@@ -95,6 +126,8 @@ class EquipmentEntry(_Entry):
     level: EquipmentLevel
     description: Description = ""
     endpoint: EndpointEntry | None = None
+    #: When it is planned to run (its work units too, unless they have their own).
+    calendar: CalendarEntry | None = None
     children: list[EquipmentEntry] = []
     #: Partial loads only, top-level entries only: the stored equipment this one hangs under.
     parent: Id | None = None
