@@ -58,6 +58,11 @@ MATRIX: dict[tuple[str, str], set[str]] = {
     ("GET", "/api/v1/quality/nonconformances/{nc_id}"): {"supervisor", "auditor"},
     ("POST", "/api/v1/quality/nonconformances/{nc_id}/disposition"): {"supervisor"},
     ("GET", "/api/v1/quality/yield"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/kpi/oee"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/kpi/delivery"): {"supervisor", "auditor"},
+    ("GET", "/api/v1/kpi/throughput"): {"supervisor", "auditor"},
+    # Operations metrics: a token of any role (public only with MES_METRICS_PUBLIC=1).
+    ("GET", "/metrics"): EVERYONE,
 }
 PUBLIC = {("GET", "/health")}
 #: Path parameters: values that name nothing, so allowed calls answer 4xx, not 401/403,
