@@ -260,7 +260,8 @@ WITH RECURSIVE walk(lot_id, depth) AS (
 visit AS (SELECT lot_id, depth FROM walk LIMIT :cap),
 reached AS (SELECT lot_id, MIN(depth) AS depth FROM visit GROUP BY lot_id),
 kept AS MATERIALIZED (
-    SELECT r.lot_id, r.depth, l.external_id AS lot
+    SELECT r.lot_id, r.depth, l.external_id AS lot, l.material_definition_id, l.quantity,
+        l.unit, l.status, l.disposition, l.created_at, l.job_order_id
     FROM reached r JOIN material_lot l ON l.id = r.lot_id
     ORDER BY r.depth, l.external_id COLLATE "C"
     LIMIT :limit
@@ -276,15 +277,14 @@ cut AS (
 ),
 lots AS MATERIALIZED (
     SELECT k.lot_id, k.depth, k.lot, m.external_id AS material,
-        CAST(l.quantity AS FLOAT) AS quantity, l.unit, l.status, l.disposition,
-        l.created_at, jo.external_id AS job_order, eq.external_id AS work_unit,
+        CAST(k.quantity AS FLOAT) AS quantity, k.unit, k.status, k.disposition,
+        k.created_at, jo.external_id AS job_order, eq.external_id AS work_unit,
         wm.external_id AS work_master, jo.work_master_version, jo.parameters_hash,
         jo.started_at, jo.ended_at, o.id AS production_order, o.external_id AS order_number,
-        o.customer_order, o.material_definition_id = l.material_definition_id AS finished
+        o.customer_order, o.material_definition_id = k.material_definition_id AS finished
     FROM kept k
-    JOIN material_lot l ON l.id = k.lot_id
-    JOIN material_definition m ON m.id = l.material_definition_id
-    LEFT JOIN job_order jo ON jo.id = l.job_order_id
+    JOIN material_definition m ON m.id = k.material_definition_id
+    LEFT JOIN job_order jo ON jo.id = k.job_order_id
     LEFT JOIN equipment eq ON eq.id = jo.equipment_id
     LEFT JOIN work_master wm ON wm.id = jo.work_master_id
     LEFT JOIN segment_requirement sr ON sr.id = jo.segment_requirement_id
