@@ -6,7 +6,9 @@ response, with the quantity the job consumed of it). A trace is **one SQL statem
 round trip** (``TRACE_SQL``): a recursive walk over the edges, then every reached lot with
 how it was made (job order, work unit, work master and version, the hash of the parameters
 sent to the machine, times, production order), the edges between them and the lots' test
-results, as rows of three kinds. The service only turns those rows into the answer.
+results, as rows of three kinds. The service only turns those rows into the answer; for
+the JSON answers on PostgreSQL, the statement builds the answer itself (``trace_json_sql``,
+``answer_json``), and the API sends its bytes as they are.
 
 The walk is bounded and cannot run away:
 
@@ -247,7 +249,7 @@ JOIN test_specification s ON s.id = t.test_specification_id
 #: The answer itself built in PostgreSQL, for the JSON formats: the same walk, the same
 #: lots, edges and test results as ``TRACE_SQL``, aggregated into the bytes the API sends
 #: (no Python object per lot). ``{answer}`` is the final SELECT of one answer shape
-#: (``_TRACE_ANSWER``, ``_GRAPH_ANSWER`` or ``_IMPACT_ANSWER``). Names sort by code point
+#: (``_TRACE_ANSWER`` for a trace or a graph, ``_IMPACT_ANSWER``). Names sort by code point
 #: (``COLLATE "C"``), as Python sorts them; times are UTC with a ``Z``, as msgspec writes them.
 TRACE_JSON_SQL = """
 WITH RECURSIVE walk(lot_id, depth) AS (
