@@ -15,8 +15,9 @@ How it measures:
 2. Starts the API as ``mes serve`` (uvicorn, its own process) on a free port.
 3. For ``--samples`` random lots each, times ``backward`` (from a top lot), ``forward``
    (from a stock lot) at ``--depth``, and ``impact`` (from a level-1 lot, default depth),
-   (a) through the HTTP API and (b) as the plain SQL the service runs
-   (``mes.genealogy.trace_sql``: the same rows), from psycopg; sequentially and with
+   (a) through the HTTP API and (b) as plain SQL of the same rows from psycopg (traces:
+   ``mes.genealogy.trace_sql``, every lot with how it was made, the edges and the test
+   results; impact: the walk and the finished lots, ``IMPACT_SQL``); sequentially and with
    ``--clients`` concurrent clients (each with its own connection). Prints p50 and p95, the
    ratio service / SQL, and the lots per trace.
 
@@ -196,8 +197,34 @@ def lots_in(body: bytes) -> int:
     return len(answer["lots"] if "lots" in answer else answer["finished"])
 
 
-def psycopg_sql(direction: genealogy.Direction) -> bytes:
-    return re.sub(r":(\w+)", r"%(\1)s", genealogy.trace_sql(direction)).encode()
+#: The plain SQL of the recall list: the same walk, then the finished lots with the columns
+#: the answer lists (the rows of ``trace_sql`` would be every lot walked, their edges and
+#: test results: four times the rows the answer has).
+IMPACT_SQL = """
+WITH RECURSIVE walk(lot_id, depth) AS (
+    SELECT id, 0 FROM material_lot WHERE external_id = :lot
+    UNION
+    SELECT a.material_lot_id, w.depth + 1
+    FROM walk w JOIN material_lot_assembly a ON a.component_lot_id = w.lot_id
+    WHERE w.depth < :depth
+),
+visit AS (SELECT lot_id, depth FROM walk LIMIT :cap),
+reached AS (SELECT lot_id, MIN(depth) AS depth FROM visit GROUP BY lot_id)
+SELECT l.external_id, m.external_id, r.depth, o.id, o.external_id, o.customer_order,
+    l.disposition, l.status, l.quantity, l.unit, jo.ended_at
+FROM reached r
+JOIN material_lot l ON l.id = r.lot_id
+JOIN material_definition m ON m.id = l.material_definition_id
+JOIN job_order jo ON jo.id = l.job_order_id
+JOIN segment_requirement sr ON sr.id = jo.segment_requirement_id
+JOIN operations_request o ON o.id = sr.operations_request_id
+WHERE o.material_definition_id = l.material_definition_id
+"""
+
+
+def psycopg_sql(kind: str, direction: genealogy.Direction) -> bytes:
+    sql = IMPACT_SQL if kind == "impact" else genealogy.trace_sql(direction)
+    return re.sub(r":(\w+)", r"%(\1)s", sql).encode()
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -264,7 +291,7 @@ async def main(args: argparse.Namespace) -> None:
             for kind, direction, level, depth in kinds:
                 roots = [lot(level) for _ in range(args.samples)]
                 sql_depth = depth or genealogy.MAX_DEPTH
-                statement = psycopg_sql(direction)
+                statement = psycopg_sql(kind, direction)
                 query = f"?depth={depth}" if depth else ""
                 bodies: list[bytes] = []
 

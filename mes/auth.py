@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -143,14 +144,67 @@ def revoke_token(session: Session, name: str, actor: str = audit.SYSTEM) -> Toke
             after={"revoked": True},
         )
         session.commit()
+    forget_recent(name)
     return _info(tok)
 
 
 def authenticate(session: Session, token: str) -> Principal | None:
-    """The caller a token belongs to, or None for an unknown, revoked or expired token."""
+    """The caller a token belongs to, or None for an unknown, revoked or expired token.
+
+    A token found valid is remembered for ``RECENT_SECONDS`` (``recently_authenticated``)."""
     if not token.startswith(PREFIX):
         return None
-    tok = session.scalar(select(ApiToken).where(ApiToken.token_hash == _digest(token)))
+    digest = _digest(token)
+    generation = _generation
+    tok = session.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
     if tok is None or tok.revoked_at is not None or _info(tok).expired:
         return None
-    return Principal(tok.name, Role(tok.role))
+    principal = Principal(tok.name, Role(tok.role))
+    if generation == _generation:  # no revocation since the read began
+        _remember(digest, principal, tok.expires_at)
+    return principal
+
+
+# --- tokens found valid a moment ago ---------------------------------------------------------
+
+#: How long a token found valid is taken as valid without asking the database again. A token
+#: revoked through this process (the API or ``revoke_token``) is refused at once; one revoked
+#: elsewhere (``mes token revoke``, another API process) within this many seconds. An expiry
+#: is checked on every request.
+RECENT_SECONDS = 5.0
+_RECENT_MAX = 1024
+
+#: SHA-256 of a token → (its principal, its expiry, until when it is taken as valid).
+_recent: dict[str, tuple[Principal, datetime | None, float]] = {}
+#: Counts ``forget_recent`` calls: a token read before a revocation is not remembered after it.
+_generation = 0
+
+
+def _remember(digest: str, principal: Principal, expires_at: datetime | None) -> None:
+    if len(_recent) >= _RECENT_MAX:
+        _recent.clear()
+    _recent[digest] = (principal, expires_at, time.monotonic() + RECENT_SECONDS)
+
+
+def recently_authenticated(token: str) -> Principal | None:
+    """The caller of a token found valid less than ``RECENT_SECONDS`` ago and not expired
+    since, without a database round trip; None means: ask ``authenticate``."""
+    digest = _digest(token)
+    found = _recent.get(digest)
+    if found is None:
+        return None
+    principal, expires_at, until = found
+    if time.monotonic() >= until or (expires_at is not None and expires_at <= utcnow()):
+        _recent.pop(digest, None)
+        return None
+    return principal
+
+
+def forget_recent(name: str | None = None) -> None:
+    """Forget the tokens of ``name`` (all tokens: None) found valid a moment ago, so that the
+    next request asks the database."""
+    global _generation
+    _generation += 1
+    for digest, (principal, _, _) in list(_recent.items()):
+        if name is None or principal.name == name:
+            _recent.pop(digest, None)

@@ -6,7 +6,9 @@ response, with the quantity the job consumed of it). A trace is **one SQL statem
 round trip** (``TRACE_SQL``): a recursive walk over the edges, then every reached lot with
 how it was made (job order, work unit, work master and version, the hash of the parameters
 sent to the machine, times, production order), the edges between them and the lots' test
-results, as rows of three kinds. The service only turns those rows into the answer.
+results, as rows of three kinds. The service only turns those rows into the answer; for
+the JSON answers on PostgreSQL, the statement builds the answer itself (``trace_json_sql``,
+``answer_json``), and the API sends its bytes as they are.
 
 The walk is bounded and cannot run away:
 
@@ -244,6 +246,170 @@ JOIN test_result t ON t.material_lot_id = r.lot_id
 JOIN test_specification s ON s.id = t.test_specification_id
 """
 
+#: The answer itself built in PostgreSQL, for the JSON formats: the same walk, the same
+#: lots, edges and test results as ``TRACE_SQL``, aggregated into the bytes the API sends
+#: (no Python object per lot). ``{answer}`` is the final SELECT of one answer shape
+#: (``_TRACE_ANSWER`` for a trace or a graph, ``_IMPACT_ANSWER``). Names sort by code point
+#: (``COLLATE "C"``), as Python sorts them; times are UTC with a ``Z``, as msgspec writes them.
+TRACE_JSON_SQL = """
+WITH RECURSIVE walk(lot_id, depth) AS (
+    SELECT id, 0 FROM material_lot WHERE external_id = :lot
+    UNION
+    SELECT a.{far}, w.depth + 1
+    FROM walk w JOIN material_lot_assembly a ON a.{near} = w.lot_id
+    WHERE w.depth < :depth
+),
+visit AS (SELECT lot_id, depth FROM walk LIMIT :cap),
+reached AS (SELECT lot_id, MIN(depth) AS depth FROM visit GROUP BY lot_id),
+kept AS MATERIALIZED (
+    SELECT r.lot_id, r.depth, l.external_id AS lot, l.material_definition_id, l.quantity,
+        l.unit, l.status, l.disposition, l.created_at, l.job_order_id
+    FROM reached r JOIN material_lot l ON l.id = r.lot_id
+    ORDER BY r.depth, l.external_id COLLATE "C"
+    LIMIT :limit
+),
+cut AS (
+    SELECT CASE
+        WHEN (SELECT COUNT(*) FROM visit) > :limit THEN 'limit'
+        WHEN EXISTS (
+            SELECT 1 FROM kept k JOIN material_lot_assembly x ON x.{near} = k.lot_id
+            WHERE k.depth = :depth
+        ) THEN 'depth'
+    END AS truncated_by
+),
+lots AS MATERIALIZED (
+    SELECT k.lot_id, k.depth, k.lot, m.external_id AS material,
+        CAST(k.quantity AS FLOAT) AS quantity, k.unit, k.status, k.disposition,
+        k.created_at, jo.external_id AS job_order, eq.external_id AS work_unit,
+        wm.external_id AS work_master, jo.work_master_version, jo.parameters_hash,
+        jo.started_at, jo.ended_at, o.id AS production_order, o.external_id AS order_number,
+        o.customer_order, o.material_definition_id = k.material_definition_id AS finished
+    FROM kept k
+    JOIN material_definition m ON m.id = k.material_definition_id
+    LEFT JOIN job_order jo ON jo.id = k.job_order_id
+    LEFT JOIN equipment eq ON eq.id = jo.equipment_id
+    LEFT JOIN work_master wm ON wm.id = jo.work_master_id
+    LEFT JOIN segment_requirement sr ON sr.id = jo.segment_requirement_id
+    LEFT JOIN operations_request o ON o.id = sr.operations_request_id
+)
+{answer}
+"""
+
+#: A time as msgspec writes it: ISO 8601 in UTC, microseconds (six digits) only when there
+#: are any, ``Z``.
+_UTC = (
+    "replace(to_char({0} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), '.000000Z', 'Z')"
+)
+
+#: A lot of the answer, one row whose column names are the JSON keys (``json_agg`` of a row
+#: is cheaper than ``json_build_object`` per lot).
+_LOT_ROW = """SELECT x.lot, x.material, x.depth, x.quantity, x.unit, x.status, x.disposition,
+    {created_at} AS created_at, x.job_order, x.work_unit, x.work_master,
+    x.work_master_version, x.parameters_hash, {started_at} AS started_at,
+    {ended_at} AS ended_at, x.production_order, x.order_number, x.customer_order,
+    COALESCE(tr.results, '[]') AS test_results
+FROM lots x LEFT JOIN tests tr ON tr.lot_id = x.lot_id""".format(
+    created_at=_UTC.format("x.created_at"),
+    started_at=_UTC.format("x.started_at"),
+    ended_at=_UTC.format("x.ended_at"),
+)
+
+#: The test results of the kept lots, as a JSON list per lot.
+_TESTS = """tests AS (
+    SELECT t.material_lot_id AS lot_id, json_agg(json_build_object(
+        'property', s.property_name, 'value', t.value, 'unit', t.unit,
+        'passed', t.passed, 'tested_at', {tested_at}
+    ) ORDER BY s.property_name COLLATE "C", t.tested_at) AS results
+    FROM kept k
+    JOIN test_result t ON t.material_lot_id = k.lot_id
+    JOIN test_specification s ON s.id = t.test_specification_id
+    GROUP BY t.material_lot_id
+)""".format(tested_at=_UTC.format("t.tested_at"))
+
+#: The edges between kept lots, from the near side of the walk short of ``depth`` (as
+#: ``TRACE_SQL``): ``{a}`` and ``{b}`` name the made lot and the component
+#: (``lot``/``component``, or ``target``/``source`` in a graph), ``{near}`` its near side.
+_EDGES_JSON = """COALESCE((
+    SELECT json_agg(y ORDER BY y.{a} COLLATE "C", y.{b} COLLATE "C") FROM (
+        SELECT {edge_columns}
+        FROM material_lot_assembly e
+        JOIN lots n ON n.lot_id = e.material_lot_id
+        JOIN kept c ON c.lot_id = e.component_lot_id
+        WHERE {near}.depth < :depth
+    ) y
+), '[]')"""
+
+_TRACE_EDGE = (
+    "n.lot AS lot, c.lot AS component, CAST(e.quantity AS FLOAT) AS quantity, e.unit, n.job_order"
+)
+_GRAPH_EDGE = (
+    "c.lot AS source, n.lot AS target, CAST(e.quantity AS FLOAT) AS quantity, e.unit, n.job_order"
+)
+
+_HEAD_JSON = """'lot', CAST(:lot AS TEXT), {direction}'depth', :depth,
+    'limit', :limit, 'truncated', cut.truncated_by IS NOT NULL,
+    'truncated_by', cut.truncated_by"""
+
+_TRACE_ANSWER = """, {tests}
+SELECT CAST(json_build_object(
+    {head},
+    '{lots_key}', COALESCE(
+        (SELECT json_agg(z ORDER BY z.depth, z.lot COLLATE "C") FROM ({lot_row}) z), '[]'
+    ),
+    'edges', {edges}
+) AS TEXT)
+FROM cut WHERE EXISTS (SELECT 1 FROM kept)"""
+
+_IMPACT_ANSWER = """SELECT CAST(json_build_object(
+    {head},
+    'finished', COALESCE((
+        SELECT json_agg(z ORDER BY z.depth, z.lot COLLATE "C") FROM (
+            SELECT x.lot, x.material, x.depth, x.production_order, x.order_number,
+                x.customer_order, x.disposition, x.status, x.quantity, x.unit,
+                {ended_at} AS ended_at
+            FROM lots x WHERE x.finished
+        ) z
+    ), '[]')
+) AS TEXT)
+FROM cut WHERE EXISTS (SELECT 1 FROM kept)"""
+
+Shape = Literal["trace", "graph", "impact"]
+
+
+def trace_json_sql(direction: Direction, shape: Shape, depth: int, limit: int) -> str:
+    """The statement that returns one answer as JSON text (one row; none for an unknown
+    lot), PostgreSQL only; one parameter, ``:lot``.
+
+    ``depth`` and ``limit`` are written into the text as integers: psycopg prepares a
+    statement after a few runs and PostgreSQL then plans it once for any parameters, and a
+    ``LIMIT $n`` it cannot see makes it guess a handful of lots and loop over them pairwise.
+    With the numbers in the text, the plan is made for them (one per depth and limit).
+    """
+    near, far = _COLUMNS[direction]
+    direction_json = "" if shape == "impact" else f"'direction', '{direction}', "
+    head = _HEAD_JSON.format(direction=direction_json)
+    if shape == "impact":
+        answer = _IMPACT_ANSWER.format(head=head, ended_at=_UTC.format("x.ended_at"))
+    else:
+        graph = shape == "graph"
+        edges = _EDGES_JSON.format(
+            a="target" if graph else "lot",
+            b="source" if graph else "component",
+            edge_columns=_GRAPH_EDGE if graph else _TRACE_EDGE,
+            near="n" if direction == "backward" else "c",
+        )
+        answer = _TRACE_ANSWER.format(
+            tests=_TESTS,
+            head=head,
+            lots_key="nodes" if graph else "lots",
+            lot_row=_LOT_ROW,
+            edges=edges,
+        )
+    sql = TRACE_JSON_SQL.format(near=near, far=far, answer=answer)
+    numbers = {"depth": int(depth), "limit": int(limit), "cap": int(limit) + 1}
+    return re.sub(r":(depth|limit|cap)\b", lambda m: str(numbers[m.group(1)]), sql)
+
+
 _COLUMNS = {"backward": ("material_lot_id", "component_lot_id")}
 _COLUMNS["forward"] = ("component_lot_id", "material_lot_id")
 
@@ -456,6 +622,47 @@ def impact(
         truncated_by=w.truncated_by,
         finished=w.finished,
     )
+
+
+def answer_json(
+    session: Session,
+    lot_id: str,
+    shape: Shape,
+    direction: Direction = "forward",
+    depth: int = 10,
+    limit: int = DEFAULT_LIMIT,
+) -> bytes:
+    """The JSON answer of ``trace`` (``shape`` ``trace``), ``as_graph`` (``graph``) or
+    ``impact`` (``impact``; always forward), as the bytes to send.
+
+    On PostgreSQL the database builds them (``trace_json_sql``: one statement, no Python
+    object per lot); elsewhere (SQLite) they are the encoded answer of the functions above.
+    """
+    engine = session.get_bind().engine
+    if engine.dialect.name != "postgresql":
+        answer: Trace | Graph | Impact
+        if shape == "impact":
+            answer = impact(session, lot_id, depth, limit)
+        else:
+            answer = trace(session, lot_id, direction, depth, limit)
+            if shape == "graph":
+                answer = as_graph(answer)
+        return msgspec.json.encode(answer)
+    if shape == "impact":
+        direction = "forward"
+    sql = trace_json_sql(direction, shape, depth, limit).replace(":lot", "%(lot)s")
+    # As ``_walk``: the driver's own cursor, outside a transaction.
+    with engine.connect() as connection:
+        cursor = connection.execution_options(isolation_level="AUTOCOMMIT").connection.cursor()
+        try:
+            cursor.execute(sql, {"lot": lot_id})
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+    if row is None:
+        raise NotFound("lot", lot_id)
+    text: str = row[0]
+    return text.encode()
 
 
 # --- exports --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import select
@@ -38,6 +40,7 @@ from mes import execution, genealogy
 from mes.api.app import create_app
 from mes.auth import create_token
 from mes.db import make_engine, make_sessionmaker
+from mes.errors import NotFound
 from mes.launch import free_port
 from mes.machines import JobResponseData, JobState, MaterialActualData, MeasuredValue
 from mes.masterdata import load_plant, parse_plant
@@ -639,3 +642,31 @@ def test_recording_fills_the_edge_and_the_recipe(
             {"name": "Pressure", "value": 80.5, "unit": "bar"},
         ]
         assert (job.parameters_hash, job.work_master_version) == (MOLD_HASH, "1")
+
+
+@pytest.mark.parametrize("limit", [genealogy.DEFAULT_LIMIT, 4, 1])
+@pytest.mark.parametrize("depth", [10, 2, 1])
+def test_the_json_built_by_the_database_is_the_answer(
+    history: tuple[sessionmaker[Session], dict[str, int]], depth: int, limit: int
+) -> None:
+    """PostgreSQL builds the JSON answers itself (``answer_json``): value for value, they are
+    the answers of ``trace``, ``as_graph`` and ``impact`` (SQLite encodes those directly)."""
+    sessions, _ = history
+    with sessions() as s:
+        for lot in ("LOT-K1-01", "LOT-P2-01", "RESIN-1", "PIGMENT-1"):
+            for direction in ("backward", "forward"):
+                t = genealogy.trace(s, lot, direction, depth, limit)
+                expected = {
+                    "trace": t,
+                    "graph": genealogy.as_graph(t),
+                    "impact": genealogy.impact(s, lot, depth, limit),
+                }
+                for shape, answer in expected.items():
+                    got = genealogy.answer_json(s, lot, shape, direction, depth, limit)  # type: ignore[arg-type]
+                    assert json.loads(got) == json.loads(msgspec.json.encode(answer)), (
+                        lot,
+                        direction,
+                        shape,
+                    )
+        with pytest.raises(NotFound):
+            genealogy.answer_json(s, "NO-SUCH-LOT", "trace", "backward")

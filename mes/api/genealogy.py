@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from litestar import Controller, Request, Response, get
+from litestar import Controller, MediaType, Request, Response, get
 from litestar.di import NamedDependency
 from litestar.params import QueryParameter
 
@@ -52,14 +52,22 @@ def _chosen(request: Request[Any, Any, Any], format: Format | None) -> Format:
     return _ACCEPTED.get(best or "application/json", "json")
 
 
-def _render(t: genealogy.Trace, format: Format) -> Response[Any]:
+async def _render(
+    db: Database, lot: str, direction: genealogy.Direction, depth: int, limit: int, format: Format
+) -> Response[Any]:
+    if format in ("json", "graph"):
+        shape: genealogy.Shape = "graph" if format == "graph" else "trace"
+        body = await db.run(lambda s: genealogy.answer_json(s, lot, shape, direction, depth, limit))
+        return _json(body)
+    t = await db.run(lambda s: genealogy.trace(s, lot, direction, depth, limit))
     if format == "csv":
         return Response(genealogy.trace_csv(t), media_type=CSV)
-    if format == "dot":
-        return Response(genealogy.trace_dot(t), media_type=DOT)
-    if format == "graph":
-        return Response(genealogy.as_graph(t))
-    return Response(t)
+    return Response(genealogy.trace_dot(t), media_type=DOT)
+
+
+def _json(body: bytes) -> Response[Any]:
+    """An answer already encoded (by the database): sent as it is."""
+    return Response(body, media_type=MediaType.JSON)
 
 
 class GenealogyController(Controller):
@@ -83,9 +91,7 @@ class GenealogyController(Controller):
             Format | None, QueryParameter(description="json, graph, csv or dot; else Accept")
         ] = None,
     ) -> Response[genealogy.Trace | genealogy.Graph | str]:
-        chosen = _chosen(request, format)
-        t = await db.run(lambda s: genealogy.trace(s, lot, "backward", depth, limit))
-        return _render(t, chosen)
+        return await _render(db, lot, "backward", depth, limit, _chosen(request, format))
 
     @get(
         "/{lot:str}/forward",
@@ -104,9 +110,7 @@ class GenealogyController(Controller):
             Format | None, QueryParameter(description="json, graph, csv or dot; else Accept")
         ] = None,
     ) -> Response[genealogy.Trace | genealogy.Graph | str]:
-        chosen = _chosen(request, format)
-        t = await db.run(lambda s: genealogy.trace(s, lot, "forward", depth, limit))
-        return _render(t, chosen)
+        return await _render(db, lot, "forward", depth, limit, _chosen(request, format))
 
     @get(
         "/{lot:str}/impact",
@@ -131,8 +135,10 @@ class GenealogyController(Controller):
             Literal["json", "csv"] | None, QueryParameter(description="json or csv; else Accept")
         ] = None,
     ) -> Response[genealogy.Impact | str]:
-        chosen = _chosen(request, format)
-        i = await db.run(lambda s: genealogy.impact(s, lot, depth, limit))
-        if chosen == "csv":
+        if _chosen(request, format) == "csv":
+            i = await db.run(lambda s: genealogy.impact(s, lot, depth, limit))
             return Response(genealogy.impact_csv(i), media_type=CSV)
-        return Response(i)
+        body = await db.run(
+            lambda s: genealogy.answer_json(s, lot, "impact", depth=depth, limit=limit)
+        )
+        return _json(body)

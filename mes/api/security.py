@@ -23,7 +23,7 @@ from litestar.middleware import (
     DefineMiddleware,
 )
 
-from mes.auth import Principal, authenticate
+from mes.auth import Principal, authenticate, recently_authenticated
 from mes.db import Database
 from mes.errors import DomainError, FieldError
 from mes.models import Role
@@ -73,8 +73,11 @@ class TokenAuthentication(AbstractAuthenticationMiddleware):
             raise NotAuthorizedException(
                 "a bearer token is required", headers={"WWW-Authenticate": "Bearer"}
             )
-        db: Database = connection.app.state.db
-        principal = await db.run(partial(authenticate, token=token.strip()))
+        token = token.strip()
+        principal = recently_authenticated(token)
+        if principal is None:
+            db: Database = connection.app.state.db
+            principal = await db.run(partial(authenticate, token=token))
         if principal is None:
             raise NotAuthorizedException(
                 "unknown, revoked or expired token",
