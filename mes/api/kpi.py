@@ -29,10 +29,10 @@ TO = QueryParameter(
 class KpiController(Controller):
     path = f"{API}/kpi"
     tags = ["KPIs"]
-    guards = [allow(READ_SHOP_FLOOR)]
 
     @get(
         "/oee",
+        guards=[allow(READ_SHOP_FLOOR)],
         summary="OEE of a work unit, line, area or site, with its ISO 22400-2 elements",
         description=(
             "Availability = APT/PBT, performance = ideal cycle time x produced / APT, quality "
@@ -62,6 +62,7 @@ class KpiController(Controller):
 
     @get(
         "/delivery",
+        guards=[allow(READ_SHOP_FLOOR)],
         summary="On-time delivery (OTD), on time in full (OTIF), late orders and lead times",
         description=(
             "Over the production orders due in [from, to): OTD = completed by their due date "
@@ -90,6 +91,7 @@ class KpiController(Controller):
 
     @get(
         "/throughput",
+        guards=[allow(READ_SHOP_FLOOR)],
         summary="Throughput and work in progress (WIP) per production line",
         description=(
             "Per production line (all, or those at or below `equipment`): the work orders its "
