@@ -44,3 +44,13 @@ def invalid(field_name: str, reason: str) -> DomainError:
         status=422,
         errors=[FieldError(field_name, reason)],
     )
+
+
+def bad_parameter(name: str, reason: str) -> DomainError:
+    """A 400 for a query parameter that cannot be used (alone or with the others)."""
+    return DomainError(
+        title="Bad parameter",
+        detail=f"{name}: {reason}",
+        status=400,
+        errors=[FieldError(name, reason)],
+    )

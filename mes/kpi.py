@@ -34,7 +34,7 @@ from pydantic import BaseModel
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from mes.errors import NotFound, invalid
+from mes.errors import NotFound, bad_parameter, invalid
 from mes.masterdata.schema import CalendarEntry
 from mes.models import (
     Equipment,
@@ -140,16 +140,16 @@ def moment(name: str, text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise invalid(name, "is not an ISO 8601 date-time") from None
+        raise bad_parameter(name, "is not an ISO 8601 date-time") from None
     if value.tzinfo is None:
-        raise invalid(name, "needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+        raise bad_parameter(name, "needs a time zone (e.g. 2026-01-01T00:00:00Z)")
     return value
 
 
 def _check_period(start: datetime, end: datetime) -> None:
     for name, value in (("from", start), ("to", end)):
         if value.tzinfo is None:
-            raise invalid(name, "needs a time zone (e.g. 2026-01-01T00:00:00Z)")
+            raise bad_parameter(name, "needs a time zone (e.g. 2026-01-01T00:00:00Z)")
     if end <= start:
         raise invalid("to", "must be after from")
 

@@ -180,18 +180,34 @@ async def test_oee_of_a_hand_built_history(
         ({"equipment": "NOPE", **period}, 404, "NOPE"),
         (
             {"equipment": f"U1-{tag}", "from": "2026-01-01T00:00:00", "to": period["to"]},
-            422,
+            400,
             "from",
         ),
         ({"equipment": f"U1-{tag}", "from": period["to"], "to": period["from"]}, 422, "to"),
         ({"equipment": f"U1-{tag}", **period, "bucket": "week"}, 400, "bucket"),
-        ({"equipment": f"U1-{tag}", "from": "yesterday", "to": period["to"]}, 422, "from"),
+        ({"equipment": f"U1-{tag}", "from": "yesterday", "to": period["to"]}, 400, "from"),
     ]
     for params, status, named in bad:
         r = await api.get("/api/v1/kpi/oee", params=params, headers=supervisor)
         assert r.status_code == status, (params, r.text)
         assert r.headers["content-type"].startswith("application/problem+json")
         assert named in r.text
+
+
+def seeded_stoppages(machine: str, plan: Stoppages, jobs: int) -> tuple[dict[int, float], float]:
+    """The stoppages by hand: the simulator's draws, three per job, from seed 7 and the unit's
+    name: seconds Held per fault reason, and seconds Suspended by micro-stops."""
+    rng = random.Random(f"7|{machine}|stops")
+    faults: dict[int, float] = {}
+    micro = 0.0
+    for _ in range(jobs):
+        u, _at, pick = rng.random(), rng.uniform(0.2, 0.8), rng.random()
+        if u < plan.fault_rate:
+            reason = plan.fault_reasons[int(pick * len(plan.fault_reasons))]
+            faults[reason] = faults.get(reason, 0.0) + plan.fault_s
+        elif u < plan.fault_rate + plan.micro_stop_rate:
+            micro += plan.micro_stop_s
+    return faults, micro
 
 
 async def test_oee_of_a_seeded_simulator_run(
@@ -201,8 +217,14 @@ async def test_oee_of_a_seeded_simulator_run(
     micro-stops drawn from seed 7. By hand: PQ 48, SQ 12, quality 0.75 (exact); APT 1.2 s;
     each fault 0.4 s Held with its reason, each micro-stop 0.2 s Suspended; performance =
     0.05 x 48 / APT. Times to 0.15 s (the server stamps the states as they change)."""
-    machine = f"WU-SEEDED-{uuid.uuid4().hex[:6]}"
     plan = Stoppages(micro_stop_rate=0.3, micro_stop_s=0.2, fault_rate=0.3, fault_s=0.4)
+    # The simulator draws from its seed and the unit's name: a name unique to this run whose
+    # draws hold at least one fault and one micro-stop (about 8 in 10 names do).
+    while True:
+        machine = f"WU-SEEDED-{uuid.uuid4().hex[:6]}"
+        faults, micro = seeded_stoppages(machine, plan, jobs=6)
+        if faults and micro:
+            break
     spec = SimUnit(
         machine,
         cycle_time_s=0.4,
@@ -212,19 +234,6 @@ async def test_oee_of_a_seeded_simulator_run(
         seed=7,
         stoppages=plan,
     )
-    # The stoppages by hand: the simulator's draws, three per job, from its seed and name.
-    rng = random.Random(f"7|{machine}|stops")
-    faults: dict[int, float] = {}
-    micro = 0.0
-    for _ in range(6):
-        u, _at, pick = rng.random(), rng.uniform(0.2, 0.8), rng.random()
-        if u < 0.3:
-            reason = plan.fault_reasons[int(pick * 3)]
-            faults[reason] = faults.get(reason, 0.0) + 0.4
-        elif u < 0.6:
-            micro += 0.2
-    assert faults
-    assert micro  # seed 7 gives both kinds
 
     async with PlcSimulator([spec]) as sim:
         unit_id = add_unit(pg_sessions, sim.url, machine)

@@ -11,6 +11,7 @@ from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import QueryParameter
 
 from mes import kpi
+from mes.api.problems import problem_response
 from mes.api.security import READ_SHOP_FLOOR, allow, roles_note
 from mes.db import Database
 
@@ -33,6 +34,8 @@ class KpiController(Controller):
     @get(
         "/oee",
         guards=[allow(READ_SHOP_FLOOR)],
+        # Equipment that does not exist; a period that ends before it starts.
+        responses={404: problem_response(404), 422: problem_response(422)},
         summary="OEE of a work unit, line, area or site, with its ISO 22400-2 elements",
         description=(
             "Availability = APT/PBT, performance = ideal cycle time x produced / APT, quality "
@@ -63,6 +66,7 @@ class KpiController(Controller):
     @get(
         "/delivery",
         guards=[allow(READ_SHOP_FLOOR)],
+        responses={422: problem_response(422)},  # a period that ends before it starts
         summary="On-time delivery (OTD), on time in full (OTIF), late orders and lead times",
         description=(
             "Over the production orders due in [from, to): OTD = completed by their due date "
@@ -92,6 +96,8 @@ class KpiController(Controller):
     @get(
         "/throughput",
         guards=[allow(READ_SHOP_FLOOR)],
+        # Equipment that does not exist; a period that ends before it starts.
+        responses={404: problem_response(404), 422: problem_response(422)},
         summary="Throughput and work in progress (WIP) per production line",
         description=(
             "Per production line (all, or those at or below `equipment`): the work orders its "
