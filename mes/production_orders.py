@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Annotated
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import ColumnElement, select, text, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, contains_eager, selectinload
+from sqlalchemy.orm import Session, contains_eager, joinedload, selectinload
 
 from mes import audit, execution, units
 from mes.erp_segments import ErpOrderData, ErpSegmentData, apply_plans, plan_segments
@@ -228,21 +228,25 @@ def create_order(
         return _same_or_conflict(existing, fingerprint, source), False
     erp = body.erp if isinstance(body, ErpProductionOrderIn) else None
 
-    # The product and its routing in one statement, each step's materials in one more (and
-    # its process segment, which the ERP's first report names).
-    routing = session.scalar(
-        select(OperationsDefinition)
-        .join(OperationsDefinition.product)
-        .where(MaterialDefinition.external_id == body.product)
-        .options(
-            contains_eager(OperationsDefinition.product),
-            selectinload(OperationsDefinition.segments).options(
-                selectinload(OperationsSegment.materials),
-                selectinload(OperationsSegment.process_segment),
-            ),
+    # The product, its routing, each step's materials and process segment (which the ERP's
+    # first report names): one statement.
+    routing = (
+        session.execute(
+            select(OperationsDefinition)
+            .join(OperationsDefinition.product)
+            .where(MaterialDefinition.external_id == body.product)
+            .options(
+                contains_eager(OperationsDefinition.product),
+                joinedload(OperationsDefinition.segments).options(
+                    joinedload(OperationsSegment.materials),
+                    joinedload(OperationsSegment.process_segment),
+                ),
+            )
+            .order_by(OperationsDefinition.id)
+            .limit(1)
         )
-        .order_by(OperationsDefinition.id)
-        .limit(1)
+        .unique()
+        .scalar_one_or_none()
     )
     if routing is None:
         known = session.scalar(
