@@ -179,9 +179,14 @@ class JobControlClient:
             raise
         return self
 
-    async def open_session(self) -> Client:
-        """A new connected, secured session with the server (not bound to this client)."""
-        client = Client(self.url, timeout=self.timeout_s)
+    async def open_session(self, watchdog_s: float = 1.0) -> Client:
+        """A new connected, secured session with the server (not bound to this client).
+
+        ``watchdog_s``: how often asyncua probes the server, and how long the probe may
+        take before it declares the link lost; a session shared by many requests wants
+        more than the default second, or a busy moment passes for a lost link.
+        """
+        client = Client(self.url, timeout=self.timeout_s, watchdog_intervall=watchdog_s)
         try:
             with self._guard("connect"):
                 await secure_client(client, self.security, self.settings)

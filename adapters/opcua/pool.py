@@ -149,7 +149,7 @@ class SessionPool:
                 security=endpoint.security,
                 settings=endpoint.settings,
             )
-            client = await opener.open_session()
+            client = await opener.open_session(watchdog_s=self.timeout_s)
             session = _Session(client, endpoint, self.timeout_s)
             self._open[key] = session
             self.connects += 1

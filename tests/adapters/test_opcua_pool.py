@@ -5,7 +5,7 @@ to, and the jobs sent again finish."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 
 import pytest
 
@@ -74,17 +74,13 @@ async def peak_while(sim: PlcSimulator, work: Awaitable[list[JobState]]) -> tupl
 async def test_many_jobs_waiting_on_one_endpoint_share_one_session(pool: SessionPool) -> None:
     units = [SimUnit("Filler", cycle_time_s=0.01), SimUnit("Capper", cycle_time_s=0.01)]
     async with PlcSimulator(units, max_job_orders=JOBS) as sim:
-        jobs: list[Callable[[], Awaitable[JobState]]] = []
-        for unit in sim.unit_names:
-            ep = endpoint(sim, unit)
-            jobs += [
-                lambda ep=ep, i=i: run_to_end(pool, ep, f"JO-{ep.machine}-{i}")  # type: ignore[misc]
-                for i in range(JOBS // 2)
-            ]
+        jobs = [
+            run_to_end(pool, endpoint(sim, unit), f"JO-{unit}-{i}")
+            for unit in sim.unit_names
+            for i in range(JOBS // 2)
+        ]
         async with asyncio.timeout(60):
-            peak_sessions, peak_subscriptions = await peak_while(
-                sim, asyncio.gather(*(job() for job in jobs))
-            )
+            peak_sessions, peak_subscriptions = await peak_while(sim, asyncio.gather(*jobs))
         # Two machines behind one endpoint: one session, one subscription per machine.
         assert peak_sessions == 1
         assert peak_subscriptions <= 2
@@ -113,7 +109,9 @@ async def test_the_pool_reconnects_after_the_plc_restarts(pool: SessionPool) -> 
         await sim.start()
         assert sim.sessions == 0
         async with asyncio.timeout(30):
-            states = await asyncio.gather(*(run_to_end(pool, ep, f"JO-AFTER-{i}") for i in range(5)))
+            states = await asyncio.gather(
+                *(run_to_end(pool, ep, f"JO-AFTER-{i}") for i in range(5))
+            )
         assert set(states) == {JobState.ENDED}
         assert pool.connects == 2
         assert sim.sessions == 1
@@ -146,4 +144,5 @@ async def test_a_plc_that_cannot_be_reached_fails_every_waiting_use_at_once(
 
     results = await asyncio.gather(*(use() for _ in range(20)), return_exceptions=True)
     assert all(isinstance(r, MachineUnreachableError) for r in results), results
-    assert pool.connects == 0 and pool.sessions == 0
+    assert pool.connects == 0
+    assert pool.sessions == 0
