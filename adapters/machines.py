@@ -2,6 +2,8 @@
 
 The activities open every machine session through ``connect``; each protocol's client
 implements ``mes.machines.EquipmentAdapter``. A new protocol is one entry in ``CONNECTORS``.
+A worker uses ``pooled``: its OPC UA sessions come from one ``SessionPool``, one per
+endpoint, instead of one per activity.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 
 from adapters.modbus.client import ModbusJobClient
 from adapters.opcua.client import JobControlClient
+from adapters.opcua.pool import SessionPool
 from mes.machines import Endpoint, EquipmentAdapter, InvalidRequestError, MachineConnector
 
 
@@ -26,6 +29,13 @@ def _modbus(endpoint: Endpoint) -> AbstractAsyncContextManager[EquipmentAdapter]
 
 #: Endpoint protocol (``equipment.protocol``) → how to open a session with it.
 CONNECTORS: Mapping[str, MachineConnector] = {"opcua": _opcua, "modbus": _modbus}
+
+
+def pooled(
+    pool: SessionPool, connectors: Mapping[str, MachineConnector] = CONNECTORS
+) -> Mapping[str, MachineConnector]:
+    """``connectors`` with OPC UA sessions taken from ``pool`` (shared, kept open)."""
+    return {**connectors, "opcua": pool.session}
 
 
 def connect(

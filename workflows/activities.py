@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from adapters.erp.client import DeliveryError, deliver
+from adapters.erp.client import DeliveryError, ErpClients, deliver
 from adapters.machines import CONNECTORS, connect
 from mes import execution, quality, reporting, work_orders
 from mes.callbacks import PUBLIC_ONLY, CallbackPolicy
@@ -78,7 +78,8 @@ class MesActivities:
 
     ``poll_seconds`` is how fresh the PLC's job states are: the publishing interval of
     the subscription ``await_job`` waits on. ``callback_policy`` says which addresses ERP
-    callbacks may go to (public ones only, unless it allows more).
+    callbacks may go to (public ones only, unless it allows more). ``erp_clients`` keeps
+    one HTTP client per ERP (the worker's); without it each delivery run opens its own.
     """
 
     def __init__(
@@ -87,11 +88,13 @@ class MesActivities:
         poll_seconds: float = 0.5,
         connectors: Mapping[str, MachineConnector] = CONNECTORS,
         callback_policy: CallbackPolicy = PUBLIC_ONLY,
+        erp_clients: ErpClients | None = None,
     ) -> None:
         self._sessions = session_factory
         self._poll_seconds = poll_seconds
         self._connectors = connectors
         self._callback_policy = callback_policy
+        self._erp_clients = erp_clients
 
     def _plc(self, dispatch: Dispatch) -> contextlib.AbstractAsyncContextManager[EquipmentAdapter]:
         return _session(dispatch, self._connectors)
@@ -269,7 +272,8 @@ class MesActivities:
         workflow's heartbeat timeout.
         """
         sent = 0
-        async with httpx.AsyncClient() as http:
+        async with contextlib.AsyncExitStack() as stack:
+            own: httpx.AsyncClient | None = None
             while True:
                 activity.heartbeat(sent)
                 msg = await asyncio.to_thread(
@@ -277,6 +281,11 @@ class MesActivities:
                 )
                 if msg is None:
                     return sent
+                http = self._erp_clients.for_url(msg.url) if self._erp_clients else None
+                if http is None:
+                    if own is None:
+                        own = await stack.enter_async_context(httpx.AsyncClient())
+                    http = own
                 try:
                     await _heartbeating(
                         deliver(

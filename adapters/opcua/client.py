@@ -166,9 +166,27 @@ class JobControlClient:
         self._max_job_orders: Node | None = None
         self._packml_state: Node | None = None
         self._methods: dict[tuple[str, str], ua.NodeId] = {}
+        self._owns_session = True
+        self._shared_list: _SharedJobList | None = None
 
     async def __aenter__(self) -> Self:
-        client = Client(self.url, timeout=self.timeout_s)
+        client = await self.open_session()
+        self._client = client
+        try:
+            await self._browse()
+        except BaseException:
+            await self._disconnect()
+            raise
+        return self
+
+    async def open_session(self, watchdog_s: float = 1.0) -> Client:
+        """A new connected, secured session with the server (not bound to this client).
+
+        ``watchdog_s``: how often asyncua probes the server, and how long the probe may
+        take before it declares the link lost; a session shared by many requests wants
+        more than the default second, or a busy moment passes for a lost link.
+        """
+        client = Client(self.url, timeout=self.timeout_s, watchdog_intervall=watchdog_s)
         try:
             with self._guard("connect"):
                 await secure_client(client, self.security, self.settings)
@@ -180,15 +198,27 @@ class JobControlClient:
             if isinstance(exc, MachineUnreachableError) and self.security != "None":
                 await self._explain_silence(exc)
             raise
+        return client
+
+    async def attach(self, client: Client) -> None:
+        """Use a session that someone else opened and closes (``adapters.opcua.pool``).
+
+        The machine's nodes are found once; waiting jobs then share one subscription to
+        its JobOrderList (``wait_for_change``) instead of one each.
+        """
         self._client = client
+        self._owns_session = False
+        self._shared_list = _SharedJobList()
         try:
-            with self._guard("browse"):
-                async with asyncio.timeout(self.timeout_s):
-                    await self._discover(client)
+            await self._browse()
         except BaseException:
-            await self._disconnect()
+            self._client = None
             raise
-        return self
+
+    async def _browse(self) -> None:
+        with self._guard("browse"):
+            async with asyncio.timeout(self.timeout_s):
+                await self._discover(self._require())
 
     async def _explain_silence(self, exc: MachineUnreachableError) -> None:
         """A secured connect that got no answer: a server that is not the expected one."""
@@ -204,7 +234,8 @@ class JobControlClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._disconnect()
+        if self._owns_session:
+            await self._disconnect()
 
     async def _disconnect(self) -> None:
         client, self._client = self._client, None
@@ -518,8 +549,13 @@ class JobControlClient:
         UnknownJobOrderError when the job leaves the list (cancelled, cleared),
         MachineUnreachableError when the link breaks. A server that refuses subscriptions
         is polled every ``min(tick_s, 0.5)`` seconds instead. The subscription is deleted
-        on every way out, cancellation included.
+        on every way out, cancellation included. A client ``attach``ed to a pooled session
+        shares one subscription among all its waits instead (``_wait_shared``).
         """
+        if self._shared_list is not None:
+            return await self._wait_shared(
+                self._shared_list, job_order_id, known, on_tick, tick_s, publish_ms
+            )
         state = await self.job_state(job_order_id)
         if state != known:
             return state
@@ -537,6 +573,50 @@ class JobControlClient:
         finally:
             if subscription is not None:
                 await self._delete_subscription(subscription)
+
+    async def _wait_shared(
+        self,
+        shared: _SharedJobList,
+        job_order_id: str,
+        known: JobState,
+        on_tick: Callable[[JobState], None] | None,
+        tick_s: float,
+        publish_ms: int,
+    ) -> JobState:
+        """wait_for_change on the session's one JobOrderList subscription, which stays."""
+        watch = _JobListWatch()
+        # Registered before the first look, so a change between the two is not missed.
+        shared.watches.add(watch)
+        try:
+            subscribed = await self._share_subscription(shared, publish_ms, tick_s)
+            # The last notified list is the first look: a job in ``known`` there costs no
+            # read (any later change reaches the watch). A job missing from it, or in
+            # another state, is read: that value may predate what the caller knows.
+            latest = shared.latest if subscribed else None
+            if latest is None or latest.get(job_order_id) != known:
+                state = await self.job_state(job_order_id)
+                if state != known:
+                    return state
+            read_s = tick_s if subscribed else min(tick_s, _FALLBACK_POLL_S)
+            return await self._wait_for_change(job_order_id, known, watch, on_tick, tick_s, read_s)
+        finally:
+            shared.watches.discard(watch)
+
+    async def _share_subscription(
+        self, shared: _SharedJobList, publish_ms: int, tick_s: float
+    ) -> bool:
+        """Make sure the shared subscription exists (again, if the server lost it); False
+        when the server refuses subscriptions, so the waits poll."""
+        async with shared.lock:
+            if shared.lost and shared.subscription is not None:
+                old, shared.subscription = shared.subscription, None
+                shared.latest = None
+                await self._delete_subscription(old)
+            shared.lost = False
+            if shared.subscription is None and not shared.polling:
+                shared.subscription = await self._subscribe_job_list(shared, publish_ms, tick_s)
+                shared.polling = shared.subscription is None
+            return shared.subscription is not None
 
     async def _wait_for_change(
         self,
@@ -560,7 +640,9 @@ class JobControlClient:
             values, watch.values = watch.values, []
             # In the order published, so a short-lived state is not skipped.
             for value in values:
-                notified = dict(_decode_job_list(value)).get(job_order_id)
+                # A shared subscription hands over the list decoded once for every waiter.
+                states = value if isinstance(value, dict) else dict(_decode_job_list(value))
+                notified = states.get(job_order_id)
                 if notified is None:
                     raise self._unknown_job(job_order_id)
                 if notified != known:
@@ -579,7 +661,7 @@ class JobControlClient:
                 next_tick = loop.time() + tick_s
 
     async def _subscribe_job_list(
-        self, watch: _JobListWatch, publish_ms: int, tick_s: float
+        self, watch: _JobListWatch | _SharedJobList, publish_ms: int, tick_s: float
     ) -> Subscription | None:
         """Subscribe ``watch`` to JobOrderList; None if the server cannot (then poll)."""
         client = self._require()
@@ -649,6 +731,49 @@ class _JobListWatch:
         """The subscription or the link is in trouble: a read finds out which."""
         self.recheck = True
         self.wake.set()
+
+
+class _SharedJobList:
+    """Subscription handler shared by every wait on one machine over one pooled session:
+    each notification goes to the watches of the jobs waiting now.
+
+    A bad status (the server dropped the subscription, the link is going) marks it lost, so
+    the next wait makes a new one; the waits themselves re-read to find out.
+    """
+
+    def __init__(self) -> None:
+        self.watches: set[_JobListWatch] = set()
+        self.subscription: Subscription | None = None
+        self.polling = False  # the server refuses subscriptions
+        self.lost = False
+        self.lock = asyncio.Lock()
+        #: The last list notified, decoded (None until the first, or after trouble).
+        self.latest: dict[str, JobState] | None = None
+
+    def datachange_notification(self, node: Node, val: Any, data: DataChangeNotif) -> None:
+        value = data.monitored_item.Value
+        status = value.StatusCode if value is not None else None
+        try:
+            if status is not None and not status.is_good():
+                raise JobControlError(f"JobOrderList notified with {status}")
+            # Decoded once here rather than once per waiting job.
+            self.latest = dict(_decode_job_list(val))
+        except JobControlError:
+            self.latest = None
+            for watch in tuple(self.watches):
+                watch.recheck = True
+                watch.wake.set()
+            return
+        for watch in tuple(self.watches):
+            watch.values.append(self.latest)
+            watch.wake.set()
+
+    def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
+        if not status.Status.is_good():
+            self.lost = True
+            self.latest = None
+        for watch in tuple(self.watches):
+            watch.status_change_notification(status)
 
 
 def _decode_job_list(entries: list[Any] | None) -> list[tuple[str, JobState]]:

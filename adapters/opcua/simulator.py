@@ -766,6 +766,14 @@ class PlcSimulator:
         """The names of the simulated units, as browse names under ``Objects``."""
         return [u.name for u in self._specs]
 
+    @property
+    def sessions(self) -> int:
+        """How many client sessions the server holds now (0 when stopped)."""
+        if self._server is None:
+            return 0
+        # asyncua keeps no public count; its registry of client sessions is this dict.
+        return len(self._server.iserver._external_sessions)
+
     async def start(self) -> None:
         """Build the address space and listen; each unit's machine loop starts running."""
         if self._server is not None:

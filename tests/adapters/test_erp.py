@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from adapters.erp.client import DeliveryError, parse_retry_after
+from adapters.erp.client import DeliveryError, ErpClients, parse_retry_after
 from adapters.erp.client import deliver as deliver_signed
 from adapters.erp.receiver import MAX_BODY_BYTES, ErpReceiver
 from mes.callbacks import LOOPBACK, CallbackPolicy
@@ -286,6 +286,46 @@ async def test_status_classification(status: str, retryable: bool) -> None:
 async def test_any_2xx_is_success() -> None:
     async with serving(answering("202 Accepted")) as url:
         assert await deliver(url, DOC, XML, "m1", "PO-1") == 202
+
+
+async def test_one_client_per_erp_keeps_its_connection_and_the_pinned_address() -> None:
+    connections: list[int] = []
+    hosts: list[bytes] = []
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                hosts.extend(h for h in head.split(b"\r\n") if h.lower().startswith(b"host:"))
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+                await writer.drain()
+        writer.close()
+
+    erps = ErpClients()
+    try:
+        async with serving(keep_alive) as url:
+            by_name = url.replace("127.0.0.1", "localhost")
+            client = erps.for_url(url)
+            assert client is not None
+            assert erps.for_url(url + "?again") is client
+            assert erps.for_url(by_name) not in (None, client)  # another host: another ERP
+            for i in range(3):
+                assert await deliver(url, DOC, XML, f"m{i}", "PO-1", client=client) == 204
+            # By name: resolved, checked and sent to the address, with the name as Host.
+            named = erps.for_url(by_name)
+            assert await deliver(by_name, DOC, XML, "m3", "PO-1", client=named) == 204
+    finally:
+        await erps.aclose()
+    assert len(connections) == 2  # one per ERP, kept between its deliveries
+    assert hosts[-1].split(b":")[1].strip() == b"localhost"
+    assert erps.for_url("not a url\x00") is None
 
 
 async def test_headers_sent_on_the_wire() -> None:
