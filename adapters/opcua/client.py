@@ -684,7 +684,7 @@ class JobControlClient:
         subscription: Subscription | None = None
         try:
             with self._guard("subscribe to JobOrderList"):
-                subscription = await client.create_subscription(params, watch)
+                subscription = await self._create_subscription(client, params, watch)
                 await subscription.subscribe_data_change(node)
         except BaseException as exc:
             if subscription is not None:
@@ -696,6 +696,19 @@ class JobControlClient:
                 return None
             raise
         return subscription
+
+    async def _create_subscription(
+        self, client: Client, params: ua.CreateSubscriptionParameters, watch: Any
+    ) -> Subscription:
+        """Create a subscription. A wait cancelled while the server is creating it still gets
+        the subscription back, to delete it, rather than leaving it on the server."""
+        creating = asyncio.ensure_future(client.create_subscription(params, watch))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await self._delete_subscription(await creating)
+            raise
 
     async def _delete_subscription(self, subscription: Subscription) -> None:
         # A failed delete must not replace the caller's result or error; closing the
