@@ -11,6 +11,7 @@ from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import QueryParameter
 
 from mes import kpi
+from mes.api.params import NO_NUL
 from mes.api.problems import problem_response
 from mes.api.security import READ_SHOP_FLOOR, allow, roles_note
 from mes.db import Database
@@ -49,7 +50,10 @@ class KpiController(Controller):
         self,
         db: NamedDependency[Database],
         equipment: Annotated[
-            str, QueryParameter(min_length=1, max_length=100, description="Equipment ID")
+            str,
+            QueryParameter(
+                min_length=1, max_length=100, pattern=NO_NUL, description="Equipment ID"
+            ),
         ],
         start: Annotated[str, FROM],
         end: Annotated[str, TO],
@@ -113,7 +117,9 @@ class KpiController(Controller):
         end: Annotated[str, TO],
         equipment: Annotated[
             str | None,
-            QueryParameter(min_length=1, max_length=100, description="A site, area or line"),
+            QueryParameter(
+                min_length=1, max_length=100, pattern=NO_NUL, description="A site, area or line"
+            ),
         ] = None,
     ) -> kpi.ThroughputOut:
         begin, finish = kpi.moment("from", start), kpi.moment("to", end)

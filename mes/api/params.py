@@ -128,9 +128,25 @@ class ClosedModelSchema(OpenAPISchemaPlugin):
                     prop.pattern = str(pattern)
                 if getattr(meta, "ge", None) is not None:  # a bound of 0 is lost otherwise
                     prop.minimum = meta.ge
-            if strips and prop.pattern is None and prop.min_length:
-                prop.pattern = r"\S"  # blank text is stripped to nothing
+            for text in _string_schemas(prop):
+                if text.pattern is None:
+                    # No NUL (the body check refuses it); where the model strips whitespace
+                    # and wants text, not blank either (it is stripped to nothing).
+                    blank_refused = strips and bool(prop.min_length or text.min_length)
+                    text.pattern = NO_NUL_NOT_BLANK if blank_refused else NO_NUL
         return schema
+
+
+#: Text with no NUL and at least one character that is not white space.
+NO_NUL_NOT_BLANK = r"^[^\x00]*[^\x00\s][^\x00]*$"
+
+
+def _string_schemas(prop: Schema) -> list[Schema]:
+    """The string schemas of a property: itself, or the string choices of an optional one."""
+    if prop.type == OpenAPIType.STRING:
+        return [prop]
+    choices = [*(prop.one_of or []), *(prop.any_of or [])]
+    return [c for c in choices if isinstance(c, Schema) and c.type == OpenAPIType.STRING]
 
 
 # --- JSON bodies ------------------------------------------------------------------------------
