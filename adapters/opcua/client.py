@@ -644,7 +644,10 @@ class JobControlClient:
                 states = value if isinstance(value, dict) else dict(_decode_job_list(value))
                 notified = states.get(job_order_id)
                 if notified is None:
-                    raise self._unknown_job(job_order_id)
+                    # A list published before the job reached the PLC (a shared subscription
+                    # hands its latest list to a new waiter) tells nothing of it: a read decides.
+                    watch.recheck = True
+                    continue
                 if notified != known:
                     return notified
             now = loop.time()
