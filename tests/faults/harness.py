@@ -444,7 +444,8 @@ class Plant:
             open_ = {i: s for i, s in states.items() if s not in FINAL}
             raise AssertionError(
                 f"{len(open_)} of {len(ids)} orders not final after {timeout_s} s: {open_}; "
-                f"work orders not final: {self.open_jobs()}; ERP messages undelivered: "
+                f"work orders not final: {self.open_jobs()}; held, with the reason of their "
+                f"last state change: {self.held_jobs()}; ERP messages undelivered: "
                 f"{self.undelivered(ids)}; pending activities: {await self.pending(ids)}"
             ) from None
 
