@@ -8,8 +8,9 @@ queue on WU-MIXER-1 and their order there is decided by holds, cancels and prior
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -112,14 +113,22 @@ async def order_final(erp: httpx.AsyncClient, order_id: int, timeout: float = 60
 
 async def plc_becomes(stack: Stack, unit: str, job: str, state: int | None) -> None:
     """Wait until the PLC shows ``job`` in ``state`` (None: gone from its list): decisions
-    are answered at once and carried out on the machine just after."""
-    async with asyncio.timeout(10):
-        while (await plc_states(stack, unit)).get(job) != state:
-            await asyncio.sleep(0.05)
+    are answered at once and carried out on the machine just after. One session reads the
+    list until then (a session per look spent the time on loading types under load)."""
+    seen: dict[str, int] = {}
+    try:
+        async with asyncio.timeout(30), plc_job_list(stack, unit) as read:
+            while (seen := await read()).get(job) != state:
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"{job} not in state {state} on {unit} after 30 s: {seen}") from None
 
 
-async def plc_states(stack: Stack, unit: str) -> dict[str, int]:
-    """Job states on the unit's JobOrderList, read by an independent OPC UA client."""
+@contextlib.asynccontextmanager
+async def plc_job_list(
+    stack: Stack, unit: str
+) -> AsyncIterator[Callable[[], Awaitable[dict[str, int]]]]:
+    """An independent OPC UA session on the unit's JobOrderList; yields its reader."""
     async with Client(stack.plc_url) as opcua:
         await opcua.load_data_type_definitions()
         jc = await opcua.get_namespace_index(JOBCONTROL_NS_URI)
@@ -132,7 +141,11 @@ async def plc_states(stack: Stack, unit: str) -> dict[str, int]:
                 f"{jc}:JobOrderList",
             ]
         )
-        return {e.JobOrder.JobOrderID: e.State[0].StateNumber for e in await node.read_value()}
+
+        async def read() -> dict[str, int]:
+            return {e.JobOrder.JobOrderID: e.State[0].StateNumber for e in await node.read_value()}
+
+        yield read
 
 
 async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
