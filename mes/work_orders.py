@@ -9,9 +9,10 @@ the workflow calls them (through activities) after the PLC has done its half.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, case, func, select
 from sqlalchemy.orm import Session, selectinload
 
 from mes import audit, execution
@@ -22,10 +23,10 @@ from mes.models import (
     EquipmentLevel,
     JobOrder,
     OperationsRequest,
-    RequestState,
     SegmentRequirement,
     WorkMasterEquipment,
 )
+from mes.paging import FIRST_PAGE, KeyValue, Paging, SortKey, fetch_page
 from mes.states import OPEN_WORK_STATES, allowed_actions
 
 WAITING, READY, RUNNING, HELD = OPEN_WORK_STATES
@@ -159,34 +160,72 @@ def list_work_orders(
     due_before: datetime | None = None,
     due_after: datetime | None = None,
     sort: str = "priority",
-    limit: int = 100,
-    offset: int = 0,
-) -> tuple[list[WorkOrderOut], int]:
-    """Work orders matching the filters, and how many match in all."""
-    q = (
-        _load()
-        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
-        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
-    )
+    paging: Paging = FIRST_PAGE,
+) -> tuple[list[WorkOrderOut], int, str | None]:
+    """Work orders matching the filters, how many match in all, and the cursor of the next
+    page. Sorted by priority (highest first), then due, or by due, then priority; the job
+    order's id breaks ties, so the order is total and a cursor continues it exactly."""
+    on_job: list[ColumnElement[bool]] = []
+    on_order: list[ColumnElement[bool]] = []
     if state is not None:
-        q = q.where(JobOrder.state == state)
-    if production_order is not None:
-        q = q.where(OperationsRequest.external_id == production_order)
+        on_job.append(JobOrder.state == state)
     if work_center is not None:
-        q = q.where(JobOrder.equipment_id.in_(_equipment_below(session, work_center)))
+        on_job.append(JobOrder.equipment_id.in_(_equipment_below(session, work_center)))
     if equipment is not None:
-        q = q.where(JobOrder.equipment_id.in_(_equipment_below(session, equipment)))
+        on_job.append(JobOrder.equipment_id.in_(_equipment_below(session, equipment)))
+    if production_order is not None:
+        on_order.append(OperationsRequest.external_id == production_order)
     if due_before is not None:
-        q = q.where(OperationsRequest.due < due_before)
+        on_order.append(OperationsRequest.due < due_before)
     if due_after is not None:
-        q = q.where(OperationsRequest.due >= due_after)
-    total = session.scalar(select(func.count()).select_from(q.order_by(None).subquery())) or 0
-    order_by = {
-        "priority": (JobOrder.priority.desc(), OperationsRequest.due, JobOrder.id),
-        "due": (OperationsRequest.due, JobOrder.priority.desc(), JobOrder.id),
-    }[sort]
-    jobs = session.scalars(q.order_by(*order_by).limit(limit).offset(offset)).all()
-    return [work_order_out(j) for j in jobs], total
+        on_order.append(OperationsRequest.due >= due_after)
+    count = select(func.count()).select_from(JobOrder).where(*on_job)
+    if on_order:  # every job order has its step and order: only their filters need the join
+        count = _with_order(count).where(*on_order)
+    total = session.scalar(count) or 0
+    q = _with_order(_load()).where(*on_job, *on_order)
+    keys = _SORTS[sort]
+    jobs, next_after = fetch_page(
+        session,
+        q,
+        kind=f"work-orders:{sort}",
+        keys=keys,
+        types=(datetime, int, int) if sort == "due" else (int, datetime, int),
+        paging=paging,
+        key_of=lambda j: _sort_values(j, sort),
+    )
+    return [work_order_out(j) for j in jobs], total, next_after
+
+
+_Q = TypeVar("_Q", bound=Select[Any])
+
+
+def _with_order(q: _Q) -> _Q:
+    """``q`` joined to each job order's step and production order."""
+    return q.join(
+        SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id
+    ).join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
+
+
+_SORTS = {
+    "priority": (
+        SortKey(JobOrder.priority, descending=True),
+        SortKey(OperationsRequest.due),
+        SortKey(JobOrder.id),
+    ),
+    "due": (
+        SortKey(OperationsRequest.due),
+        SortKey(JobOrder.priority, descending=True),
+        SortKey(JobOrder.id),
+    ),
+}
+
+
+def _sort_values(job: JobOrder, sort: str) -> tuple[KeyValue, ...]:
+    due = job.segment_requirement.operations_request.due
+    if sort == "due":
+        return (due, job.priority, job.id)
+    return (job.priority, due, job.id)
 
 
 def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
@@ -194,24 +233,24 @@ def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
 
     Running first; then jobs sent to their PLC (which starts the highest priority, then the
     earliest sent); then jobs waiting for their previous step, by priority; held work last.
+    The job order's id breaks ties.
     """
     ids = _equipment_below(session, work_center)
+    rank = case({RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}, value=JobOrder.state, else_=4)
     jobs = session.scalars(
         _load()
-        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
-        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
         .where(
             JobOrder.equipment_id.in_(ids),
             JobOrder.state.in_([WAITING, READY, RUNNING, HELD]),
         )
-    ).all()
-    rank = {RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}
-
-    def key(j: JobOrder) -> tuple[int, int, float, int]:
-        sent = j.dispatched_at.timestamp() if j.dispatched_at else 0.0
-        return (rank[RequestState(j.state)], -j.priority, sent, j.id)
-
-    return [work_order_out(j) for j in sorted(jobs, key=key)]
+        .order_by(
+            rank,
+            JobOrder.priority.desc(),
+            JobOrder.dispatched_at.asc().nulls_first(),
+            JobOrder.id,
+        )
+    )
+    return [work_order_out(j) for j in jobs]
 
 
 def set_state(
