@@ -5,8 +5,9 @@ its last row without counting the rows before it: ``WHERE (sort keys) > (the las
 which an index on the sort keys answers as fast for page 1,000 as for page 1 (``OFFSET``
 reads and throws away every skipped row). The cursor (``after=``) is the last row's sort
 keys and the name of the list and sort it belongs to, as base64url JSON: opaque to clients,
-but checked on the way in, so a cursor that is not one, or one of another list or sort, is
-a 400 naming ``after``, never a 500.
+but checked on the way in. Text that is not base64url (or too long) is a 400; base64url that
+is not a cursor of this list and sort is a 422 (well-formed, as far as the OpenAPI document
+can tell, but naming no place in the list); both name ``after``, never a 500.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy import ColumnElement, Select, and_, false, or_
 from sqlalchemy.orm import QueryableAttribute, Session
 
-from mes.errors import bad_parameter
+from mes.errors import DomainError, FieldError
 
 #: The longest cursor the API accepts (a list's keys are a time, a number and an id).
 CURSOR_MAX = 400
@@ -68,12 +69,21 @@ def decode_cursor(token: str, kind: str, types: Sequence[type]) -> list[KeyValue
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         plain = json.loads(raw)
     except (binascii.Error, ValueError):
-        raise bad_parameter("after", "not a cursor this API gave (use next_after)") from None
-    if not isinstance(plain, list) or len(plain) != len(types) + 1 or not plain:
-        raise bad_parameter("after", "not a cursor this API gave (use next_after)")
+        raise _unknown("not a cursor this API gave (use next_after)") from None
+    if not isinstance(plain, list) or len(plain) != len(types) + 1:
+        raise _unknown("not a cursor this API gave (use next_after)")
     if plain[0] != kind:
-        raise bad_parameter("after", "a cursor of another list or sort order")
+        raise _unknown("a cursor of another list or sort order")
     return [_value(v, t) for v, t in zip(plain[1:], types, strict=True)]
+
+
+def _unknown(reason: str) -> DomainError:
+    return DomainError(
+        title="Unknown cursor",
+        detail=f"after: {reason}",
+        status=422,
+        errors=[FieldError("after", reason)],
+    )
 
 
 def _value(value: object, wanted: type) -> KeyValue:
@@ -88,7 +98,7 @@ def _value(value: object, wanted: type) -> KeyValue:
         return value
     elif wanted is str and isinstance(value, str) and "\x00" not in value:
         return value
-    raise bad_parameter("after", "not a cursor this API gave (use next_after)")
+    raise _unknown("not a cursor this API gave (use next_after)")
 
 
 def after(keys: Sequence[SortKey], values: Sequence[KeyValue]) -> ColumnElement[bool]:

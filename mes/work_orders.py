@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement, Select, case, func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, contains_eager, defer, joinedload, selectinload
 
 from mes import audit, execution
 from mes.errors import NotFound, invalid
@@ -84,6 +84,28 @@ def _load() -> Select[JobOrder]:
             selectinload(SegmentRequirement.operations_request),
             selectinload(SegmentRequirement.operations_segment),
         ),
+    )
+
+
+def _listed() -> Select[JobOrder]:
+    """Work orders with all a list shows of each, in one statement: the step and the order
+    joined (the filters and sorts need them) and the rest joined as well (many to one); the
+    recipe and lots sent to the PLC (JSON the list does not show) are left unread."""
+    return (
+        select(JobOrder)
+        .join(JobOrder.segment_requirement)
+        .join(SegmentRequirement.operations_request)
+        .options(
+            defer(JobOrder.parameters, raiseload=True),
+            defer(JobOrder.material_requirements, raiseload=True),
+            contains_eager(JobOrder.segment_requirement).options(
+                defer(SegmentRequirement.material_lots, raiseload=True),
+                contains_eager(SegmentRequirement.operations_request),
+                joinedload(SegmentRequirement.operations_segment, innerjoin=True),
+            ),
+            joinedload(JobOrder.equipment, innerjoin=True).joinedload(Equipment.parent),
+            joinedload(JobOrder.work_master, innerjoin=True),
+        )
     )
 
 
@@ -183,7 +205,7 @@ def list_work_orders(
     if on_order:  # every job order has its step and order: only their filters need the join
         count = _with_order(count).where(*on_order)
     total = session.scalar(count) or 0
-    q = _with_order(_load()).where(*on_job, *on_order)
+    q = _listed().where(*on_job, *on_order)
     keys = _SORTS[sort]
     jobs, next_after = fetch_page(
         session,
@@ -238,7 +260,7 @@ def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
     ids = _equipment_below(session, work_center)
     rank = case({RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}, value=JobOrder.state, else_=4)
     jobs = session.scalars(
-        _load()
+        _listed()
         .where(
             JobOrder.equipment_id.in_(ids),
             JobOrder.state.in_([WAITING, READY, RUNNING, HELD]),
