@@ -126,6 +126,32 @@ def order(keys: Sequence[SortKey]) -> list[ColumnElement[Any]]:
 T = TypeVar("T")
 
 
+#: A select of any columns.
+AnySelect = Select[*tuple[Any, ...]]
+_S = TypeVar("_S", bound=AnySelect)
+
+
+def page_query(
+    query: _S, *, kind: str, keys: Sequence[SortKey], types: Sequence[type], paging: Paging
+) -> _S:
+    """``query`` in the order ``keys`` (the last one unique), after the cursor, skipping
+    ``offset``: ``limit`` rows and one more, which tells whether a next page exists."""
+    if paging.after is not None:
+        query = query.where(after(keys, decode_cursor(paging.after, kind, types)))
+    return query.order_by(*order(keys)).offset(paging.offset).limit(paging.limit + 1)
+
+
+def cut(
+    rows: Sequence[T], *, kind: str, paging: Paging, key_of: Callable[[T], Sequence[KeyValue]]
+) -> tuple[list[T], str | None]:
+    """The page in ``rows`` (of :func:`page_query`) and the cursor of the next (None on the
+    last page: a full last page does not promise a next one)."""
+    if len(rows) <= paging.limit:
+        return list(rows), None
+    page = list(rows[: paging.limit])
+    return page, encode_cursor(kind, key_of(page[-1]))
+
+
 def fetch_page(
     session: Session,
     query: Select[T],
@@ -136,29 +162,26 @@ def fetch_page(
     paging: Paging,
     key_of: Callable[[T], Sequence[KeyValue]],
 ) -> tuple[list[T], str | None]:
-    """One page of ``query`` in the order ``keys`` (the last one unique), and the cursor of
-    the next page (None on the last page: one row more than ``limit`` is asked for, so a
-    full last page does not promise a next one)."""
-    if paging.after is not None:
-        query = query.where(after(keys, decode_cursor(paging.after, kind, types)))
-    query = query.order_by(*order(keys)).offset(paging.offset).limit(paging.limit + 1)
-    rows = list(session.scalars(query))
-    if len(rows) <= paging.limit:
-        return rows, None
-    rows = rows[: paging.limit]
-    return rows, encode_cursor(kind, key_of(rows[-1]))
+    """One page of the objects ``query`` selects, and the cursor of the next page."""
+    found: Sequence[T] = session.scalars(
+        page_query(query, kind=kind, keys=keys, types=types, paging=paging)
+    ).all()
+    return cut(found, kind=kind, paging=paging, key_of=key_of)
 
 
 __all__ = [
     "CURSOR_MAX",
     "CURSOR_PATTERN",
     "FIRST_PAGE",
+    "AnySelect",
     "KeyValue",
     "Paging",
     "SortKey",
     "after",
+    "cut",
     "decode_cursor",
     "encode_cursor",
     "fetch_page",
     "order",
+    "page_query",
 ]

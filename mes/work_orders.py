@@ -12,8 +12,8 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
-from sqlalchemy import ColumnElement, Select, case, func, select
-from sqlalchemy.orm import Session, contains_eager, defer, joinedload, selectinload
+from sqlalchemy import ColumnElement, Row, Select, case, func, select
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from mes import audit, execution
 from mes.errors import NotFound, invalid
@@ -23,10 +23,12 @@ from mes.models import (
     EquipmentLevel,
     JobOrder,
     OperationsRequest,
+    OperationsSegment,
     SegmentRequirement,
+    WorkMaster,
     WorkMasterEquipment,
 )
-from mes.paging import FIRST_PAGE, KeyValue, Paging, SortKey, fetch_page
+from mes.paging import FIRST_PAGE, AnySelect, Paging, SortKey, cut, page_query
 from mes.states import OPEN_WORK_STATES, allowed_actions
 
 WAITING, READY, RUNNING, HELD = OPEN_WORK_STATES
@@ -87,25 +89,59 @@ def _load() -> Select[JobOrder]:
     )
 
 
-def _listed() -> Select[JobOrder]:
-    """Work orders with all a list shows of each, in one statement: the step and the order
-    joined (the filters and sorts need them) and the rest joined as well (many to one); the
-    recipe and lots sent to the PLC (JSON the list does not show) are left unread."""
+_UNIT, _CENTER = aliased(Equipment), aliased(Equipment)
+
+
+def _listed() -> AnySelect:
+    """What a list shows of each work order, as plain columns of one statement (no objects
+    to build: a list is read, never changed), the step and order joined for the filters and
+    sorts."""
     return (
-        select(JobOrder)
-        .join(JobOrder.segment_requirement)
-        .join(SegmentRequirement.operations_request)
-        .options(
-            defer(JobOrder.parameters, raiseload=True),
-            defer(JobOrder.material_requirements, raiseload=True),
-            contains_eager(JobOrder.segment_requirement).options(
-                defer(SegmentRequirement.material_lots, raiseload=True),
-                contains_eager(SegmentRequirement.operations_request),
-                joinedload(SegmentRequirement.operations_segment, innerjoin=True),
-            ),
-            joinedload(JobOrder.equipment, innerjoin=True).joinedload(Equipment.parent),
-            joinedload(JobOrder.work_master, innerjoin=True),
+        select(
+            JobOrder.id,
+            JobOrder.external_id,
+            OperationsRequest.external_id.label("production_order"),
+            OperationsRequest.id.label("production_order_id"),
+            SegmentRequirement.sequence,
+            OperationsSegment.external_id.label("segment"),
+            WorkMaster.external_id.label("work_master"),
+            _UNIT.external_id.label("equipment"),
+            _CENTER.external_id.label("work_center"),
+            JobOrder.priority,
+            JobOrder.state,
+            OperationsRequest.due,
+            JobOrder.dispatched_at,
+            JobOrder.started_at,
+            JobOrder.ended_at,
         )
+        .select_from(JobOrder)
+        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
+        .join(OperationsSegment, SegmentRequirement.operations_segment_id == OperationsSegment.id)
+        .join(WorkMaster, JobOrder.work_master_id == WorkMaster.id)
+        .join(_UNIT, JobOrder.equipment_id == _UNIT.id)
+        .outerjoin(_CENTER, _UNIT.parent_id == _CENTER.id)
+    )
+
+
+def _listed_out(row: Row[Any]) -> WorkOrderOut:
+    return WorkOrderOut(
+        id=row.external_id,
+        production_order=row.production_order,
+        production_order_id=row.production_order_id,
+        step=row.sequence,
+        segment=row.segment,
+        work_master=row.work_master,
+        equipment=row.equipment,
+        work_center=row.work_center,
+        priority=row.priority,
+        state=row.state,
+        due=row.due,
+        dispatched_at=row.dispatched_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        allowed_actions=allowed_actions(row.state, row.dispatched_at is not None),
+        links={"self": f"/api/v1/work-orders/{row.external_id}"},
     )
 
 
@@ -205,18 +241,18 @@ def list_work_orders(
     if on_order:  # every job order has its step and order: only their filters need the join
         count = _with_order(count).where(*on_order)
     total = session.scalar(count) or 0
-    q = _listed().where(*on_job, *on_order)
-    keys = _SORTS[sort]
-    jobs, next_after = fetch_page(
-        session,
-        q,
-        kind=f"work-orders:{sort}",
-        keys=keys,
-        types=(datetime, int, int) if sort == "due" else (int, datetime, int),
-        paging=paging,
-        key_of=lambda j: _sort_values(j, sort),
+    kind, keys = f"work-orders:{sort}", _SORTS[sort]
+    types = (datetime, int, int) if sort == "due" else (int, datetime, int)
+    q = page_query(
+        _listed().where(*on_job, *on_order), kind=kind, keys=keys, types=types, paging=paging
     )
-    return [work_order_out(j) for j in jobs], total, next_after
+    rows, next_after = cut(
+        session.execute(q).all(),
+        kind=kind,
+        paging=paging,
+        key_of=lambda r: (r.due, r.priority, r.id) if sort == "due" else (r.priority, r.due, r.id),
+    )
+    return [_listed_out(r) for r in rows], total, next_after
 
 
 _Q = TypeVar("_Q", bound=Select[Any])
@@ -243,13 +279,6 @@ _SORTS = {
 }
 
 
-def _sort_values(job: JobOrder, sort: str) -> tuple[KeyValue, ...]:
-    due = job.segment_requirement.operations_request.due
-    if sort == "due":
-        return (due, job.priority, job.id)
-    return (job.priority, due, job.id)
-
-
 def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
     """Queued and running work at a work center, in the order it will run.
 
@@ -259,7 +288,7 @@ def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
     """
     ids = _equipment_below(session, work_center)
     rank = case({RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}, value=JobOrder.state, else_=4)
-    jobs = session.scalars(
+    rows = session.execute(
         _listed()
         .where(
             JobOrder.equipment_id.in_(ids),
@@ -272,7 +301,7 @@ def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
             JobOrder.id,
         )
     )
-    return [work_order_out(j) for j in jobs]
+    return [_listed_out(r) for r in rows]
 
 
 def set_state(
