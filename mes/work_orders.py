@@ -9,7 +9,7 @@ the workflow calls them (through activities) after the PLC has done its half.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement, Row, Select, case, func, select
@@ -239,7 +239,13 @@ def list_work_orders(
         on_order.append(OperationsRequest.due >= due_after)
     count = select(func.count()).select_from(JobOrder).where(*on_job)
     if on_order:  # every job order has its step and order: only their filters need the join
-        count = _with_order(count).where(*on_order)
+        count = (
+            count.join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+            .join(
+                OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id
+            )
+            .where(*on_order)
+        )
     total = session.scalar(count) or 0
     kind, keys = f"work-orders:{sort}", _SORTS[sort]
     types = (datetime, int, int) if sort == "due" else (int, datetime, int)
@@ -253,16 +259,6 @@ def list_work_orders(
         key_of=lambda r: (r.due, r.priority, r.id) if sort == "due" else (r.priority, r.due, r.id),
     )
     return [_listed_out(r) for r in rows], total, next_after
-
-
-_Q = TypeVar("_Q", bound=Select[Any])
-
-
-def _with_order(q: _Q) -> _Q:
-    """``q`` joined to each job order's step and production order."""
-    return q.join(
-        SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id
-    ).join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
 
 
 _SORTS = {
