@@ -418,6 +418,13 @@ class OperationsRequest(Base):
     """One production order from the ERP (B2MML OperationsRequest, OperationsType Production)."""
 
     __tablename__ = "operations_request"
+    # What the lists filter and sort by, each ending in the id that makes the order total
+    # (keyset pagination, ``mes.paging``): by state or ERP client newest first, by due.
+    __table_args__ = (
+        Index("ix_operations_request_state_id", "state", "id"),
+        Index("ix_operations_request_source_id", "source", "id"),
+        Index("ix_operations_request_due_id", "due", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     #: The ERP order number (B2MML OperationsRequest ID).
@@ -433,13 +440,13 @@ class OperationsRequest(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     due: Mapped[datetime] = mapped_column()
     customer_order: Mapped[str | None] = mapped_column(String(100))
-    state: Mapped[str] = mapped_column(String(20), index=True)
+    state: Mapped[str] = mapped_column(String(20))
     late: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Hash of the request as the ERP sent it: the same number with another body is a conflict.
     request_hash: Mapped[str] = mapped_column(String(64))
     workflow_id: Mapped[str] = mapped_column(String(120), unique=True)
     #: The API token (ERP client) that sent the order; its callbacks go to that client.
-    source: Mapped[str | None] = mapped_column(String(100), index=True)
+    source: Mapped[str | None] = mapped_column(String(100))
     #: The ERP's OperationsSchedule ID the order came in (B2MML), for the report back.
     erp_schedule_id: Mapped[str | None] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -499,6 +506,13 @@ class JobOrder(Base):
     """What one work unit is told to do; ``external_id`` is the OPC UA JobOrderID."""
 
     __tablename__ = "job_order"
+    # The work order list by priority (alone or within a state) and the dispatch list
+    # (a work unit's jobs in the open states).
+    __table_args__ = (
+        Index("ix_job_order_priority_id", "priority", "id"),
+        Index("ix_job_order_state_priority_id", "state", "priority", "id"),
+        Index("ix_job_order_equipment_state", "equipment_id", "state"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str] = mapped_column(String(120), unique=True)
@@ -508,9 +522,9 @@ class JobOrder(Base):
     #: The job order whose nonconforming lot this one reworks (None: the step's first pass).
     rework_of_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"), index=True)
     work_master_id: Mapped[int] = mapped_column(ForeignKey("work_master.id"), index=True)
-    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"), index=True)
+    equipment_id: Mapped[int] = mapped_column(ForeignKey("equipment.id"))
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    state: Mapped[str] = mapped_column(String(20), index=True)
+    state: Mapped[str] = mapped_column(String(20))
     #: The recipe and material requirements as sent to the PLC, fixed at the first dispatch.
     parameters: Mapped[list[Any]] = mapped_column(default=list)
     material_requirements: Mapped[list[Any] | None] = mapped_column()
@@ -664,17 +678,22 @@ class Nonconformance(Base):
     disposes of it (release, rework or scrap) with a reason."""
 
     __tablename__ = "nonconformance"
+    # The list, newest first, alone or within a state.
+    __table_args__ = (
+        Index("ix_nonconformance_opened_at_id", "opened_at", "id"),
+        Index("ix_nonconformance_state_opened_at_id", "state", "opened_at", "id"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     external_id: Mapped[str] = mapped_column(String(120), unique=True)
-    state: Mapped[str] = mapped_column(String(20), index=True)
+    state: Mapped[str] = mapped_column(String(20))
     material_lot_id: Mapped[int] = mapped_column(ForeignKey("material_lot.id"), index=True)
     #: The work order that made the lot (None for a stock lot).
     job_order_id: Mapped[int | None] = mapped_column(ForeignKey("job_order.id"), index=True)
     #: What was out of specification.
     reason: Mapped[str] = mapped_column(Text)
     opened_by: Mapped[str] = mapped_column(String(100))
-    opened_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    opened_at: Mapped[datetime] = mapped_column(default=utcnow)
     disposition: Mapped[str | None] = mapped_column(String(20))
     disposition_reason: Mapped[str | None] = mapped_column(Text)
     disposed_by: Mapped[str | None] = mapped_column(String(100))
@@ -701,8 +720,14 @@ class AuditEvent(Base):
 
     __tablename__ = "audit_event"
     __table_args__ = (
-        Index("ix_audit_event_object", "object_type", "object_id"),
-        Index("ix_audit_event_actor", "actor"),
+        # One object's events in chain order; events of actors whose name starts with a
+        # prefix (LIKE 'x%': pattern ops, as the database's collation may not be C).
+        Index("ix_audit_event_object_seq", "object_type", "object_id", "seq"),
+        Index(
+            "ix_audit_event_actor_prefix",
+            "actor",
+            postgresql_ops={"actor": "varchar_pattern_ops"},
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -38,6 +38,7 @@ from mes.models import (
     SegmentRequirement,
     utcnow,
 )
+from mes.paging import FIRST_PAGE, Paging, SortKey, fetch_page
 from mes.quantities import QuantityIn, QuantityNumber, exact
 from workflows.types import order_workflow_id
 
@@ -443,12 +444,11 @@ def produced_lots(session: Session, order: OperationsRequest) -> list[LotOut]:
 def list_orders(
     session: Session,
     state: str | None = None,
-    limit: int = 100,
-    offset: int = 0,
+    paging: Paging = FIRST_PAGE,
     source: str | None = None,
-) -> list[OperationsRequest]:
+) -> tuple[list[OperationsRequest], str | None]:
     """Orders, newest first, optionally only those in one state; with ``source``, only those
-    that ERP client sent."""
+    that ERP client sent. With the cursor of the next page (None on the last)."""
     q = (
         select(OperationsRequest)
         .where(_sent_by(source))
@@ -456,8 +456,15 @@ def list_orders(
     )
     if state is not None:
         q = q.where(OperationsRequest.state == state)
-    q = q.order_by(OperationsRequest.id.desc()).limit(limit).offset(offset)
-    return list(session.scalars(q))
+    return fetch_page(
+        session,
+        q,
+        kind="production-orders",
+        keys=(SortKey(OperationsRequest.id, descending=True),),
+        types=(int,),
+        paging=paging,
+        key_of=lambda o: (o.id,),
+    )
 
 
 def set_order_state(

@@ -40,6 +40,7 @@ from mes.models import (
     TestSpecification,
     utcnow,
 )
+from mes.paging import FIRST_PAGE, Paging, SortKey, fetch_page
 from mes.quantities import json_number
 
 #: What each disposition does to the lot and to the work order that made it.
@@ -310,11 +311,12 @@ def list_nonconformances(
     work_unit: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    limit: int = 100,
-    offset: int = 0,
-) -> tuple[list[NonconformanceOut], int]:
-    """Nonconformances, newest first, filtered by state, product (the lot's material), work
-    unit (that made the lot) and the period they were opened in ([since, until))."""
+    paging: Paging = FIRST_PAGE,
+) -> tuple[list[NonconformanceOut], int, str | None]:
+    """Nonconformances, newest first (the newest id first among those opened at the same
+    instant), filtered by state, product (the lot's material), work unit (that made the lot)
+    and the period they were opened in ([since, until)); how many match in all, and the
+    cursor of the next page."""
     q = _load()
     if state is not None:
         q = q.where(Nonconformance.state == state)
@@ -335,12 +337,19 @@ def list_nonconformances(
     if until is not None:
         q = q.where(Nonconformance.opened_at < until)
     total = session.scalar(select(func.count()).select_from(q.subquery())) or 0
-    rows = session.scalars(
-        q.order_by(Nonconformance.opened_at.desc(), Nonconformance.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    return [nonconformance_out(session, nc) for nc in rows], total
+    rows, next_after = fetch_page(
+        session,
+        q,
+        kind="nonconformances",
+        keys=(
+            SortKey(Nonconformance.opened_at, descending=True),
+            SortKey(Nonconformance.id, descending=True),
+        ),
+        types=(datetime, int),
+        paging=paging,
+        key_of=lambda nc: (nc.opened_at, nc.id),
+    )
+    return [nonconformance_out(session, nc) for nc in rows], total, next_after
 
 
 def quality_held_job(session: Session, nc_id: str) -> str | None:

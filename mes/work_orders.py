@@ -9,10 +9,11 @@ the workflow calls them (through activities) after the PLC has done its half.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, func, select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import ColumnElement, Row, Select, case, func, select
+from sqlalchemy.orm import Session, aliased, selectinload
 
 from mes import audit, execution
 from mes.errors import NotFound, invalid
@@ -22,10 +23,12 @@ from mes.models import (
     EquipmentLevel,
     JobOrder,
     OperationsRequest,
-    RequestState,
+    OperationsSegment,
     SegmentRequirement,
+    WorkMaster,
     WorkMasterEquipment,
 )
+from mes.paging import FIRST_PAGE, AnySelect, Paging, SortKey, cut, page_query
 from mes.states import OPEN_WORK_STATES, allowed_actions
 
 WAITING, READY, RUNNING, HELD = OPEN_WORK_STATES
@@ -83,6 +86,62 @@ def _load() -> Select[JobOrder]:
             selectinload(SegmentRequirement.operations_request),
             selectinload(SegmentRequirement.operations_segment),
         ),
+    )
+
+
+_UNIT, _CENTER = aliased(Equipment), aliased(Equipment)
+
+
+def _listed() -> AnySelect:
+    """What a list shows of each work order, as plain columns of one statement (no objects
+    to build: a list is read, never changed), the step and order joined for the filters and
+    sorts."""
+    return (
+        select(
+            JobOrder.id,
+            JobOrder.external_id,
+            OperationsRequest.external_id.label("production_order"),
+            OperationsRequest.id.label("production_order_id"),
+            SegmentRequirement.sequence,
+            OperationsSegment.external_id.label("segment"),
+            WorkMaster.external_id.label("work_master"),
+            _UNIT.external_id.label("equipment"),
+            _CENTER.external_id.label("work_center"),
+            JobOrder.priority,
+            JobOrder.state,
+            OperationsRequest.due,
+            JobOrder.dispatched_at,
+            JobOrder.started_at,
+            JobOrder.ended_at,
+        )
+        .select_from(JobOrder)
+        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
+        .join(OperationsSegment, SegmentRequirement.operations_segment_id == OperationsSegment.id)
+        .join(WorkMaster, JobOrder.work_master_id == WorkMaster.id)
+        .join(_UNIT, JobOrder.equipment_id == _UNIT.id)
+        .outerjoin(_CENTER, _UNIT.parent_id == _CENTER.id)
+    )
+
+
+def _listed_out(row: Row[Any]) -> WorkOrderOut:
+    return WorkOrderOut(
+        id=row.external_id,
+        production_order=row.production_order,
+        production_order_id=row.production_order_id,
+        step=row.sequence,
+        segment=row.segment,
+        work_master=row.work_master,
+        equipment=row.equipment,
+        work_center=row.work_center,
+        priority=row.priority,
+        state=row.state,
+        due=row.due,
+        dispatched_at=row.dispatched_at,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        allowed_actions=allowed_actions(row.state, row.dispatched_at is not None),
+        links={"self": f"/api/v1/work-orders/{row.external_id}"},
     )
 
 
@@ -159,34 +218,61 @@ def list_work_orders(
     due_before: datetime | None = None,
     due_after: datetime | None = None,
     sort: str = "priority",
-    limit: int = 100,
-    offset: int = 0,
-) -> tuple[list[WorkOrderOut], int]:
-    """Work orders matching the filters, and how many match in all."""
-    q = (
-        _load()
-        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
-        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
-    )
+    paging: Paging = FIRST_PAGE,
+) -> tuple[list[WorkOrderOut], int, str | None]:
+    """Work orders matching the filters, how many match in all, and the cursor of the next
+    page. Sorted by priority (highest first), then due, or by due, then priority; the job
+    order's id breaks ties, so the order is total and a cursor continues it exactly."""
+    on_job: list[ColumnElement[bool]] = []
+    on_order: list[ColumnElement[bool]] = []
     if state is not None:
-        q = q.where(JobOrder.state == state)
-    if production_order is not None:
-        q = q.where(OperationsRequest.external_id == production_order)
+        on_job.append(JobOrder.state == state)
     if work_center is not None:
-        q = q.where(JobOrder.equipment_id.in_(_equipment_below(session, work_center)))
+        on_job.append(JobOrder.equipment_id.in_(_equipment_below(session, work_center)))
     if equipment is not None:
-        q = q.where(JobOrder.equipment_id.in_(_equipment_below(session, equipment)))
+        on_job.append(JobOrder.equipment_id.in_(_equipment_below(session, equipment)))
+    if production_order is not None:
+        on_order.append(OperationsRequest.external_id == production_order)
     if due_before is not None:
-        q = q.where(OperationsRequest.due < due_before)
+        on_order.append(OperationsRequest.due < due_before)
     if due_after is not None:
-        q = q.where(OperationsRequest.due >= due_after)
-    total = session.scalar(select(func.count()).select_from(q.order_by(None).subquery())) or 0
-    order_by = {
-        "priority": (JobOrder.priority.desc(), OperationsRequest.due, JobOrder.id),
-        "due": (OperationsRequest.due, JobOrder.priority.desc(), JobOrder.id),
-    }[sort]
-    jobs = session.scalars(q.order_by(*order_by).limit(limit).offset(offset)).all()
-    return [work_order_out(j) for j in jobs], total
+        on_order.append(OperationsRequest.due >= due_after)
+    count = select(func.count()).select_from(JobOrder).where(*on_job)
+    if on_order:  # every job order has its step and order: only their filters need the join
+        count = (
+            count.join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
+            .join(
+                OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id
+            )
+            .where(*on_order)
+        )
+    total = session.scalar(count) or 0
+    kind, keys = f"work-orders:{sort}", _SORTS[sort]
+    types = (datetime, int, int) if sort == "due" else (int, datetime, int)
+    q = page_query(
+        _listed().where(*on_job, *on_order), kind=kind, keys=keys, types=types, paging=paging
+    )
+    rows, next_after = cut(
+        session.execute(q).all(),
+        kind=kind,
+        paging=paging,
+        key_of=lambda r: (r.due, r.priority, r.id) if sort == "due" else (r.priority, r.due, r.id),
+    )
+    return [_listed_out(r) for r in rows], total, next_after
+
+
+_SORTS = {
+    "priority": (
+        SortKey(JobOrder.priority, descending=True),
+        SortKey(OperationsRequest.due),
+        SortKey(JobOrder.id),
+    ),
+    "due": (
+        SortKey(OperationsRequest.due),
+        SortKey(JobOrder.priority, descending=True),
+        SortKey(JobOrder.id),
+    ),
+}
 
 
 def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
@@ -194,24 +280,24 @@ def dispatch_list(session: Session, work_center: str) -> list[WorkOrderOut]:
 
     Running first; then jobs sent to their PLC (which starts the highest priority, then the
     earliest sent); then jobs waiting for their previous step, by priority; held work last.
+    The job order's id breaks ties.
     """
     ids = _equipment_below(session, work_center)
-    jobs = session.scalars(
-        _load()
-        .join(SegmentRequirement, JobOrder.segment_requirement_id == SegmentRequirement.id)
-        .join(OperationsRequest, SegmentRequirement.operations_request_id == OperationsRequest.id)
+    rank = case({RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}, value=JobOrder.state, else_=4)
+    rows = session.execute(
+        _listed()
         .where(
             JobOrder.equipment_id.in_(ids),
             JobOrder.state.in_([WAITING, READY, RUNNING, HELD]),
         )
-    ).all()
-    rank = {RUNNING: 0, READY: 1, WAITING: 2, HELD: 3}
-
-    def key(j: JobOrder) -> tuple[int, int, float, int]:
-        sent = j.dispatched_at.timestamp() if j.dispatched_at else 0.0
-        return (rank[RequestState(j.state)], -j.priority, sent, j.id)
-
-    return [work_order_out(j) for j in sorted(jobs, key=key)]
+        .order_by(
+            rank,
+            JobOrder.priority.desc(),
+            JobOrder.dispatched_at.asc().nulls_first(),
+            JobOrder.id,
+        )
+    )
+    return [_listed_out(r) for r in rows]
 
 
 def set_state(

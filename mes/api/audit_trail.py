@@ -17,11 +17,12 @@ from sqlalchemy.orm import Session
 
 from mes import audit
 from mes import audit_checkpoints as checkpoints
-from mes.api.params import INT4_MAX, Instant, Limit, Offset, text_filter
+from mes.api.params import INT4_MAX, NEXT_AFTER, Paging, Period, text_filter
 from mes.api.security import READ_AUDIT, allow, roles_note
 from mes.db import Database
 from mes.errors import DomainError
 from mes.models import AuditEvent
+from mes.paging import SortKey, fetch_page
 from mes.settings import Settings
 
 API = "/api/v1"
@@ -45,6 +46,7 @@ class AuditPage(BaseModel):
     items: list[AuditEventOut]
     limit: int
     offset: int
+    next_after: str | None = Field(default=None, description=NEXT_AFTER)
 
 
 class ChainReportOut(BaseModel):
@@ -86,11 +88,9 @@ def _audit_page(
     object_type: str | None,
     object_id: str | None,
     actor: str | None,
-    since: datetime | None,
-    until: datetime | None,
-    limit: int,
-    offset: int,
-) -> list[AuditEventOut]:
+    interval: Period,
+    paging: Paging,
+) -> tuple[list[AuditEventOut], str | None]:
     q = select(AuditEvent)
     if object_type:
         q = q.where(AuditEvent.object_type == object_type)
@@ -98,12 +98,20 @@ def _audit_page(
         q = q.where(AuditEvent.object_id == object_id)
     if actor:
         q = q.where(AuditEvent.actor.startswith(actor, autoescape=True))
-    if since:
-        q = q.where(AuditEvent.occurred_at >= since)
-    if until:
-        q = q.where(AuditEvent.occurred_at < until)
-    rows = s.scalars(q.order_by(AuditEvent.seq).limit(limit).offset(offset))
-    return [AuditEventOut.model_validate(r, from_attributes=True) for r in rows]
+    if interval.since:
+        q = q.where(AuditEvent.occurred_at >= interval.since)
+    if interval.until:
+        q = q.where(AuditEvent.occurred_at < interval.until)
+    rows, next_after = fetch_page(
+        s,
+        q,
+        kind="audit-events",
+        keys=(SortKey(AuditEvent.seq),),
+        types=(int,),
+        paging=paging,
+        key_of=lambda e: (e.seq,),
+    )
+    return [AuditEventOut.model_validate(r, from_attributes=True) for r in rows], next_after
 
 
 def _verify_key(settings: Settings) -> Ed25519PublicKey | None:
@@ -133,18 +141,18 @@ class AuditController(Controller):
     async def list_events(
         self,
         db: NamedDependency[Database],
+        paging: NamedDependency[Paging],
+        interval: NamedDependency[Period],
         object_type: Annotated[str | None, text_filter()] = None,
         object_id: Annotated[str | None, text_filter()] = None,
         actor: Annotated[str | None, text_filter("The actor's name starts with this")] = None,
-        since: Annotated[Instant | None, QueryParameter()] = None,
-        until: Annotated[Instant | None, QueryParameter()] = None,
-        limit: Limit = 100,
-        offset: Offset = 0,
     ) -> AuditPage:
-        items = await db.run(
-            lambda s: _audit_page(s, object_type, object_id, actor, since, until, limit, offset)
+        items, next_after = await db.run(
+            lambda s: _audit_page(s, object_type, object_id, actor, interval, paging)
         )
-        return AuditPage(items=items, limit=limit, offset=offset)
+        return AuditPage(
+            items=items, limit=paging.limit, offset=paging.offset, next_after=next_after
+        )
 
     @get(
         "/verify",

@@ -3,7 +3,8 @@
 One ``Database``, one ``WorkflowClient`` and one ``Steering`` per app, made in
 ``create_app`` and kept on the app's state with the app's ``Settings``; handlers name them
 as parameters (``db``, ``workflows``, ``steering``, ``settings``, ``caller``,
-``callback_policy``) and receive them typed.
+``callback_policy``) and receive them typed. Lists name ``paging`` (limit, offset, after) and
+reports ``interval`` (since, until): one definition of those query parameters for every route.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from litestar import Request
 from litestar.datastructures import State
 from litestar.di import Provide
 
+from mes.api.params import next_link, paging, period
 from mes.auth import Principal
 from mes.callbacks import CallbackPolicy
 from mes.db import Database
@@ -72,4 +74,7 @@ DEPENDENCIES = {
     "caller": Provide(_caller, sync_to_thread=False),
     "callback_policy": Provide(_callback_policy, sync_to_thread=False),
     "settings": Provide(_settings, sync_to_thread=False),
+    "paging": Provide(paging, sync_to_thread=False),
+    "interval": Provide(period, sync_to_thread=False),
+    "next_link": Provide(next_link, sync_to_thread=False),
 }

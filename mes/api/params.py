@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import re
+from dataclasses import dataclass
 from datetime import datetime
 from types import SimpleNamespace
 from typing import Annotated, Any
+from urllib.parse import urlencode
 
 from litestar import Request
+from litestar.datastructures import ResponseHeader
 from litestar.exceptions import ValidationException
 from litestar.openapi.spec import OpenAPIFormat, OpenAPIType, Schema
 from litestar.params import PathParameter, QueryParameter
@@ -25,6 +28,8 @@ from litestar.plugins import OpenAPISchemaPlugin
 from litestar.plugins.pydantic import PydanticSchemaPlugin
 from litestar.typing import FieldDefinition
 from pydantic import BaseModel
+
+from mes.paging import CURSOR_MAX, CURSOR_PATTERN, Paging
 
 #: The largest value of PostgreSQL's ``integer`` (the type of every id column).
 INT4_MAX = 2**31 - 1
@@ -45,6 +50,16 @@ Key = Annotated[
 
 Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="At most this many items")]
 Offset = Annotated[int, QueryParameter(ge=0, le=INT4_MAX, description="Skip this many items")]
+After = Annotated[
+    str | None,
+    QueryParameter(
+        min_length=1,
+        max_length=CURSOR_MAX,
+        pattern=CURSOR_PATTERN,
+        description="Continue after this cursor (the `next_after` of the page before); "
+        "faster than `offset` deep in a list, and stable while rows are added",
+    ),
+]
 
 
 def text_filter(description: str | None = None) -> QueryParameter:
@@ -85,6 +100,58 @@ def _is_instant(annotation: Any) -> bool:
 
 #: For ``Litestar(type_decoders=...)``: how a query value becomes an :class:`Instant`.
 TYPE_DECODERS = [(_is_instant, lambda _type, value: Instant.parse(value))]
+
+#: What a page's ``next_after`` is.
+NEXT_AFTER = "The cursor of the next page (give it as `after`); null on the last page"
+
+#: The ``Link`` header of a list answered as a bare array: where its next page is.
+NEXT_LINK = ResponseHeader(
+    name="Link",
+    description='`<the same request with after=CURSOR>; rel="next"` when there is a next page',
+    documentation_only=True,
+)
+
+
+@dataclass(frozen=True)
+class NextLink:
+    """Where a list's next page is: its request's path and query, ``after`` set to a cursor
+    (and no ``offset``, which the cursor already includes)."""
+
+    path: str
+    query: tuple[tuple[str, str], ...]
+
+    def to(self, cursor: str) -> str:
+        """The ``Link`` header value for the page after ``cursor``."""
+        kept = [(k, v) for k, v in self.query if k not in {"after", "offset"}]
+        return f'<{self.path}?{urlencode([*kept, ("after", cursor)])}>; rel="next"'
+
+
+def next_link(request: Request[Any, Any, Any]) -> NextLink:
+    """The :class:`NextLink` of a request (a handler names ``next_link: NextLink``)."""
+    return NextLink(request.url.path, tuple(request.query_params.multi_items()))
+
+
+Since = Annotated[Instant | None, QueryParameter(description="At or after this instant")]
+Until = Annotated[Instant | None, QueryParameter(description="Before this instant")]
+
+
+def paging(limit: Limit = 100, offset: Offset = 0, after: After = None) -> Paging:
+    """The paging parameters every list takes (a handler names ``paging: Paging``):
+    ``limit``, ``offset`` and the keyset cursor ``after`` (``offset`` counts from it)."""
+    return Paging(limit=limit, offset=offset, after=after)
+
+
+@dataclass(frozen=True)
+class Period:
+    """A half-open period [since, until); either end may be open."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+def period(since: Since = None, until: Until = None) -> Period:
+    """The period parameters of the lists and reports that take one (``interval: Period``)."""
+    return Period(since=since, until=until)
 
 
 class InstantSchema(OpenAPISchemaPlugin):
@@ -199,7 +266,10 @@ __all__ = [
     "INT4_MAX",
     "KEY_MAX",
     "MAX_JSON_DEPTH",
+    "NEXT_AFTER",
+    "NEXT_LINK",
     "TYPE_DECODERS",
+    "After",
     "CheckedRequest",
     "ClosedModelSchema",
     "Id",
@@ -207,7 +277,15 @@ __all__ = [
     "InstantSchema",
     "Key",
     "Limit",
+    "NextLink",
     "Offset",
+    "Paging",
+    "Period",
+    "Since",
+    "Until",
     "check_json",
+    "next_link",
+    "paging",
+    "period",
     "text_filter",
 ]

@@ -5,8 +5,9 @@ status; anything unexpected is logged and answered as a bare 500 problem without
 
 The OpenAPI document lists, for every operation, each problem it can answer
 (:func:`document_problems`), derived here in one place from what the route has: a role
-guard (401, 403), path parameters (400, 404), query parameters (400), a body (400, 413,
-422), a write (409), and for all of them the database or Temporal away (503). A route that
+guard (401, 403), path parameters (400, 404), query parameters (400), paging (400, and 422
+for a cursor that names no place in the list), a body (400, 413, 422), a write (409), and
+for all of them the database or Temporal away (503). A route that
 answers one of these differently (B2MML answers its refusals in XML) says so in its own
 ``responses=``, which wins.
 """
@@ -170,6 +171,8 @@ def problem_statuses(handler: HTTPRouteHandler, public: bool) -> set[int]:
     params = handler.parsed_fn_signature.parameters
     if any(n not in dependencies and n not in _RESERVED for n in params):
         statuses.add(400)
+    if "paging" in params:  # a cursor (after=) that names no place in the list
+        statuses |= {400, 422}
     if "data" in params:
         statuses |= {400, 413, 422}
     elif params.keys() & {"request", "body"}:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
 from mes import production_orders
-from mes.api.params import Id, Limit, Offset
+from mes.api.params import NEXT_LINK, Id, NextLink, Paging
 from mes.api.security import POST_ORDERS, READ_ORDERS, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -108,28 +108,29 @@ class ProductionOrderController(Controller):
         summary="List production orders, newest first",
         description="An ERP token sees the orders it sent; the other roles see all. "
         + roles_note(READ_ORDERS),
+        response_headers=[NEXT_LINK],
     )
     async def list_orders(
         self,
         db: NamedDependency[Database],
+        next_link: NamedDependency[NextLink],
         caller: NamedDependency[Principal],
+        paging: NamedDependency[Paging],
         order_state: Annotated[
             RequestState | None,
             QueryParameter(name="state", description="Only orders in this state"),
         ] = None,
-        limit: Limit = 100,
-        offset: Offset = 0,
-    ) -> list[ProductionOrderSummary]:
-        found = await db.run(
+    ) -> Response[list[ProductionOrderSummary]]:
+        found, next_after = await db.run(
             partial(
                 production_orders.list_orders,
                 state=order_state,
-                limit=limit,
-                offset=offset,
+                paging=paging,
                 source=caller.order_scope,
             )
         )
-        return [_summary(o) for o in found]
+        headers = {"Link": next_link.to(next_after)} if next_after else {}
+        return Response([_summary(o) for o in found], headers=headers)
 
     @get(
         "/{order_id:int}",

@@ -13,7 +13,7 @@ from litestar.params import JSONBody, QueryParameter
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from mes import quality
-from mes.api.params import Instant, Key, Limit, Offset, text_filter
+from mes.api.params import NEXT_AFTER, Key, Paging, Period, text_filter
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
 from mes.auth import Principal
 from mes.db import Database
@@ -64,6 +64,7 @@ class NonconformancePage(BaseModel):
     total: int
     limit: int
     offset: int
+    next_after: str | None = Field(default=None, description=NEXT_AFTER)
 
 
 class QualityController(Controller):
@@ -101,29 +102,32 @@ class QualityController(Controller):
     async def list_nonconformances(
         self,
         db: NamedDependency[Database],
+        paging: NamedDependency[Paging],
+        interval: NamedDependency[Period],
         nc_state: Annotated[
             NonconformanceState | None, QueryParameter(name="state", description="Open or Closed")
         ] = None,
         product: Annotated[str | None, text_filter("The lot's material")] = None,
         work_unit: Annotated[str | None, text_filter("The work unit that made the lot")] = None,
-        since: Annotated[Instant | None, QueryParameter(description="Opened at or after")] = None,
-        until: Annotated[Instant | None, QueryParameter(description="Opened before")] = None,
-        limit: Limit = 100,
-        offset: Offset = 0,
     ) -> NonconformancePage:
-        items, total = await db.run(
+        items, total, next_after = await db.run(
             partial(
                 quality.list_nonconformances,
                 state=nc_state,
                 product=product,
                 work_unit=work_unit,
-                since=since,
-                until=until,
-                limit=limit,
-                offset=offset,
+                since=interval.since,
+                until=interval.until,
+                paging=paging,
             )
         )
-        return NonconformancePage(items=items, total=total, limit=limit, offset=offset)
+        return NonconformancePage(
+            items=items,
+            total=total,
+            limit=paging.limit,
+            offset=paging.offset,
+            next_after=next_after,
+        )
 
     @get(
         "/nonconformances/{nc_id:str}",
@@ -175,10 +179,9 @@ class QualityController(Controller):
     async def yield_report(
         self,
         db: NamedDependency[Database],
+        interval: NamedDependency[Period],
         product: Annotated[str | None, text_filter("A produced material")] = None,
         work_unit: Annotated[str | None, text_filter("A work unit")] = None,
-        since: Annotated[Instant | None, QueryParameter(description="Ended at or after")] = None,
-        until: Annotated[Instant | None, QueryParameter(description="Ended before")] = None,
         period: Annotated[
             Literal["day", "week", "month", "all"], QueryParameter(description="Bucket size")
         ] = "all",
@@ -188,8 +191,8 @@ class QualityController(Controller):
                 quality.yield_report,
                 product=product,
                 work_unit=work_unit,
-                since=since,
-                until=until,
+                since=interval.since,
+                until=interval.until,
                 period=period,
             )
         )

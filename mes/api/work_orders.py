@@ -11,7 +11,7 @@ from litestar.params import JSONBody, QueryParameter
 from pydantic import BaseModel, ConfigDict, Field
 
 from mes import work_orders
-from mes.api.params import Instant, Key, Limit, Offset, text_filter
+from mes.api.params import NEXT_AFTER, Instant, Key, Paging, text_filter
 from mes.api.problems import problem_response
 from mes.api.production_orders import Reason
 from mes.api.security import READ_SHOP_FLOOR, STEER, allow, roles_note
@@ -30,6 +30,7 @@ class WorkOrderPage(BaseModel):
     total: int
     limit: int
     offset: int
+    next_after: str | None = Field(default=None, description=NEXT_AFTER)
 
 
 class WorkOrderChange(BaseModel):
@@ -55,6 +56,7 @@ class WorkOrderController(Controller):
     async def list_work_orders(
         self,
         db: NamedDependency[Database],
+        paging: NamedDependency[Paging],
         work_order_state: Annotated[
             RequestState | None, QueryParameter(name="state", description="Only in this state")
         ] = None,
@@ -66,10 +68,8 @@ class WorkOrderController(Controller):
         due_before: Annotated[Instant | None, QueryParameter()] = None,
         due_after: Annotated[Instant | None, QueryParameter()] = None,
         sort: Annotated[Literal["priority", "due"], QueryParameter()] = "priority",
-        limit: Limit = 100,
-        offset: Offset = 0,
     ) -> WorkOrderPage:
-        items, total = await db.run(
+        items, total, next_after = await db.run(
             partial(
                 work_orders.list_work_orders,
                 state=work_order_state,
@@ -79,11 +79,16 @@ class WorkOrderController(Controller):
                 due_before=due_before,
                 due_after=due_after,
                 sort=sort,
-                limit=limit,
-                offset=offset,
+                paging=paging,
             )
         )
-        return WorkOrderPage(items=items, total=total, limit=limit, offset=offset)
+        return WorkOrderPage(
+            items=items,
+            total=total,
+            limit=paging.limit,
+            offset=paging.offset,
+            next_after=next_after,
+        )
 
     @get(
         "/{job_id:str}",
