@@ -222,15 +222,17 @@ WHERE o.material_definition_id = l.material_definition_id
 """
 
 
-def psycopg_sql(kind: str, direction: genealogy.Direction) -> bytes:
-    sql = IMPACT_SQL if kind == "impact" else genealogy.trace_sql(direction)
-    return re.sub(r":(\w+)", r"%(\1)s", sql).encode()
+def psycopg_sql(kind: str, direction: genealogy.Direction, depth: int) -> bytes:
+    if kind == "impact":
+        return re.sub(r":(\w+)", r"%(\1)s", IMPACT_SQL).encode()
+    sql = genealogy.trace_sql("postgresql", direction, depth, genealogy.DEFAULT_LIMIT)
+    return genealogy.driver_sql(sql, "pyformat").encode()
 
 
 async def main(args: argparse.Namespace) -> None:
     width = -(-args.lots // args.levels)
     offsets = [int(o) for o in args.offsets.split(",")]
-    name = f"mes_bench_genealogy_{uuid.uuid4().hex[:8]}"
+    name = args.reuse or f"mes_bench_genealogy_{uuid.uuid4().hex[:8]}"
     base = args.database_url.rsplit("/", 1)[0]
     url = f"{base}/{name}"
     print(
@@ -239,14 +241,18 @@ async def main(args: argparse.Namespace) -> None:
         f"{width * (args.levels - 1) * len(offsets):,} edges; {width:,} production orders; "
         f"database {name}"
     )
-    with psycopg.connect(args.database_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+    if not args.reuse:
+        with psycopg.connect(args.database_url, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"'.encode())
     server: asyncio.subprocess.Process | None = None
     try:
-        t = time.perf_counter()
-        upgrade(url)
-        fill(url, width, args.levels, offsets)
-        print(f"filled in {time.perf_counter() - t:.0f} s")
+        if args.reuse:
+            print("reusing the filled database (the same --lots, --levels and --offsets)")
+        else:
+            t = time.perf_counter()
+            upgrade(url)
+            fill(url, width, args.levels, offsets)
+            print(f"filled in {time.perf_counter() - t:.0f} s")
         engine = make_engine(url)
         with make_sessionmaker(engine)() as s:
             token = create_token(s, "bench-auditor", "auditor")
@@ -291,7 +297,7 @@ async def main(args: argparse.Namespace) -> None:
             for kind, direction, level, depth in kinds:
                 roots = [lot(level) for _ in range(args.samples)]
                 sql_depth = depth or genealogy.MAX_DEPTH
-                statement = psycopg_sql(kind, direction)
+                statement = psycopg_sql(kind, direction, sql_depth)
                 query = f"?depth={depth}" if depth else ""
                 bodies: list[bytes] = []
 
@@ -351,7 +357,9 @@ async def main(args: argparse.Namespace) -> None:
         if server is not None:
             server.terminate()
             await server.wait()
-        if not args.keep:
+        if args.keep or args.reuse:
+            print(f"kept: rerun on it with --reuse {name}")
+        else:
             with psycopg.connect(args.database_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
@@ -367,4 +375,9 @@ if __name__ == "__main__":
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12)
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument(
+        "--reuse",
+        metavar="NAME",
+        help="measure on a database kept by an earlier run (--keep), without filling; kept",
+    )
     asyncio.run(main(parser.parse_args()))

@@ -670,3 +670,20 @@ def test_the_json_built_by_the_database_is_the_answer(
                     )
         with pytest.raises(NotFound):
             genealogy.answer_json(s, "NO-SUCH-LOT", "trace", "backward")
+
+
+def test_one_column_list_makes_both_answers() -> None:
+    """The SQL columns of a lot, an edge and a test result are named and ordered as the
+    answer's fields: the rows read in Python and the JSON PostgreSQL builds come from them."""
+
+    def names(struct: type[msgspec.Struct]) -> tuple[str, ...]:
+        return tuple(f.name for f in msgspec.structs.fields(struct) if f.name != "test_results")
+
+    assert names(genealogy.TraceLot) == genealogy._LOT_FIELDS
+    assert names(genealogy.TraceEdge) == genealogy._EDGE_FIELDS
+    assert names(genealogy.TestResultOut) == genealogy._TEST_FIELDS
+    assert set(genealogy._IMPACT_FIELDS) <= set(genealogy._LOT_FIELDS)
+    graph_edge = names(genealogy.GraphEdge)
+    assert (
+        tuple(genealogy._GRAPH_EDGE.get(f, f) for f in genealogy._GRAPH_EDGE_FIELDS) == graph_edge
+    )
