@@ -14,13 +14,13 @@ Both are made from one list of columns per lot, edge and test result (``_LOT_COL
 
 The walk is bounded and cannot run away:
 
-- ``UNION`` (not ``UNION ALL``) over (lot, distance): a lot reached along several paths of
-  one length (a diamond) is visited once, not once per path. A lot reached at several
-  distances (paths of different lengths, or a cycle in bad data) is visited once per
-  distance, so at most ``depth`` times: the walk always ends, and never explodes.
-- ``depth`` bounds the distance; ``limit`` bounds the visits: the walk stops (on PostgreSQL
-  and SQLite alike) once ``limit + 1`` visits are made, and the answer keeps the ``limit``
-  nearest lots.
+- Each lot is visited once, at its shortest distance: the walk goes breadth first, one
+  distance at a time, and carries the set of lots already reached, so a lot reached along
+  several paths (a diamond), at several distances, or round a cycle in bad data is not
+  walked again. The walk always ends, and never explodes.
+- ``depth`` bounds the distance; ``limit`` the lots: the walk stops (on PostgreSQL and
+  SQLite alike) once ``limit + 1`` lots are found, and the answer keeps the ``limit``
+  nearest (by distance, then name).
 - The answer says when a bound cut it: ``truncated`` with ``truncated_by`` ``"limit"`` (the
   node limit stopped the walk) or ``"depth"`` (a lot at the last distance has further edges).
 """
@@ -196,21 +196,56 @@ class Impact(msgspec.Struct, kw_only=True):
 
 # --- the query ------------------------------------------------------------------------------
 
-#: The walk: ``{near}``/``{far}`` are the assembly's columns (backward: from a lot to its
-#: components; forward: the other way). ``UNION`` over (lot, distance): a lot reached along
-#: several paths of one length is visited once; ``visit`` holds at most ``:cap`` visits,
-#: ``reached`` each lot once, at its shortest distance.
-_WALK_SQL = """
-WITH RECURSIVE walk(lot_id, depth) AS (
-    SELECT id, 0 FROM material_lot WHERE external_id = :lot
-    UNION
-    SELECT a.{far}, w.depth + 1
-    FROM walk w JOIN material_lot_assembly a ON a.{near} = w.lot_id
-    WHERE w.depth < :depth
+#: The walk, per dialect: breadth first, one row per distance holding the lots first reached
+#: at it (``frontier``) and every lot reached nearer (``seen``), so each lot is visited once,
+#: at its shortest distance, however many paths of whatever lengths reach it (a diamond, a
+#: lot used at several levels, a cycle in bad data). ``{near}``/``{far}`` are the assembly's
+#: columns (backward: from a lot to its components; forward: the other way). The walk goes
+#: on while fewer than ``:cap`` lots are found; ``visit`` lists at most ``:cap`` of them,
+#: nearest first. PostgreSQL holds the sets as arrays, SQLite as JSON arrays.
+_WALK = {
+    "postgresql": """
+WITH RECURSIVE walk(depth, frontier, seen) AS (
+    SELECT 0, ARRAY[id], CAST(ARRAY[] AS INTEGER[]) FROM material_lot WHERE external_id = :lot
+    UNION ALL
+    SELECT w.depth + 1, n.ids, w.seen || w.frontier
+    FROM walk w, LATERAL (
+        SELECT array_agg(f) AS ids FROM (
+            SELECT a.{far} AS f FROM material_lot_assembly a WHERE a.{near} = ANY(w.frontier)
+            EXCEPT SELECT unnest(w.seen || w.frontier)
+        ) s
+    ) n
+    WHERE w.depth < :depth AND cardinality(w.seen) + cardinality(w.frontier) < :cap
 ),
-visit AS (SELECT lot_id, depth FROM walk LIMIT :cap),
-reached AS (SELECT lot_id, MIN(depth) AS depth FROM visit GROUP BY lot_id)"""
-_WALK = {"postgresql": _WALK_SQL, "sqlite": _WALK_SQL}
+visit AS (
+    SELECT v.lot_id, w.depth FROM walk w, unnest(w.frontier) AS v(lot_id)
+    ORDER BY w.depth LIMIT :cap
+)""",
+    "sqlite": """
+WITH RECURSIVE walk(depth, frontier, seen) AS (
+    SELECT 0, json_array(id), json_array() FROM material_lot WHERE external_id = :lot
+    UNION ALL
+    SELECT w.depth + 1, (
+        SELECT json_group_array(f) FROM (
+            SELECT a.{far} AS f FROM material_lot_assembly a
+            WHERE a.{near} IN (SELECT value FROM json_each(w.frontier))
+            EXCEPT SELECT value FROM json_each(w.frontier)
+            EXCEPT SELECT value FROM json_each(w.seen)
+        )
+    ), (
+        SELECT json_group_array(value) FROM (
+            SELECT value FROM json_each(w.seen) UNION ALL SELECT value FROM json_each(w.frontier)
+        )
+    )
+    FROM walk w
+    WHERE w.depth < :depth AND json_array_length(w.frontier) > 0
+        AND json_array_length(w.seen) + json_array_length(w.frontier) < :cap
+),
+visit AS (
+    SELECT CAST(v.value AS INTEGER) AS lot_id, w.depth FROM walk w, json_each(w.frontier) v
+    ORDER BY w.depth LIMIT :cap
+)""",
+}
 
 #: A lot of the answer: the columns of ``TraceLot`` (its test results aside), in its order,
 #: with the SQL that gives each. The one list both answers are made from: the ``lots`` of
@@ -260,7 +295,7 @@ _TRACE_SQL = """{walk},
 kept AS MATERIALIZED (
     SELECT r.lot_id, r.depth, l.external_id AS lot, l.material_definition_id, l.quantity,
         l.unit, l.status, l.disposition, l.created_at, l.job_order_id
-    FROM reached r JOIN material_lot l ON l.id = r.lot_id
+    FROM visit r JOIN material_lot l ON l.id = r.lot_id
     ORDER BY r.depth, l.external_id {collate}
     LIMIT :limit
 ),
