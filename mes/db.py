@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,10 +65,66 @@ class Database:
 
     The ORM is synchronous; ``run(fn)`` calls ``fn(session)`` in a thread with a fresh
     session from the factory (its hooks included) and closes it afterwards.
+
+    On PostgreSQL, ``read_text`` runs one read-only statement whose answer is a single text
+    value (an answer built in the database, such as a genealogy trace's JSON) on the event
+    loop itself: an asyncio psycopg connection from a small pool of its own, in autocommit,
+    without the worker thread, the session and the engine pool's pre-ping (a broken
+    connection is dropped by the pool when a statement fails on it). The pool opens on
+    first use in the running event loop and is closed by ``close`` (the app's shutdown).
     """
+
+    #: Most connections ``read_text`` holds at once (the engine has 20, and 30 more).
+    READERS = 20
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
+        bind = sessions.kw.get("bind")
+        url = bind.url if isinstance(bind, Engine) else None
+        #: ``read_text`` works here (PostgreSQL); else callers use ``run``.
+        self.reads_text = url is not None and url.get_backend_name() == "postgresql"
+        self._conninfo = (
+            url.set(drivername="postgresql").render_as_string(hide_password=False)
+            if url is not None and self.reads_text
+            else ""
+        )
+        self._readers: AsyncConnectionPool | None = None
+        self._readers_loop: asyncio.AbstractEventLoop | None = None
+
+    async def _pool(self) -> AsyncConnectionPool:
+        loop = asyncio.get_running_loop()
+        if self._readers is not None and self._readers_loop is loop:
+            return self._readers
+        # A pool serves the loop it was opened in; a new loop (a test's) opens its own.
+        pool = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self.READERS,
+            kwargs={"autocommit": True},
+            open=False,
+            name="mes-readers",
+        )
+        await pool.open()
+        if self._readers is not None and self._readers_loop is loop:
+            await pool.close()  # another request opened one meanwhile
+            return self._readers
+        self._readers, self._readers_loop = pool, loop
+        return pool
+
+    async def read_text(self, sql: str, params: Mapping[str, object]) -> str | None:
+        """The first column of the first row of ``sql`` (psycopg's ``%(name)s`` parameters),
+        or None when it gives no row. PostgreSQL only (``reads_text``)."""
+        pool = await self._pool()
+        async with pool.connection() as connection:
+            cursor = await connection.execute(sql.encode(), params)
+            row = await cursor.fetchone()
+        return None if row is None else str(row[0])
+
+    async def close(self) -> None:
+        """Close ``read_text``'s pool, if one is open in this loop."""
+        pool, self._readers = self._readers, None
+        if pool is not None and self._readers_loop is asyncio.get_running_loop():
+            await pool.close()
 
     async def run(self, fn: Callable[[Session], T]) -> T:
         def work() -> T:

@@ -28,6 +28,7 @@ The walk is bounded and cannot run away:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -439,21 +440,32 @@ _GRAPH_EDGE_FIELDS = ("component", "lot", *_EDGE_FIELDS[2:])
 _IMPACT_FIELDS = tuple(f.name for f in msgspec.structs.fields(ImpactLot))
 
 
-def _statement(dialect: str, direction: Direction, depth: int, limit: int, answer: str) -> str:
-    """``_TRACE_SQL`` with ``answer`` as its final SELECT; ``depth`` and ``limit`` written in
-    as integers, ``:lot`` the one parameter.
+def _numbers(sql: str, depth: int, limit: int) -> str:
+    """``depth`` and ``limit`` written into ``sql`` as integers (``:depth``, ``:limit`` and
+    ``:cap``, the most lots the walk finds: ``limit + 1``).
 
     The numbers are in the text because psycopg prepares a statement after a few runs and
     PostgreSQL then plans it once for any parameters: a ``LIMIT $n`` it cannot see makes it
     guess a handful of lots and loop over them pairwise. With the numbers in the text, the
     plan is made for them (one per depth and limit).
     """
+    numbers = {"depth": int(depth), "limit": int(limit), "cap": int(limit) + 1}
+    return re.sub(r":(depth|limit|cap)\b", lambda m: str(numbers[m.group(1)]), sql)
+
+
+def walk_sql(dialect: str, direction: Direction, depth: int, limit: int) -> str:
+    """The walk alone (``WITH RECURSIVE`` … ``visit(lot_id, depth)``, to be followed by a
+    SELECT), as the traces run it; one parameter, ``:lot``."""
     near, far = _COLUMNS[direction]
+    walk = _WALK["postgresql" if dialect == "postgresql" else "sqlite"]
+    return _numbers(walk.format(near=near, far=far), depth, limit)
+
+
+def _statement(dialect: str, direction: Direction, depth: int, limit: int, answer: str) -> str:
+    """``_TRACE_SQL`` with ``answer`` as its final SELECT; one parameter, ``:lot``."""
     sql = _TRACE_SQL.format(
-        walk=_WALK["postgresql" if dialect == "postgresql" else "sqlite"].format(
-            near=near, far=far
-        ),
-        near=near,
+        walk=walk_sql(dialect, direction, depth, limit),
+        near=_COLUMNS[direction][0],
         collate='COLLATE "C"' if dialect == "postgresql" else "COLLATE BINARY",
         lot_columns=_select(_LOT_COLUMNS),
         edge_columns=_select(_EDGE_COLUMNS),
@@ -461,16 +473,17 @@ def _statement(dialect: str, direction: Direction, depth: int, limit: int, answe
         near_side="n" if direction == "backward" else "c",
         answer=answer,
     )
-    numbers = {"depth": int(depth), "limit": int(limit), "cap": int(limit) + 1}
-    return re.sub(r":(depth|limit|cap)\b", lambda m: str(numbers[m.group(1)]), sql)
+    return _numbers(sql, depth, limit)
 
 
+@functools.lru_cache(maxsize=256)
 def trace_sql(dialect: str, direction: Direction, depth: int, limit: int) -> str:
     """The trace as rows (``_ROWS_ANSWER``), for ``dialect`` (``postgresql`` or ``sqlite``);
     one parameter, ``:lot``."""
     return _statement(dialect, direction, depth, limit, _ROWS_ANSWER)
 
 
+@functools.lru_cache(maxsize=256)
 def trace_json_sql(direction: Direction, shape: Shape, depth: int, limit: int) -> str:
     """The statement that returns one answer as JSON text (one row; none for an unknown
     lot), PostgreSQL only; one parameter, ``:lot``."""
@@ -636,6 +649,12 @@ def impact(
     )
 
 
+def answer_statement(shape: Shape, direction: Direction, depth: int, limit: int) -> str:
+    """``trace_json_sql`` for psycopg (parameter ``%(lot)s``): what ``answer_json`` runs on
+    PostgreSQL, for a caller with a connection of its own (``Database.read_text``)."""
+    return driver_sql(trace_json_sql(direction, shape, depth, limit), "pyformat")
+
+
 def answer_json(
     session: Session,
     lot_id: str,
@@ -660,7 +679,7 @@ def answer_json(
             if shape == "graph":
                 answer = as_graph(answer)
         return msgspec.json.encode(answer)
-    sql = driver_sql(trace_json_sql(direction, shape, depth, limit), "pyformat")
+    sql = answer_statement(shape, direction, depth, limit)
     # As ``_walk``: the driver's own cursor, outside a transaction.
     with engine.connect() as connection:
         cursor = connection.execution_options(isolation_level="AUTOCOMMIT").connection.cursor()

@@ -76,6 +76,7 @@ def create_app(
 ) -> Litestar:
     """Build the API. Nothing connects until the first request that needs it."""
     settings = settings or Settings.from_env()
+    db = Database(sessions or make_sessionmaker(make_engine(settings.database_url)))
     app = Litestar(
         route_handlers=[
             ProductionOrderController,
@@ -94,8 +95,9 @@ def create_app(
             health,
         ],
         middleware=[AUTH_MIDDLEWARE],
+        on_shutdown=[db.close],
         state=app_state(
-            Database(sessions or make_sessionmaker(make_engine(settings.database_url))),
+            db,
             WorkflowClient(settings, temporal),
             settings,
         ),

@@ -13,6 +13,7 @@ from mes import genealogy
 from mes.api.params import Key
 from mes.api.security import READ_SHOP_FLOOR, allow, roles_note
 from mes.db import Database
+from mes.errors import NotFound
 
 API = "/api/v1"
 
@@ -57,16 +58,32 @@ async def _render(
 ) -> Response[Any]:
     if format in ("json", "graph"):
         shape: genealogy.Shape = "graph" if format == "graph" else "trace"
-        body = await db.run(lambda s: genealogy.answer_json(s, lot, shape, direction, depth, limit))
-        return _json(body)
+        return await _answer(db, lot, shape, direction, depth, limit)
     t = await db.run(lambda s: genealogy.trace(s, lot, direction, depth, limit))
     if format == "csv":
         return Response(genealogy.trace_csv(t), media_type=CSV)
     return Response(genealogy.trace_dot(t), media_type=DOT)
 
 
-def _json(body: bytes) -> Response[Any]:
-    """An answer already encoded (by the database): sent as it is."""
+async def _answer(
+    db: Database,
+    lot: str,
+    shape: genealogy.Shape,
+    direction: genealogy.Direction,
+    depth: int,
+    limit: int,
+) -> Response[Any]:
+    """A JSON answer, sent as encoded. On PostgreSQL the database builds it and the one
+    statement runs on the event loop (``Database.read_text``: no worker thread, no session);
+    elsewhere ``answer_json`` encodes it in a worker thread."""
+    if db.reads_text:
+        sql = genealogy.answer_statement(shape, direction, depth, limit)
+        text = await db.read_text(sql, {"lot": lot})
+        if text is None:
+            raise NotFound("lot", lot)
+        body = text.encode()
+    else:
+        body = await db.run(lambda s: genealogy.answer_json(s, lot, shape, direction, depth, limit))
     return Response(body, media_type=MediaType.JSON)
 
 
@@ -138,7 +155,4 @@ class GenealogyController(Controller):
         if _chosen(request, format) == "csv":
             i = await db.run(lambda s: genealogy.impact(s, lot, depth, limit))
             return Response(genealogy.impact_csv(i), media_type=CSV)
-        body = await db.run(
-            lambda s: genealogy.answer_json(s, lot, "impact", depth=depth, limit=limit)
-        )
-        return _json(body)
+        return await _answer(db, lot, "impact", "forward", depth, limit)
