@@ -269,7 +269,7 @@ async def main(args: argparse.Namespace) -> None:
         engine.dispose()
 
         port = free_port()
-        mes = shutil.which("mes") or str(Path(sys.executable).parent / "mes")
+        mes = args.mes or shutil.which("mes") or str(Path(sys.executable).parent / "mes")
         server = await asyncio.create_subprocess_exec(
             mes,
             "serve",
@@ -403,6 +403,11 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=200, help="traces per measurement")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument(
+        "--mes",
+        metavar="PATH",
+        help="the mes executable to serve with (another checkout's, to compare versions)",
+    )
     parser.add_argument(
         "--rounds", type=int, default=10, help="interleaved rounds of service and SQL"
     )

@@ -7,6 +7,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from psycopg import AsyncConnection
+from psycopg.abc import Buffer
+from psycopg.adapt import Loader
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
@@ -60,32 +63,45 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return factory
 
 
+class _RawText(Loader):
+    """Text as the bytes PostgreSQL sent (the client encoding is UTF-8)."""
+
+    def load(self, data: Buffer) -> bytes:
+        return bytes(data)
+
+
+async def _raw_text(connection: AsyncConnection[Any]) -> None:
+    connection.adapters.register_loader("text", _RawText)
+    await connection.execute(b"SET client_encoding TO 'UTF8'")
+
+
 class Database:
     """The API's way to the database: runs one unit of work in a worker thread.
 
     The ORM is synchronous; ``run(fn)`` calls ``fn(session)`` in a thread with a fresh
     session from the factory (its hooks included) and closes it afterwards.
 
-    On PostgreSQL, ``read_text`` runs one read-only statement whose answer is a single text
-    value (an answer built in the database, such as a genealogy trace's JSON) on the event
-    loop itself: an asyncio psycopg connection from a small pool of its own, in autocommit,
-    without the worker thread, the session and the engine pool's pre-ping (a broken
-    connection is dropped by the pool when a statement fails on it). The pool opens on
-    first use in the running event loop and is closed by ``close`` (the app's shutdown).
+    On PostgreSQL, ``read_bytes`` runs one read-only statement whose answer is a single text
+    value (an answer built in the database, such as a genealogy trace's JSON) and gives its
+    bytes as the database sent them (UTF-8, never decoded), on the event loop itself: an
+    asyncio psycopg connection from a small pool of its own, in autocommit, without the
+    worker thread, the session and the engine pool's pre-ping (a broken connection is
+    dropped by the pool when a statement fails on it). The pool opens on first use in the
+    running event loop and is closed by ``close`` (the app's shutdown).
     """
 
-    #: Most connections ``read_text`` holds at once (the engine has 20, and 30 more).
+    #: Most connections ``read_bytes`` holds at once (the engine has 20, and 30 more).
     READERS = 20
 
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.sessions = sessions
         bind = sessions.kw.get("bind")
         url = bind.url if isinstance(bind, Engine) else None
-        #: ``read_text`` works here (PostgreSQL); else callers use ``run``.
-        self.reads_text = url is not None and url.get_backend_name() == "postgresql"
+        #: ``read_bytes`` works here (PostgreSQL); else callers use ``run``.
+        self.can_read_bytes = url is not None and url.get_backend_name() == "postgresql"
         self._conninfo = (
             url.set(drivername="postgresql").render_as_string(hide_password=False)
-            if url is not None and self.reads_text
+            if url is not None and self.can_read_bytes
             else ""
         )
         self._readers: AsyncConnectionPool | None = None
@@ -101,6 +117,7 @@ class Database:
             min_size=1,
             max_size=self.READERS,
             kwargs={"autocommit": True},
+            configure=_raw_text,
             open=False,
             name="mes-readers",
         )
@@ -111,17 +128,18 @@ class Database:
         self._readers, self._readers_loop = pool, loop
         return pool
 
-    async def read_text(self, sql: str, params: Mapping[str, object]) -> str | None:
-        """The first column of the first row of ``sql`` (psycopg's ``%(name)s`` parameters),
-        or None when it gives no row. PostgreSQL only (``reads_text``)."""
+    async def read_bytes(self, sql: str, params: Mapping[str, object]) -> bytes | None:
+        """The first column (text) of the first row of ``sql`` (psycopg's ``%(name)s``
+        parameters) as UTF-8 bytes, or None when it gives no row. PostgreSQL only
+        (``can_read_bytes``)."""
         pool = await self._pool()
         async with pool.connection() as connection:
             cursor = await connection.execute(sql.encode(), params)
             row = await cursor.fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else bytes(row[0])
 
     async def close(self) -> None:
-        """Close ``read_text``'s pool, if one is open in this loop."""
+        """Close ``read_bytes``'s pool, if one is open in this loop."""
         pool, self._readers = self._readers, None
         if pool is not None and self._readers_loop is asyncio.get_running_loop():
             await pool.close()

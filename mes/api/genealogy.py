@@ -74,14 +74,14 @@ async def _answer(
     limit: int,
 ) -> Response[Any]:
     """A JSON answer, sent as encoded. On PostgreSQL the database builds it and the one
-    statement runs on the event loop (``Database.read_text``: no worker thread, no session);
+    statement runs on the event loop (``Database.read_bytes``: no worker thread, no session);
     elsewhere ``answer_json`` encodes it in a worker thread."""
-    if db.reads_text:
+    if db.can_read_bytes:
         sql = genealogy.answer_statement(shape, direction, depth, limit)
-        text = await db.read_text(sql, {"lot": lot})
-        if text is None:
+        answer = await db.read_bytes(sql, {"lot": lot})
+        if answer is None:
             raise NotFound("lot", lot)
-        body = text.encode()
+        body = answer
     else:
         body = await db.run(lambda s: genealogy.answer_json(s, lot, shape, direction, depth, limit))
     return Response(body, media_type=MediaType.JSON)
