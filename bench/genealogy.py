@@ -296,7 +296,7 @@ async def main(args: argparse.Namespace) -> None:
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=120, limits=limits
         ) as http:
-            for _ in range(200):
+            for _ in range(1200):  # a loaded machine takes a while to start it
                 try:
                     if (await http.get("/health")).status_code == 200:
                         break
