@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.abc import Buffer
 from psycopg.adapt import Loader
@@ -116,7 +117,7 @@ class Database:
             self._conninfo,
             min_size=1,
             max_size=self.READERS,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": "mes-readers"},
             configure=_raw_text,
             open=False,
             name="mes-readers",
@@ -133,10 +134,21 @@ class Database:
         parameters) as UTF-8 bytes, or None when it gives no row. PostgreSQL only
         (``can_read_bytes``)."""
         pool = await self._pool()
-        async with pool.connection() as connection:
-            cursor = await connection.execute(sql.encode(), params)
-            row = await cursor.fetchone()
-        return None if row is None else bytes(row[0])
+        attempts = self.READERS + 1  # after a restart, every pooled connection is stale
+        for attempt in range(attempts):
+            connection: AsyncConnection[Any] | None = None
+            try:
+                async with pool.connection() as connection:
+                    cursor = await connection.execute(sql.encode(), params)
+                    row = await cursor.fetchone()
+                return None if row is None else bytes(row[0])
+            except psycopg.OperationalError:
+                # A connection the server closed (a restart, an idle timeout) fails its first
+                # statement and the pool drops it; the statement only reads, so it goes
+                # again on another connection, as the engine's pre-ping would have made it.
+                if connection is None or not connection.closed or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
         """Close ``read_bytes``'s pool, if one is open in this loop."""
