@@ -309,7 +309,7 @@ cut AS (
         ) THEN 'depth'
     END AS truncated_by
 ),
-lots AS MATERIALIZED (
+lots AS {lots_materialized} (
     SELECT k.lot_id, {lot_columns},
         o.material_definition_id = k.material_definition_id AS finished
     FROM kept k
@@ -461,8 +461,17 @@ def walk_sql(dialect: str, direction: Direction, depth: int, limit: int) -> str:
     return _numbers(walk.format(near=near, far=far), depth, limit)
 
 
-def _statement(dialect: str, direction: Direction, depth: int, limit: int, answer: str) -> str:
-    """``_TRACE_SQL`` with ``answer`` as its final SELECT; one parameter, ``:lot``."""
+def _statement(
+    dialect: str,
+    direction: Direction,
+    depth: int,
+    limit: int,
+    answer: str,
+    lots_read_again: bool = True,
+) -> str:
+    """``_TRACE_SQL`` with ``answer`` as its final SELECT; one parameter, ``:lot``.
+    ``lots_read_again``: the answer reads ``lots`` more than once (a trace: the lots and
+    the edges' lots), so it is made once and kept."""
     sql = _TRACE_SQL.format(
         walk=walk_sql(dialect, direction, depth, limit),
         near=_COLUMNS[direction][0],
@@ -471,6 +480,9 @@ def _statement(dialect: str, direction: Direction, depth: int, limit: int, answe
         edge_columns=_select(_EDGE_COLUMNS),
         test_columns=_select(_TEST_COLUMNS),
         near_side="n" if direction == "backward" else "c",
+        # Read once (the recall list's finished lots), ``lots`` is folded into that query:
+        # the joins whose columns it does not show go (measured: 10-15 % off an impact).
+        lots_materialized="MATERIALIZED" if lots_read_again else "NOT MATERIALIZED",
         answer=answer,
     )
     return _numbers(sql, depth, limit)
@@ -502,7 +514,7 @@ def trace_json_sql(direction: Direction, shape: Shape, depth: int, limit: int) -
             a="target" if graph else "lot",
             b="source" if graph else "component",
         )
-    return _statement("postgresql", direction, depth, limit, answer)
+    return _statement("postgresql", direction, depth, limit, answer, shape != "impact")
 
 
 def driver_sql(sql: str, paramstyle: str) -> str:
