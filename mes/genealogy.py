@@ -663,7 +663,7 @@ def impact(
 
 def answer_statement(shape: Shape, direction: Direction, depth: int, limit: int) -> str:
     """``trace_json_sql`` for psycopg (parameter ``%(lot)s``): what ``answer_json`` runs on
-    PostgreSQL, for a caller with a connection of its own (``Database.read_bytes``)."""
+    PostgreSQL."""
     return driver_sql(trace_json_sql(direction, shape, depth, limit), "pyformat")
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mes import execution, genealogy
@@ -696,27 +696,3 @@ def test_one_column_list_makes_both_answers() -> None:
     assert (
         tuple(genealogy._GRAPH_EDGE.get(f, f) for f in genealogy._GRAPH_EDGE_FIELDS) == graph_edge
     )
-
-
-async def test_json_answers_outlive_their_connections(
-    api: Any, history: tuple[sessionmaker[Session], dict[str, int]]
-) -> None:
-    """On PostgreSQL the JSON answers run on a pool of their own without a pre-ping: when the
-    server ends its connections (a restart, an idle timeout), the next answer is still given
-    (the statement goes again on a new connection)."""
-    sessions, _ = history
-    if sessions.kw["bind"].dialect.name != "postgresql":
-        pytest.skip("SQLite answers in a worker thread, on the engine's connections")
-    first = await api.get("/api/v1/genealogy/lots/LOT-K1-01/backward")
-    assert first.status_code == 200, first.text
-    with sessions() as s:
-        ended = s.execute(
-            text(
-                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity "
-                "WHERE application_name = 'mes-readers' AND datname = current_database()"
-            )
-        ).scalar_one()
-    assert ended >= 1
-    again = await api.get("/api/v1/genealogy/lots/LOT-K1-01/backward")
-    assert again.status_code == 200, again.text
-    assert again.content == first.content

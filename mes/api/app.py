@@ -76,7 +76,6 @@ def create_app(
 ) -> Litestar:
     """Build the API. Nothing connects until the first request that needs it."""
     settings = settings or Settings.from_env()
-    db = Database(sessions or make_sessionmaker(make_engine(settings.database_url)))
     app = Litestar(
         route_handlers=[
             ProductionOrderController,
@@ -95,9 +94,8 @@ def create_app(
             health,
         ],
         middleware=[AUTH_MIDDLEWARE],
-        on_shutdown=[db.close],
         state=app_state(
-            db,
+            Database(sessions or make_sessionmaker(make_engine(settings.database_url))),
             WorkflowClient(settings, temporal),
             settings,
         ),

@@ -13,7 +13,6 @@ from mes import genealogy
 from mes.api.params import Key
 from mes.api.security import READ_SHOP_FLOOR, allow, roles_note
 from mes.db import Database
-from mes.errors import NotFound
 
 API = "/api/v1"
 
@@ -58,32 +57,16 @@ async def _render(
 ) -> Response[Any]:
     if format in ("json", "graph"):
         shape: genealogy.Shape = "graph" if format == "graph" else "trace"
-        return await _answer(db, lot, shape, direction, depth, limit)
+        body = await db.run(lambda s: genealogy.answer_json(s, lot, shape, direction, depth, limit))
+        return _json(body)
     t = await db.run(lambda s: genealogy.trace(s, lot, direction, depth, limit))
     if format == "csv":
         return Response(genealogy.trace_csv(t), media_type=CSV)
     return Response(genealogy.trace_dot(t), media_type=DOT)
 
 
-async def _answer(
-    db: Database,
-    lot: str,
-    shape: genealogy.Shape,
-    direction: genealogy.Direction,
-    depth: int,
-    limit: int,
-) -> Response[Any]:
-    """A JSON answer, sent as encoded. On PostgreSQL the database builds it and the one
-    statement runs on the event loop (``Database.read_bytes``: no worker thread, no session);
-    elsewhere ``answer_json`` encodes it in a worker thread."""
-    if db.can_read_bytes:
-        sql = genealogy.answer_statement(shape, direction, depth, limit)
-        answer = await db.read_bytes(sql, {"lot": lot})
-        if answer is None:
-            raise NotFound("lot", lot)
-        body = answer
-    else:
-        body = await db.run(lambda s: genealogy.answer_json(s, lot, shape, direction, depth, limit))
+def _json(body: bytes) -> Response[Any]:
+    """An answer already encoded (by the database): sent as it is."""
     return Response(body, media_type=MediaType.JSON)
 
 
@@ -155,4 +138,7 @@ class GenealogyController(Controller):
         if _chosen(request, format) == "csv":
             i = await db.run(lambda s: genealogy.impact(s, lot, depth, limit))
             return Response(genealogy.impact_csv(i), media_type=CSV)
-        return await _answer(db, lot, "impact", "forward", depth, limit)
+        body = await db.run(
+            lambda s: genealogy.answer_json(s, lot, "impact", depth=depth, limit=limit)
+        )
+        return _json(body)

@@ -17,7 +17,6 @@ import logging
 import re
 from typing import Any
 
-import psycopg
 from litestar import Litestar, MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import HTTPRouteHandler
@@ -25,7 +24,6 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Reference, Schema
 from litestar.routes import HTTPRoute
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as SATimeoutError
@@ -137,10 +135,6 @@ EXCEPTION_HANDLERS: Any = {
     IntegrityError: on_integrity_error,
     DataError: on_data_error,
     SATimeoutError: on_database_busy,
-    # The same, met on a psycopg connection of its own (``Database.read_bytes``).
-    psycopg.OperationalError: on_database_busy,
-    PoolTimeout: on_database_busy,
-    psycopg.DataError: on_data_error,
     Exception: on_unexpected,
 }
 
