@@ -15,11 +15,16 @@ How it measures:
 2. Starts the API as ``mes serve`` (uvicorn, its own process) on a free port.
 3. For ``--samples`` random lots each, times ``backward`` (from a top lot), ``forward``
    (from a stock lot) at ``--depth``, and ``impact`` (from a level-1 lot, default depth),
-   (a) through the HTTP API and (b) as plain SQL of the same rows from psycopg (traces:
-   ``mes.genealogy.trace_sql``, every lot with how it was made, the edges and the test
-   results; impact: the walk and the finished lots, ``IMPACT_SQL``); sequentially and with
-   ``--clients`` concurrent clients (each with its own connection). Prints p50 and p95, the
+   (a) through the HTTP API and (b) as plain SQL of the same rows on psycopg's asyncio
+   connections, one per client (traces: ``mes.genealogy.trace_sql``, every lot with how it
+   was made, the edges and the test results; impact: the service's walk and the finished
+   lots, ``IMPACT_SQL``); sequentially and with ``--clients`` concurrent clients. The two are
+   interleaved (``--rounds`` rounds of each on the same lots, which goes first alternating)
+   and every answer is checked to list what the plain SQL returned. Prints p50 and p95, the
    ratio service / SQL, and the lots per trace.
+
+``--keep`` keeps the filled database, ``--reuse NAME`` measures again on it without filling,
+``--mes PATH`` serves with another checkout's ``mes`` (before and after on one floor).
 
     uv run python bench/genealogy.py                  # 1,000,000 lots (about 3 minutes)
     uv run python bench/genealogy.py --lots 120000    # a quick run
