@@ -15,11 +15,16 @@ How it measures:
 2. Starts the API as ``mes serve`` (uvicorn, its own process) on a free port.
 3. For ``--samples`` random lots each, times ``backward`` (from a top lot), ``forward``
    (from a stock lot) at ``--depth``, and ``impact`` (from a level-1 lot, default depth),
-   (a) through the HTTP API and (b) as plain SQL of the same rows from psycopg (traces:
-   ``mes.genealogy.trace_sql``, every lot with how it was made, the edges and the test
-   results; impact: the walk and the finished lots, ``IMPACT_SQL``); sequentially and with
-   ``--clients`` concurrent clients (each with its own connection). Prints p50 and p95, the
+   (a) through the HTTP API and (b) as plain SQL of the same rows on psycopg's asyncio
+   connections, one per client (traces: ``mes.genealogy.trace_sql``, every lot with how it
+   was made, the edges and the test results; impact: the service's walk and the finished
+   lots, ``IMPACT_SQL``); sequentially and with ``--clients`` concurrent clients. The two are
+   interleaved (``--rounds`` rounds of each on the same lots, which goes first alternating)
+   and every answer is checked to list what the plain SQL returned. Prints p50 and p95, the
    ratio service / SQL, and the lots per trace.
+
+``--keep`` keeps the filled database, ``--reuse NAME`` measures again on it without filling,
+``--mes PATH`` serves with another checkout's ``mes`` (before and after on one floor).
 
     uv run python bench/genealogy.py                  # 1,000,000 lots (about 3 minutes)
     uv run python bench/genealogy.py --lots 120000    # a quick run
@@ -32,11 +37,9 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import statistics
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -170,25 +173,28 @@ async def timed(calls: list[Callable[[], Awaitable[object]]], clients: int) -> l
 
 
 class PlainSql:
-    """The service's statement from psycopg, one connection per client, rows fetched."""
+    """The plain SQL from psycopg's asyncio connections, one per client (no thread hop, no
+    pool, no HTTP): the floor. The rows are fetched whole and kept for the check."""
 
-    def __init__(self, url: str, clients: int) -> None:
-        self.connections = [psycopg.connect(url, autocommit=True) for _ in range(clients)]
-        self.free = list(self.connections)
-        self.lock = threading.Lock()
+    def __init__(self, connections: list[psycopg.AsyncConnection[tuple[object, ...]]]) -> None:
+        self.free = connections
 
-    def run(self, sql: bytes, params: dict[str, object]) -> int:
-        with self.lock:
-            conn = self.free.pop()
+    @classmethod
+    async def connect(cls, url: str, clients: int) -> PlainSql:
+        return cls(
+            [await psycopg.AsyncConnection.connect(url, autocommit=True) for _ in range(clients)]
+        )
+
+    async def run(self, sql: bytes, params: dict[str, object]) -> list[tuple[object, ...]]:
+        conn = self.free.pop()
         try:
-            return len(conn.execute(sql, params).fetchall())
+            return await (await conn.execute(sql, params)).fetchall()
         finally:
-            with self.lock:
-                self.free.append(conn)
+            self.free.append(conn)
 
-    def close(self) -> None:
-        for c in self.connections:
-            c.close()
+    async def close(self) -> None:
+        for c in self.free:
+            await c.close()
 
 
 def lots_in(body: bytes) -> int:
@@ -197,22 +203,28 @@ def lots_in(body: bytes) -> int:
     return len(answer["lots"] if "lots" in answer else answer["finished"])
 
 
-#: The plain SQL of the recall list: the same walk, then the finished lots with the columns
-#: the answer lists (the rows of ``trace_sql`` would be every lot walked, their edges and
-#: test results: four times the rows the answer has).
+def same_rows(body: bytes, rows: list[tuple[object, ...]]) -> bool:
+    """The answer lists what the plain SQL returned: a trace its lots and edges (the rows of
+    ``trace_sql``, by kind: lot, edge, test), an impact its finished lots."""
+    answer = json.loads(body)
+    if "finished" in answer:
+        names = sorted(str(r[0]) for r in rows)
+        return names == sorted(f["lot"] for f in answer["finished"])
+    lots = sorted(str(r[3]) for r in rows if r[0] == "lot")
+    edges = sum(1 for r in rows if r[0] == "edge")
+    tests = sum(1 for r in rows if r[0] == "test")
+    listed = sorted(lot["lot"] for lot in answer["lots"])
+    listed_tests = sum(len(lot["test_results"]) for lot in answer["lots"])
+    return (lots, edges, tests) == (listed, len(answer["edges"]), listed_tests)
+
+
+#: The plain SQL of the recall list: the service's walk (``genealogy.walk_sql``), then the
+#: finished lots with the columns the answer lists (the rows of ``trace_sql`` would be every
+#: lot walked, their edges and test results: four times the rows the answer has).
 IMPACT_SQL = """
-WITH RECURSIVE walk(lot_id, depth) AS (
-    SELECT id, 0 FROM material_lot WHERE external_id = :lot
-    UNION
-    SELECT a.material_lot_id, w.depth + 1
-    FROM walk w JOIN material_lot_assembly a ON a.component_lot_id = w.lot_id
-    WHERE w.depth < :depth
-),
-visit AS (SELECT lot_id, depth FROM walk LIMIT :cap),
-reached AS (SELECT lot_id, MIN(depth) AS depth FROM visit GROUP BY lot_id)
 SELECT l.external_id, m.external_id, r.depth, o.id, o.external_id, o.customer_order,
     l.disposition, l.status, l.quantity, l.unit, jo.ended_at
-FROM reached r
+FROM visit r
 JOIN material_lot l ON l.id = r.lot_id
 JOIN material_definition m ON m.id = l.material_definition_id
 JOIN job_order jo ON jo.id = l.job_order_id
@@ -222,15 +234,20 @@ WHERE o.material_definition_id = l.material_definition_id
 """
 
 
-def psycopg_sql(kind: str, direction: genealogy.Direction) -> bytes:
-    sql = IMPACT_SQL if kind == "impact" else genealogy.trace_sql(direction)
-    return re.sub(r":(\w+)", r"%(\1)s", sql).encode()
+def psycopg_sql(kind: str, direction: genealogy.Direction, depth: int) -> bytes:
+    """The floor's statement, with ``depth`` and ``limit`` written in as the service does."""
+    limit = genealogy.DEFAULT_LIMIT
+    if kind == "impact":
+        sql = genealogy.walk_sql("postgresql", "forward", depth, limit) + IMPACT_SQL
+    else:
+        sql = genealogy.trace_sql("postgresql", direction, depth, limit)
+    return genealogy.driver_sql(sql, "pyformat").encode()
 
 
 async def main(args: argparse.Namespace) -> None:
     width = -(-args.lots // args.levels)
     offsets = [int(o) for o in args.offsets.split(",")]
-    name = f"mes_bench_genealogy_{uuid.uuid4().hex[:8]}"
+    name = args.reuse or f"mes_bench_genealogy_{uuid.uuid4().hex[:8]}"
     base = args.database_url.rsplit("/", 1)[0]
     url = f"{base}/{name}"
     print(
@@ -239,21 +256,25 @@ async def main(args: argparse.Namespace) -> None:
         f"{width * (args.levels - 1) * len(offsets):,} edges; {width:,} production orders; "
         f"database {name}"
     )
-    with psycopg.connect(args.database_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"'.encode())
+    if not args.reuse:
+        with psycopg.connect(args.database_url, autocommit=True) as admin:
+            admin.execute(f'CREATE DATABASE "{name}"'.encode())
     server: asyncio.subprocess.Process | None = None
     try:
-        t = time.perf_counter()
-        upgrade(url)
-        fill(url, width, args.levels, offsets)
-        print(f"filled in {time.perf_counter() - t:.0f} s")
+        if args.reuse:
+            print("reusing the filled database (the same --lots, --levels and --offsets)")
+        else:
+            t = time.perf_counter()
+            upgrade(url)
+            fill(url, width, args.levels, offsets)
+            print(f"filled in {time.perf_counter() - t:.0f} s")
         engine = make_engine(url)
         with make_sessionmaker(engine)() as s:
-            token = create_token(s, "bench-auditor", "auditor")
+            token = create_token(s, f"bench-auditor-{uuid.uuid4().hex[:8]}", "auditor")
         engine.dispose()
 
         port = free_port()
-        mes = shutil.which("mes") or str(Path(sys.executable).parent / "mes")
+        mes = args.mes or shutil.which("mes") or str(Path(sys.executable).parent / "mes")
         server = await asyncio.create_subprocess_exec(
             mes,
             "serve",
@@ -274,13 +295,13 @@ async def main(args: argparse.Namespace) -> None:
             ("forward", "forward", 0, args.depth),
             ("impact", "forward", 1, None),
         ]
-        plain = PlainSql(url, args.clients)
+        plain = await PlainSql.connect(url, args.clients)
         headers = {"Authorization": f"Bearer {token}"}
         limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=120, limits=limits
         ) as http:
-            for _ in range(200):
+            for _ in range(1200):  # a loaded machine takes a while to start it
                 try:
                     if (await http.get("/health")).status_code == 200:
                         break
@@ -291,36 +312,56 @@ async def main(args: argparse.Namespace) -> None:
             for kind, direction, level, depth in kinds:
                 roots = [lot(level) for _ in range(args.samples)]
                 sql_depth = depth or genealogy.MAX_DEPTH
-                statement = psycopg_sql(kind, direction)
+                statement = psycopg_sql(kind, direction, sql_depth)
                 query = f"?depth={depth}" if depth else ""
-                bodies: list[bytes] = []
+                bodies: dict[str, bytes] = {}
+                answers: dict[str, list[tuple[object, ...]]] = {}
 
                 async def service(
-                    root: str, kind: str = kind, query: str = query, bodies: list[bytes] = bodies
+                    root: str,
+                    kind: str = kind,
+                    query: str = query,
+                    bodies: dict[str, bytes] = bodies,
                 ) -> None:
                     r = await http.get(f"/api/v1/genealogy/lots/{root}/{kind}{query}")
                     r.raise_for_status()
-                    bodies.append(r.content)  # read whole; decoded after the clock stops
+                    bodies[root] = r.content  # read whole; decoded after the clock stops
 
                 async def sql(
-                    root: str, statement: bytes = statement, sql_depth: int = sql_depth
+                    root: str,
+                    statement: bytes = statement,
+                    answers: dict[str, list[tuple[object, ...]]] = answers,
                 ) -> None:
-                    params = {"lot": root, "depth": sql_depth, "cap": genealogy.DEFAULT_LIMIT + 1}
-                    await asyncio.to_thread(plain.run, statement, params)
+                    answers[root] = await plain.run(statement, {"lot": root})
 
                 # Warm both paths (connections, caches) on other lots first.
                 for r in [lot(level) for _ in range(10)]:
                     await service(r)
                     await sql(r)
-                bodies.clear()
                 for clients in (1, args.clients):
-                    s_lat = await timed([partial(service, r) for r in roots], clients)
-                    q_lat = await timed([partial(sql, r) for r in roots], clients)
+                    bodies.clear()
+                    answers.clear()
+                    # Interleaved: rounds of the service and the plain SQL on the same lots,
+                    # which goes first alternating, so that both meet the same load.
+                    s_lat: list[float] = []
+                    q_lat: list[float] = []
+                    step = max(clients, args.samples // args.rounds)
+                    for n, at in enumerate(range(0, len(roots), step)):
+                        chunk = roots[at : at + step]
+                        order: list[tuple[Callable[[str], Awaitable[None]], list[float]]] = [
+                            (service, s_lat),
+                            (sql, q_lat),
+                        ]
+                        for call, latencies in order if n % 2 == 0 else reversed(order):
+                            latencies += await timed([partial(call, r) for r in chunk], clients)
+                    wrong = [r for r in roots if not same_rows(bodies[r], answers[r])]
+                    if wrong:
+                        raise SystemExit(f"{kind}: the service and the SQL differ on {wrong[:5]}")
                     rows.append(
                         (
                             kind,
                             "sequential" if clients == 1 else f"{clients} clients",
-                            round(statistics.mean(lots_in(b) for b in bodies)),
+                            round(statistics.mean(lots_in(b) for b in bodies.values())),
                             percentile(s_lat, 50),
                             percentile(s_lat, 95),
                             percentile(q_lat, 50),
@@ -328,8 +369,7 @@ async def main(args: argparse.Namespace) -> None:
                             percentile(s_lat, 95) / percentile(q_lat, 95),
                         )
                     )
-                    bodies.clear()
-        plain.close()
+        await plain.close()
         print()
         print(
             "| trace | clients | lots (impact: finished) | service p50 / p95 ms "
@@ -351,7 +391,9 @@ async def main(args: argparse.Namespace) -> None:
         if server is not None:
             server.terminate()
             await server.wait()
-        if not args.keep:
+        if args.keep or args.reuse:
+            print(f"kept: rerun on it with --reuse {name}")
+        else:
             with psycopg.connect(args.database_url, autocommit=True) as admin:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
@@ -366,5 +408,18 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=200, help="traces per measurement")
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--seed", type=int, default=12)
+    parser.add_argument(
+        "--mes",
+        metavar="PATH",
+        help="the mes executable to serve with (another checkout's, to compare versions)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="interleaved rounds of service and SQL"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the database")
+    parser.add_argument(
+        "--reuse",
+        metavar="NAME",
+        help="measure on a database kept by an earlier run (--keep), without filling; kept",
+    )
     asyncio.run(main(parser.parse_args()))

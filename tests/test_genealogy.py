@@ -590,7 +590,7 @@ async def test_depth_and_node_limit_say_they_cut(api: Any) -> None:
 
 def test_a_cycle_in_bad_data_ends(history: tuple[sessionmaker[Session], dict[str, int]]) -> None:
     """Bad data: the kit K2-01 listed as a component of the pellet P1-01 (a cycle through
-    P1-02). The walk ends, lists each lot once, and the edges are the real ones."""
+    P1-02). The walk ends, visits and lists each lot once, and the edges are the real ones."""
     sessions, _ = history
     with sessions() as s:
         ids = dict(s.execute(select(MaterialLot.external_id, MaterialLot.id)).all())
@@ -608,6 +608,8 @@ def test_a_cycle_in_bad_data_ends(history: tuple[sessionmaker[Session], dict[str
         with sessions() as s:
             back = genealogy.trace(s, "LOT-P1-01", "backward", depth=100)
             forward = genealogy.trace(s, "LOT-K2-01", "forward", depth=100, limit=50)
+            four = genealogy.trace(s, "LOT-K2-01", "forward", depth=100, limit=4)
+            three = genealogy.trace(s, "LOT-K2-01", "forward", depth=100, limit=3)
         assert [(lot.lot, lot.depth) for lot in back.lots] == [
             ("LOT-P1-01", 0),
             ("LOT-K2-01", 1),
@@ -622,9 +624,16 @@ def test_a_cycle_in_bad_data_ends(history: tuple[sessionmaker[Session], dict[str
             ("LOT-P1-02", 2),
             ("LOT-K1-01", 3),
         ]
-        # Round the cycle again and again: the node limit (or depth) stops it.
-        assert forward.truncated_by == "limit"
+        # Each lot is visited once: the walk does not go round the cycle, so neither the
+        # node limit nor the depth cuts it; the edge back to the start is listed.
+        assert (forward.truncated, forward.truncated_by) == (False, None)
         assert ("LOT-K2-01", "LOT-P1-02") in [(e.lot, e.component) for e in forward.edges]
+        # Four lots: a limit of four is not cut, three is, keeping the nearest three.
+        assert not four.truncated
+        assert (three.truncated_by, [lot.lot for lot in three.lots]) == (
+            "limit",
+            ["LOT-K2-01", "LOT-P1-01", "LOT-P1-02"],
+        )
     finally:
         with sessions() as s:
             s.delete(s.get_one(MaterialLotAssembly, bad.id))
@@ -670,3 +679,20 @@ def test_the_json_built_by_the_database_is_the_answer(
                     )
         with pytest.raises(NotFound):
             genealogy.answer_json(s, "NO-SUCH-LOT", "trace", "backward")
+
+
+def test_one_column_list_makes_both_answers() -> None:
+    """The SQL columns of a lot, an edge and a test result are named and ordered as the
+    answer's fields: the rows read in Python and the JSON PostgreSQL builds come from them."""
+
+    def names(struct: type[msgspec.Struct]) -> tuple[str, ...]:
+        return tuple(f.name for f in msgspec.structs.fields(struct) if f.name != "test_results")
+
+    assert names(genealogy.TraceLot) == genealogy._LOT_FIELDS
+    assert names(genealogy.TraceEdge) == genealogy._EDGE_FIELDS
+    assert names(genealogy.TestResultOut) == genealogy._TEST_FIELDS
+    assert set(genealogy._IMPACT_FIELDS) <= set(genealogy._LOT_FIELDS)
+    graph_edge = names(genealogy.GraphEdge)
+    assert (
+        tuple(genealogy._GRAPH_EDGE.get(f, f) for f in genealogy._GRAPH_EDGE_FIELDS) == graph_edge
+    )
