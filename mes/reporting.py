@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy import event, func, inspect, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 from mes import audit
 from mes.b2mml import (
@@ -32,7 +32,12 @@ from mes.errors import DomainError, FieldError, NotFound
 from mes.models import (
     ErpClient,
     ErpMessage,
+    JobOrder,
+    JobResponse,
+    MaterialActual,
     OperationsRequest,
+    OperationsSegment,
+    SegmentRequirement,
     utcnow,
 )
 
@@ -147,6 +152,31 @@ def get_erp_client(session: Session, name: str) -> ErpClientOut:
 
 def performance(session: Session, order: OperationsRequest) -> OperationsPerformanceData:
     """The order's performance now: one segment response per routing step, with its lots."""
+    if order.id is not None and "segment_requirements" in inspect(order).unloaded:
+        # What the answer needs, in a few statements instead of one per relationship: the
+        # eager loaders fill what is not loaded yet and leave what the session changed.
+        with session.no_autoflush:
+            session.execute(
+                select(OperationsRequest)
+                .where(OperationsRequest.id == order.id)
+                .options(
+                    joinedload(OperationsRequest.operations_definition),
+                    selectinload(OperationsRequest.segment_requirements).options(
+                        joinedload(SegmentRequirement.operations_segment).joinedload(
+                            OperationsSegment.process_segment
+                        ),
+                        joinedload(SegmentRequirement.job_order).options(
+                            joinedload(JobOrder.equipment),
+                            joinedload(JobOrder.job_response)
+                            .selectinload(JobResponse.material_actuals)
+                            .options(
+                                joinedload(MaterialActual.material_definition),
+                                joinedload(MaterialActual.material_lot),
+                            ),
+                        ),
+                    ),
+                )
+            ).all()
     # The relationship, not a query: a new order's steps are not in the database yet.
     requirements = order.segment_requirements
     segments = []
