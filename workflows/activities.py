@@ -56,6 +56,8 @@ _HEARTBEAT_TICK_S = 5.0
 # How long the ERP may take to connect, and then for each read and write, per message: well
 # inside deliver_reports' 30 s heartbeat timeout (it heartbeats while it waits, too).
 _ERP_TIMEOUT_S = 10.0
+# How long preparing a job waits for its PLC's room before leaving it to plc_room.
+_ROOM_TIMEOUT_S = 5.0
 
 
 async def _heartbeating(work: Awaitable[T], details: object) -> T:
@@ -121,13 +123,23 @@ class MesActivities:
         return self._db(lambda s: execution.plan_order(s, order_id))
 
     @activity.defn
-    def prepare_job(self, job_order_id: str) -> Dispatch:
-        """Fix the job's recipe and material lots; say which controller gets it."""
-        target, order = self._db(lambda s: execution.prepare_job(s, job_order_id))
+    async def prepare_job(self, job_order_id: str) -> Dispatch:
+        """Fix the job's recipe and material lots; say which controller gets it and, when
+        the job may go, how much room its PLC has now (one round trip fewer for the
+        workflow; a PLC that does not answer at once is left to ``plc_room`` and its
+        retries)."""
+        target, order = await asyncio.to_thread(
+            self._db, lambda s: execution.prepare_job(s, job_order_id)
+        )
         e = target.endpoint
-        return Dispatch(
+        dispatch = Dispatch(
             e.protocol, e.url, e.machine, order, target.waiting_for, e.security, e.settings
         )
+        if not target.waiting_for:
+            with contextlib.suppress(ApplicationError, TimeoutError):
+                async with asyncio.timeout(_ROOM_TIMEOUT_S):
+                    dispatch.room = await self.plc_room(dispatch)
+        return dispatch
 
     @activity.defn
     async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
