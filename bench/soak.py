@@ -391,6 +391,10 @@ class SkeletonInput:
 
     order: str
     waits: int = 2
+    #: Activities before the waits (the MES's prepare, room, dispatch) and after them
+    #: (record, clear).
+    sends: int = 3
+    ends: int = 2
 
 
 class SkeletonActivities:
@@ -409,9 +413,9 @@ class SkeletonActivities:
 
 @workflow.defn(name="SkeletonJob")
 class SkeletonJob:
-    """The job workflow's shape: wait for the order's release signal; prepare, room,
-    dispatch; ``waits`` waits, signalling the order after the first (the job started);
-    record, clear."""
+    """The job workflow's shape: wait for the order's release signal; ``sends`` activities
+    (prepare, room, dispatch); ``waits`` waits, signalling the order after the first (the
+    job started); ``ends`` activities (record, clear)."""
 
     def __init__(self) -> None:
         self._released = False
@@ -423,18 +427,18 @@ class SkeletonJob:
     @workflow.run
     async def run(self, job: SkeletonInput) -> str:
         await workflow.wait_condition(lambda: self._released)
-        for name in ("prepare", "room", "dispatch"):
+        for i in range(job.sends):
             await workflow.execute_activity(
-                "sk_step", name, start_to_close_timeout=_T, retry_policy=_RETRY
+                "sk_step", f"send-{i}", start_to_close_timeout=_T, retry_policy=_RETRY
             )
         for i in range(job.waits):
             await workflow.execute_activity("sk_wait", job.waits, start_to_close_timeout=_T)
             parent = workflow.info().parent
             if i == 0 and job.waits > 1 and parent is not None:
                 await workflow.get_external_workflow_handle(parent.workflow_id).signal("report")
-        for name in ("record", "clear"):
+        for i in range(job.ends):
             await workflow.execute_activity(
-                "sk_step", name, start_to_close_timeout=_T, retry_policy=_RETRY
+                "sk_step", f"end-{i}", start_to_close_timeout=_T, retry_policy=_RETRY
             )
         return "Completed"
 
@@ -495,17 +499,18 @@ async def run_skeleton_worker(address: str, queue: str, cycle: float) -> int:
 
 
 async def skeleton_orders(
-    client: Client, queue: str, total: int, in_flight: int, waits: int = 2
+    client: Client, queue: str, total: int, in_flight: int, shape: SkeletonInput | None = None
 ) -> tuple[float, list[str]]:
-    """Run ``total`` skeleton orders on ``queue``, ``in_flight`` at a time: (seconds, their
-    order numbers)."""
+    """Run ``total`` skeleton orders of ``shape`` on ``queue``, ``in_flight`` at a time:
+    (seconds, their order numbers)."""
     numbers: list[str] = []
 
     async def one(i: int) -> str:
         n = uuid.uuid4().hex[:10]
         numbers.append(n)
+        given = dataclasses.replace(shape or SkeletonInput(""), order=n)
         state: str = await client.execute_workflow(
-            SkeletonOrder.run, SkeletonInput(n, waits), id=f"sk-order-{n}", task_queue=queue
+            SkeletonOrder.run, given, id=f"sk-order-{n}", task_queue=queue
         )
         return state
 

@@ -11,10 +11,11 @@ each awaited through its workflow's result; ``--warmup`` orders first, not timed
 Then the floor, in the same Temporal server and the same run: the skeleton of
 ``bench/soak.py`` (order workflow with a reporter, plan, one child job released by a signal;
 job: prepare, room, dispatch, waits, record, clear; every activity a no-op but the waits,
-which sleep the cycle), its worker also a child process, with as many waits per job as the
-MES's histories show. Both shapes are counted from the workflow histories of the timed
-orders (activities scheduled, signals, workflow tasks completed, per order), printed side by
-side, and the run fails when activities or signals differ.
+which sleep the cycle), its worker also a child process, with as many activities before,
+during and after the machine's work per job as the MES's histories show. Both shapes are
+counted from the workflow histories of the timed orders (activities scheduled, signals,
+workflow tasks completed, per order), printed side by side, and the run fails when
+activities or signals differ.
 
 It prints orders/s for both and their ratio (target: MES >= 0.8 x floor), the worker's CPU
 seconds per order (user + system, from /proc) for both, this process's CPU per order (API,
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.soak import (
     PRODUCT,
     ROOT,
+    SkeletonInput,
     SoakStack,
     call,
     child,
@@ -155,7 +157,16 @@ async def main(args: argparse.Namespace) -> int:
                 [order_workflow_id(n) for n in sample]
                 + [job_workflow_id(f"{n}-01") for n in sample],
             )
-            waits = round(mes_types["await_job"] / len(sample))
+
+            def per_job(*names: str) -> int:
+                return round(sum(mes_types[n] for n in names) / len(sample))
+
+            shape = SkeletonInput(
+                "",
+                waits=per_job("await_job"),
+                sends=per_job("prepare_job", "plc_room", "dispatch_job"),
+                ends=per_job("record_job_response", "plc_command"),
+            )
             received = len(st.erp.messages)
 
             queue = f"skeleton-{uuid.uuid4().hex[:6]}"
@@ -163,10 +174,10 @@ async def main(args: argparse.Namespace) -> int:
             soak = str(ROOT / "bench" / "soak.py")
             sk_args = ["skeleton-worker", "--address", address, "--queue", queue]
             sk = await child(stack, [sys.executable, soak, *sk_args, "--cycle", str(args.cycle)])
-            await skeleton_orders(st.temporal, queue, args.warmup, args.in_flight, waits)
+            await skeleton_orders(st.temporal, queue, args.warmup, args.in_flight, shape)
             sk_cpu0 = cpu_seconds(sk.pid)
             sk_s, sk_numbers = await skeleton_orders(
-                st.temporal, queue, args.orders, args.in_flight, waits
+                st.temporal, queue, args.orders, args.in_flight, shape
             )
             sk_cpu = cpu_seconds(sk.pid) - sk_cpu0
             sk_sample = sk_numbers[: args.histories]
