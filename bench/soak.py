@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
 import resource
 import secrets
 import shutil
@@ -61,8 +63,10 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from adapters.erp.receiver import ErpReceiver
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI, PlcSimulator, SimUnit
+from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.launch import (
     TemporalDevServer,
     api_server,
@@ -71,10 +75,15 @@ from mes.launch import (
     issue_role_tokens,
     load_plant,
     open_database,
+    point_erp_client,
+    role_token_name,
     running_worker,
+    wait_for_stop_signal,
 )
+from mes.models import Role
 from mes.settings import Settings
 
+ROOT = Path(__file__).resolve().parent.parent
 FINAL = ("Completed", "Aborted", "Cancelled")
 UNIT = "WU-SOAK"
 PRODUCT = "SOAK-ITEM"
@@ -200,12 +209,38 @@ async def sample_plc(url: str, sizes: list[int]) -> None:
             await asyncio.sleep(0.1)
 
 
+@dataclasses.dataclass
+class SoakStack:
+    api_url: str
+    #: One API token per role.
+    tokens: dict[str, str]
+    plc_url: str
+    temporal: Client
+    sim: PlcSimulator
+    #: The ``mes worker`` child process (``worker_process``), else None: in this process.
+    worker: asyncio.subprocess.Process | None
+    erp: ErpReceiver | None
+
+
 @contextlib.asynccontextmanager
 async def soak_stack(
-    database_url: str, max_jobs: int, cycle: float
-) -> AsyncIterator[tuple[str, dict[str, str], str, Client]]:
-    """(API URL, tokens by role, PLC URL, Temporal client) of a stack on one work unit."""
-    settings = Settings(database_url=database_url, task_queue="soak", plc_poll_seconds=0.1)
+    database_url: str,
+    max_jobs: int,
+    cycle: float,
+    *,
+    erp_format: str | None = None,
+    worker_process: bool = False,
+) -> AsyncIterator[SoakStack]:
+    """A stack on one work unit: Temporal dev server (a child process), PLC simulator and API
+    in this process; the worker here too, or with ``worker_process`` as ``mes worker`` in a
+    child process (so its CPU and memory are its own); with ``erp_format`` an ERP receiver
+    that the erp token's client reports to in that format."""
+    settings = Settings(
+        database_url=database_url,
+        task_queue="soak",
+        plc_poll_seconds=0.1,
+        callback_allow=LOOPBACK if erp_format else (),
+    )
     async with contextlib.AsyncExitStack() as stack:
         sessions = stack.enter_context(open_database(database_url, migrate=True))
         plc_port = free_port()
@@ -214,17 +249,57 @@ async def soak_stack(
         stack.callback(shutil.rmtree, plant.parent, True)
         soak_plant(plant)
         await asyncio.to_thread(load_plant, sessions, plant, plc_url)
-        tokens = issue_role_tokens(sessions, "soak", secrets.token_hex(3))
+        suffix = secrets.token_hex(3)
+        tokens = issue_role_tokens(sessions, "soak", suffix)
+        erp = None
+        if erp_format is not None:
+            erp = await stack.enter_async_context(ErpReceiver())
+            policy = CallbackPolicy.allowing(settings.callback_allow)
+            name = role_token_name("soak", Role.ERP, suffix)
+            erp.signing_secret = point_erp_client(
+                sessions, name, erp.url, erp_format, policy
+            ).signing_secret
         unit = SimUnit(UNIT, cycle_time_s=cycle, max_job_orders=max_jobs)
-        await stack.enter_async_context(PlcSimulator([unit], port=plc_port))
+        sim = await stack.enter_async_context(PlcSimulator([unit], port=plc_port))
         tmp = Path(tempfile.mkdtemp(prefix="mes-soak-temporal-"))
         stack.callback(shutil.rmtree, tmp, True)
         server = TemporalDevServer(tmp / "temporal.db", ui=False)
         stack.push_async_callback(server.stop)
         client = await server.start()
-        await stack.enter_async_context(running_worker(client, settings, sessions))
+        worker = None
+        if worker_process:
+            env = {
+                **os.environ,
+                "MES_DATABASE_URL": database_url,
+                "MES_TEMPORAL_ADDRESS": server.address,
+                "MES_TASK_QUEUE": settings.task_queue,
+                "MES_PLC_POLL_SECONDS": str(settings.plc_poll_seconds),
+                "MES_CALLBACK_ALLOW": ",".join(settings.callback_allow),
+            }
+            worker = await child(stack, [sys.executable, "-m", "mes.cli", "worker"], env)
+        else:
+            await stack.enter_async_context(running_worker(client, settings, sessions))
         api_url = await stack.enter_async_context(api_server(settings, sessions, client))
-        yield api_url, tokens, plc_url, client
+        yield SoakStack(api_url, tokens, plc_url, client, sim, worker, erp)
+
+
+async def child(
+    stack: contextlib.AsyncExitStack, args: list[str], env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """A child process, stopped (SIGTERM, then SIGKILL) when ``stack`` closes."""
+    proc = await asyncio.create_subprocess_exec(*args, env=env, cwd=ROOT)
+
+    async def stop() -> None:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=20)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    stack.push_async_callback(stop)
+    return proc
 
 
 async def run_window(
@@ -256,11 +331,11 @@ async def run_window(
 
 async def soak(args: argparse.Namespace) -> int:
     with database(args.pg_url, args.sqlite) as url:
-        async with soak_stack(url, args.max_jobs, args.cycle) as (api_url, tokens, plc_url, tc):
+        async with soak_stack(url, args.max_jobs, args.cycle) as st:
             sizes: list[int] = []
-            sampler = asyncio.create_task(sample_plc(plc_url, sizes))
-            headers = {"Authorization": f"Bearer {tokens['erp']}"}
-            async with httpx.AsyncClient(base_url=api_url, headers=headers, timeout=120) as http:
+            sampler = asyncio.create_task(sample_plc(st.plc_url, sizes))
+            headers = {"Authorization": f"Bearer {st.tokens['erp']}"}
+            async with httpx.AsyncClient(base_url=st.api_url, headers=headers, timeout=120) as http:
 
                 async def one(i: int) -> str:
                     body = order_body(PRODUCT, i)
@@ -275,7 +350,7 @@ async def soak(args: argparse.Namespace) -> int:
             mes_peak = peak_mib()
             floor_s = None
             if not args.no_skeleton:
-                floor_s = await skeleton(tc, args.jobs, args.in_flight, args.cycle)
+                floor_s = await skeleton(st.temporal, args.jobs, args.in_flight, args.cycle)
     completed = outcomes.count("Completed")
     most = max(sizes, default=-1)
     where = "SQLite" if args.sqlite else f"PostgreSQL ({args.pg_url.split('@')[-1]})"
@@ -309,6 +384,19 @@ _RETRY = RetryPolicy(maximum_interval=timedelta(seconds=30))
 _T = timedelta(seconds=60)
 
 
+@dataclasses.dataclass
+class SkeletonInput:
+    """One skeleton order: its number and how many wait activities its job makes (the MES
+    makes one per PLC state change it sees)."""
+
+    order: str
+    waits: int = 2
+    #: Activities before the waits (the MES's prepare, room, dispatch) and after them
+    #: (record, clear).
+    sends: int = 3
+    ends: int = 2
+
+
 class SkeletonActivities:
     def __init__(self, cycle: float) -> None:
         self.cycle = cycle
@@ -318,61 +406,125 @@ class SkeletonActivities:
         return name
 
     @activity.defn(name="sk_wait")
-    async def wait(self, name: str) -> str:
-        await asyncio.sleep(self.cycle)
-        return name
+    async def wait(self, waits: int) -> int:
+        await asyncio.sleep(self.cycle / max(1, waits))
+        return waits
 
 
 @workflow.defn(name="SkeletonJob")
 class SkeletonJob:
+    """The job workflow's shape: wait for the order's release signal; ``sends`` activities
+    (prepare, room, dispatch); ``waits`` waits, signalling the order after the first (the
+    job started); ``ends`` activities (record, clear)."""
+
+    def __init__(self) -> None:
+        self._released = False
+
+    @workflow.signal
+    def release(self) -> None:
+        self._released = True
+
     @workflow.run
-    async def run(self, job: str) -> str:
-        for name in ("prepare", "room", "dispatch"):
+    async def run(self, job: SkeletonInput) -> str:
+        await workflow.wait_condition(lambda: self._released)
+        for i in range(job.sends):
             await workflow.execute_activity(
-                "sk_step", name, start_to_close_timeout=_T, retry_policy=_RETRY
+                "sk_step", f"send-{i}", start_to_close_timeout=_T, retry_policy=_RETRY
             )
-        await workflow.execute_activity("sk_wait", job, start_to_close_timeout=_T)
-        for name in ("record", "clear"):
+        for i in range(job.waits):
+            await workflow.execute_activity("sk_wait", job.waits, start_to_close_timeout=_T)
+            parent = workflow.info().parent
+            if i == 0 and job.waits > 1 and parent is not None:
+                await workflow.get_external_workflow_handle(parent.workflow_id).signal("report")
+        for i in range(job.ends):
             await workflow.execute_activity(
-                "sk_step", name, start_to_close_timeout=_T, retry_policy=_RETRY
+                "sk_step", f"end-{i}", start_to_close_timeout=_T, retry_policy=_RETRY
             )
         return "Completed"
 
 
 @workflow.defn(name="SkeletonOrder")
 class SkeletonOrder:
+    """The order workflow's shape: a reporter delivering on each report signal (and at the
+    start and the end), plan, one child job released by a signal, complete."""
+
+    def __init__(self) -> None:
+        self._report = True
+        self._closing = False
+
+    @workflow.signal
+    def report(self) -> None:
+        self._report = True
+
+    async def _reporter(self) -> None:
+        while True:
+            await workflow.wait_condition(lambda: self._report or self._closing)
+            if not self._report:
+                return
+            self._report = False
+            await workflow.execute_activity("sk_step", "deliver", start_to_close_timeout=_T)
+
     @workflow.run
-    async def run(self, order: str) -> str:
+    async def run(self, order: SkeletonInput) -> str:
+        reporter = asyncio.create_task(self._reporter())
         await workflow.execute_activity("sk_step", "plan", start_to_close_timeout=_T)
-        state: str = await workflow.execute_child_workflow(
-            "SkeletonJob", f"{order}-01", id=f"sk-job-{order}-01"
+        job = await workflow.start_child_workflow(
+            SkeletonJob.run, order, id=f"sk-job-{order.order}-01"
         )
-        for name in ("complete", "report"):
-            await workflow.execute_activity("sk_step", name, start_to_close_timeout=_T)
+        await job.signal(SkeletonJob.release)
+        state = await job
+        await workflow.execute_activity("sk_step", "complete", start_to_close_timeout=_T)
+        self._report = self._closing = True
+        await reporter
         return state
 
 
-async def skeleton(client: Client, total: int, in_flight: int, cycle: float) -> float:
-    """Seconds to run ``total`` skeleton orders, ``in_flight`` at a time."""
-    queue = f"skeleton-{uuid.uuid4().hex[:6]}"
+def skeleton_worker(client: Client, queue: str, cycle: float) -> Worker:
     acts = SkeletonActivities(cycle)
-    async with Worker(
+    return Worker(
         client,
         task_queue=queue,
         workflows=[SkeletonOrder, SkeletonJob],
         activities=[acts.step, acts.wait],
         workflow_runner=UnsandboxedWorkflowRunner(),
-    ):
+    )
 
-        async def one(i: int) -> str:
-            n = uuid.uuid4().hex[:10]
-            state: str = await client.execute_workflow(
-                "SkeletonOrder", n, id=f"sk-order-{n}", task_queue=queue
-            )
-            return state
 
-        took, outcomes = await run_window(total, in_flight, one, "skeleton")
+async def run_skeleton_worker(address: str, queue: str, cycle: float) -> int:
+    """``soak.py skeleton-worker``: the skeleton's worker alone, until SIGTERM or SIGINT."""
+    client = await Client.connect(address)
+    async with skeleton_worker(client, queue, cycle):
+        await wait_for_stop_signal()
+    return 0
+
+
+async def skeleton_orders(
+    client: Client, queue: str, total: int, in_flight: int, shape: SkeletonInput | None = None
+) -> tuple[float, list[str]]:
+    """Run ``total`` skeleton orders of ``shape`` on ``queue``, ``in_flight`` at a time:
+    (seconds, their order numbers)."""
+    numbers: list[str] = []
+
+    async def one(i: int) -> str:
+        n = uuid.uuid4().hex[:10]
+        numbers.append(n)
+        given = dataclasses.replace(shape or SkeletonInput(""), order=n)
+        state: str = await client.execute_workflow(
+            SkeletonOrder.run, given, id=f"sk-order-{n}", task_queue=queue
+        )
+        return state
+
+    took, outcomes = await run_window(total, in_flight, one, "skeleton")
     assert outcomes.count("Completed") == total
+    return took, numbers
+
+
+async def skeleton(client: Client, total: int, in_flight: int, cycle: float) -> float:
+    """Seconds to run ``total`` skeleton orders, ``in_flight`` at a time (worker in this
+    process)."""
+    queue = f"skeleton-{uuid.uuid4().hex[:6]}"
+    async with skeleton_worker(client, queue, cycle):
+        took, _ = await skeleton_orders(client, queue, total, in_flight)
     return took
 
 
@@ -438,7 +590,9 @@ def main() -> int:
     logging.getLogger("asyncua").setLevel(logging.CRITICAL)
     logging.getLogger("temporalio").setLevel(logging.CRITICAL)
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("mode", nargs="?", choices=["soak", "dev"], default="soak")
+    parser.add_argument(
+        "mode", nargs="?", choices=["soak", "dev", "skeleton-worker"], default="soak"
+    )
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--max-jobs", type=int, default=10)
     parser.add_argument("--cycle", type=float, default=None)
@@ -447,7 +601,11 @@ def main() -> int:
     parser.add_argument("--pg-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--sqlite", action="store_true")
     parser.add_argument("--no-skeleton", action="store_true")
+    parser.add_argument("--address", help="skeleton-worker: the Temporal server")
+    parser.add_argument("--queue", help="skeleton-worker: its task queue")
     args = parser.parse_args()
+    if args.mode == "skeleton-worker":
+        return asyncio.run(run_skeleton_worker(args.address, args.queue, args.cycle or 0.01))
     if args.mode == "soak":
         args.cycle = 0.01 if args.cycle is None else args.cycle
         return asyncio.run(soak(args))

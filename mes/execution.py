@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import cast
 
 from sqlalchemy import case, func, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from mes import audit
@@ -362,23 +362,24 @@ def _pick_lots(
 
 
 def _job(session: Session, job_order_id: str, lock: bool = False) -> JobOrder:
-    """The job order with what its services need; ``lock`` takes its row lock (PostgreSQL)
-    until the transaction ends, so two writers of the same job order take turns."""
-    q = select(JobOrder)
-    if lock:
-        q = q.with_for_update()
-    job = session.scalar(
-        q.where(JobOrder.external_id == job_order_id).options(
-            selectinload(JobOrder.equipment).selectinload(Equipment.endpoint),
-            selectinload(JobOrder.work_master),
-            selectinload(JobOrder.segment_requirement).options(
-                selectinload(SegmentRequirement.operations_request),
-                selectinload(SegmentRequirement.operations_segment).selectinload(
-                    OperationsSegment.materials
-                ),
-            ),
-        )
+    """The job order with what its services need, in one statement: its work unit and
+    endpoint, work master, step, order, operations segment and job response (the segment's
+    materials load when first used: only the first preparation needs them). ``lock`` takes
+    the job order's row lock (PostgreSQL) until the transaction ends, so two writers of the
+    same job order take turns."""
+    q = select(JobOrder).options(
+        joinedload(JobOrder.equipment, innerjoin=True).joinedload(Equipment.endpoint),
+        joinedload(JobOrder.work_master, innerjoin=True),
+        joinedload(JobOrder.job_response),
+        joinedload(JobOrder.segment_requirement, innerjoin=True).options(
+            joinedload(SegmentRequirement.operations_request, innerjoin=True),
+            joinedload(SegmentRequirement.operations_segment, innerjoin=True),
+        ),
     )
+    if lock:
+        # Only the job order's row: the outer-joined rows cannot be locked (PostgreSQL).
+        q = q.with_for_update(of=JobOrder)
+    job = session.scalar(q.where(JobOrder.external_id == job_order_id))
     if job is None:
         raise ProductionError(f"unknown job order {job_order_id}")
     return job

@@ -817,7 +817,11 @@ class ErpMessage(Base):
     erp_client: Mapped[str] = mapped_column(String(100))
     state: Mapped[str] = mapped_column(String(20))
     content_type: Mapped[str] = mapped_column(String(50))
-    body: Mapped[str] = mapped_column(Text)
+    #: The order's performance when the state changed (``OperationsPerformanceData``'s JSON
+    #: form); the document is rendered from it at the first delivery.
+    performance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: The document as sent, in the client's format (None until first delivered).
+    body: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -2,10 +2,12 @@
 
 Whenever an order's state changes (released, running, held, completed, aborted, cancelled),
 the same database transaction adds an ``erp_message`` with the order's performance as it is
-then (B2MML ``SyncOperationsPerformance`` or its JSON equivalent, as the ERP client asked).
+then; the document (B2MML ``SyncOperationsPerformance`` or its JSON equivalent, as the ERP
+client asked) is rendered from it when the message is first delivered, outside the order's
+transaction, and kept.
 One session hook does this for every writer, so no code path can change a state and forget
-the report. The order's workflow delivers the messages in order (``next_undelivered`` and
-``mark_*`` below, called by its delivery activity), retrying with backoff while the ERP is
+the report. The order's workflow delivers the messages in order (``undelivered`` and
+``mark_attempt`` below, called by its delivery activity), retrying with backoff while the ERP is
 away; each message keeps one ``message_id`` (the BODID) so the ERP can drop duplicates.
 """
 
@@ -15,8 +17,8 @@ import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
-from sqlalchemy import event, func, inspect, select
-from sqlalchemy.orm import Session, selectinload, sessionmaker
+from sqlalchemy import event, func, inspect, select, update
+from sqlalchemy.orm import Session, joinedload, selectinload, sessionmaker
 
 from mes import audit
 from mes.b2mml import (
@@ -30,7 +32,12 @@ from mes.errors import DomainError, FieldError, NotFound
 from mes.models import (
     ErpClient,
     ErpMessage,
+    JobOrder,
+    JobResponse,
+    MaterialActual,
     OperationsRequest,
+    OperationsSegment,
+    SegmentRequirement,
     utcnow,
 )
 
@@ -145,6 +152,31 @@ def get_erp_client(session: Session, name: str) -> ErpClientOut:
 
 def performance(session: Session, order: OperationsRequest) -> OperationsPerformanceData:
     """The order's performance now: one segment response per routing step, with its lots."""
+    if order.id is not None and "segment_requirements" in inspect(order).unloaded:
+        # What the answer needs, in a few statements instead of one per relationship: the
+        # eager loaders fill what is not loaded yet and leave what the session changed.
+        with session.no_autoflush:
+            session.execute(
+                select(OperationsRequest)
+                .where(OperationsRequest.id == order.id)
+                .options(
+                    joinedload(OperationsRequest.operations_definition),
+                    selectinload(OperationsRequest.segment_requirements).options(
+                        joinedload(SegmentRequirement.operations_segment).joinedload(
+                            OperationsSegment.process_segment
+                        ),
+                        joinedload(SegmentRequirement.job_order).options(
+                            joinedload(JobOrder.equipment),
+                            joinedload(JobOrder.job_response)
+                            .selectinload(JobResponse.material_actuals)
+                            .options(
+                                joinedload(MaterialActual.material_definition),
+                                joinedload(MaterialActual.material_lot),
+                            ),
+                        ),
+                    ),
+                )
+            ).all()
     # The relationship, not a query: a new order's steps are not in the database yet.
     requirements = order.segment_requirements
     segments = []
@@ -215,17 +247,17 @@ def _outbox(session: Session, _context: object, _instances: object) -> None:
             if client is None:
                 continue
             seq = 1 + _last_seq(session, order)
-            message_id = f"MES-{order.external_id}-{seq:04d}"
-            content_type, body = render(performance(session, order), client.format, message_id)
+            # The performance as it is now; the document is rendered at delivery
+            # (``undelivered``), outside this transaction.
             session.add(
                 ErpMessage(
                     operations_request=order,
                     seq=seq,
-                    message_id=message_id,
+                    message_id=f"MES-{order.external_id}-{seq:04d}",
                     erp_client=client.name,
                     state=order.state,
-                    content_type=content_type,
-                    body=body,
+                    content_type=B2MML_XML if client.format == "b2mml" else JSON,
+                    performance=performance(session, order).to_json(),
                 )
             )
 
@@ -257,44 +289,66 @@ class Delivery(BaseModel):
     signing_secret: str
 
 
-def next_undelivered(session: Session, order_id: int) -> Delivery | None:
-    """The order's oldest message not yet delivered (nor refused for good)."""
-    msg = session.scalar(
-        select(ErpMessage)
+def undelivered(session: Session, order_id: int) -> list[Delivery]:
+    """The order's messages not yet delivered (nor refused for good), oldest first, in one
+    statement; those not rendered yet are rendered now (once: a retry sends the same
+    document) and kept."""
+    rows = session.execute(
+        select(
+            ErpMessage,
+            OperationsRequest.external_id,
+            ErpClient.callback_url,
+            ErpClient.signing_secret,
+        )
+        .join(ErpClient, ErpClient.name == ErpMessage.erp_client)
+        .join(OperationsRequest, OperationsRequest.id == ErpMessage.operations_request_id)
         .where(
             ErpMessage.operations_request_id == order_id,
             ErpMessage.delivered_at.is_(None),
             ErpMessage.rejected_at.is_(None),
         )
         .order_by(ErpMessage.seq)
-        .limit(1)
-        .options(selectinload(ErpMessage.operations_request))
-    )
-    if msg is None:
-        return None
-    client = session.scalar(select(ErpClient).where(ErpClient.name == msg.erp_client))
-    if client is None:
-        return None
-    return Delivery(
-        id=msg.id,
-        message_id=msg.message_id,
-        order_number=msg.operations_request.external_id,
-        url=client.callback_url,
-        content_type=msg.content_type,
-        body=msg.body,
-        signing_secret=client.signing_secret,
-    )
+    ).all()
+    if not rows:
+        return []
+    rendered = False
+    for msg, *_ in rows:
+        if msg.body is None:
+            perf = OperationsPerformanceData.from_json(msg.performance or {})
+            fmt = "b2mml" if msg.content_type == B2MML_XML else "json"
+            msg.content_type, msg.body = render(perf, fmt, msg.message_id)
+            rendered = True
+    deliveries = [
+        Delivery(
+            id=msg.id,
+            message_id=msg.message_id,
+            order_number=number,
+            url=url,
+            content_type=msg.content_type,
+            body=msg.body or "",
+            signing_secret=secret,
+        )
+        for msg, number, url, secret in rows
+    ]
+    if rendered:
+        session.commit()
+    return deliveries
 
 
 def mark_attempt(session: Session, message_pk: int, error: str | None, rejected: bool) -> None:
-    """Record a delivery attempt: delivered (no error), failed for now, or refused for good."""
-    msg = session.get_one(ErpMessage, message_pk)
-    msg.attempts += 1
-    msg.last_error = error
-    if error is None:
-        msg.delivered_at = utcnow()
-    elif rejected:
-        msg.rejected_at = utcnow()
+    """Record a delivery attempt: delivered (no error), failed for now, or refused for good;
+    one UPDATE."""
+    now = utcnow()
+    session.execute(
+        update(ErpMessage)
+        .where(ErpMessage.id == message_pk)
+        .values(
+            attempts=ErpMessage.attempts + 1,
+            last_error=error,
+            delivered_at=now if error is None else ErpMessage.delivered_at,
+            rejected_at=now if error is not None and rejected else ErpMessage.rejected_at,
+        )
+    )
     session.commit()
 
 

@@ -56,6 +56,8 @@ _HEARTBEAT_TICK_S = 5.0
 # How long the ERP may take to connect, and then for each read and write, per message: well
 # inside deliver_reports' 30 s heartbeat timeout (it heartbeats while it waits, too).
 _ERP_TIMEOUT_S = 10.0
+# How long preparing a job waits for its PLC's room before leaving it to plc_room.
+_ROOM_TIMEOUT_S = 5.0
 
 
 async def _heartbeating(work: Awaitable[T], details: object) -> T:
@@ -121,13 +123,23 @@ class MesActivities:
         return self._db(lambda s: execution.plan_order(s, order_id))
 
     @activity.defn
-    def prepare_job(self, job_order_id: str) -> Dispatch:
-        """Fix the job's recipe and material lots; say which controller gets it."""
-        target, order = self._db(lambda s: execution.prepare_job(s, job_order_id))
+    async def prepare_job(self, job_order_id: str) -> Dispatch:
+        """Fix the job's recipe and material lots; say which controller gets it and, when
+        the job may go, how much room its PLC has now (one round trip fewer for the
+        workflow; a PLC that does not answer at once is left to ``plc_room`` and its
+        retries)."""
+        target, order = await asyncio.to_thread(
+            self._db, lambda s: execution.prepare_job(s, job_order_id)
+        )
         e = target.endpoint
-        return Dispatch(
+        dispatch = Dispatch(
             e.protocol, e.url, e.machine, order, target.waiting_for, e.security, e.settings
         )
+        if not target.waiting_for:
+            with contextlib.suppress(ApplicationError, TimeoutError):
+                async with asyncio.timeout(_ROOM_TIMEOUT_S):
+                    dispatch.room = await self.plc_room(dispatch)
+        return dispatch
 
     @activity.defn
     async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
@@ -262,7 +274,8 @@ class MesActivities:
 
     @activity.defn
     async def deliver_reports(self, order_id: int) -> int:
-        """Send the order's undelivered ERP messages, oldest first; returns how many went.
+        """Send the order's undelivered ERP messages, oldest first (read in one statement,
+        then again until none is left); returns how many went.
 
         An ERP that is away makes the activity fail retryably: Temporal tries again with
         backoff (honouring Retry-After), always from the oldest message, so the ERP gets
@@ -276,54 +289,58 @@ class MesActivities:
             own: httpx.AsyncClient | None = None
             while True:
                 activity.heartbeat(sent)
-                msg = await asyncio.to_thread(
-                    self._db, lambda s: reporting.next_undelivered(s, order_id)
+                batch = await asyncio.to_thread(
+                    self._db, lambda s: reporting.undelivered(s, order_id)
                 )
-                if msg is None:
+                if not batch:
                     return sent
-                http = self._erp_clients.for_url(msg.url) if self._erp_clients else None
-                if http is None:
-                    if own is None:
-                        own = await stack.enter_async_context(httpx.AsyncClient())
-                    http = own
-                try:
-                    await _heartbeating(
-                        deliver(
-                            msg.url,
-                            msg.body.encode(),
-                            msg.content_type,
-                            msg.message_id,
-                            msg.order_number,
-                            signing_secret=msg.signing_secret,
-                            policy=self._callback_policy,
-                            timeout_s=_ERP_TIMEOUT_S,
-                            client=http,
-                        ),
-                        sent,
-                    )
-                except DeliveryError as e:
+                for msg in batch:
+                    activity.heartbeat(sent)
+                    http = self._erp_clients.for_url(msg.url) if self._erp_clients else None
+                    if http is None:
+                        if own is None:
+                            own = await stack.enter_async_context(httpx.AsyncClient())
+                        http = own
+                    try:
+                        await _heartbeating(
+                            deliver(
+                                msg.url,
+                                msg.body.encode(),
+                                msg.content_type,
+                                msg.message_id,
+                                msg.order_number,
+                                signing_secret=msg.signing_secret,
+                                policy=self._callback_policy,
+                                timeout_s=_ERP_TIMEOUT_S,
+                                client=http,
+                            ),
+                            sent,
+                        )
+                    except DeliveryError as e:
+                        await asyncio.to_thread(
+                            self._db,
+                            partial(
+                                reporting.mark_attempt,
+                                message_pk=msg.id,
+                                error=str(e),
+                                rejected=not e.retryable,
+                            ),
+                        )
+                        if not e.retryable:
+                            continue
+                        delay = timedelta(seconds=e.retry_after_s) if e.retry_after_s else None
+                        raise ApplicationError(
+                            f"ERP unreachable for {msg.message_id}: {e}",
+                            type="DeliveryError",
+                            next_retry_delay=delay,
+                        ) from e
                     await asyncio.to_thread(
                         self._db,
                         partial(
-                            reporting.mark_attempt,
-                            message_pk=msg.id,
-                            error=str(e),
-                            rejected=not e.retryable,
+                            reporting.mark_attempt, message_pk=msg.id, error=None, rejected=False
                         ),
                     )
-                    if not e.retryable:
-                        continue
-                    delay = timedelta(seconds=e.retry_after_s) if e.retry_after_s else None
-                    raise ApplicationError(
-                        f"ERP unreachable for {msg.message_id}: {e}",
-                        type="DeliveryError",
-                        next_retry_delay=delay,
-                    ) from e
-                await asyncio.to_thread(
-                    self._db,
-                    partial(reporting.mark_attempt, message_pk=msg.id, error=None, rejected=False),
-                )
-                sent += 1
+                    sent += 1
 
     @activity.defn
     def complete_order(self, order_id: int, state: str) -> tuple[str, bool]:

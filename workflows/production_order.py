@@ -188,6 +188,7 @@ class JobOrderWorkflow:
         """Prepare (once), wait for room on the PLC, dispatch. False when a hold or cancel
         came first and nothing is on the PLC."""
         poll = ROOM_POLL[0]
+        fresh: PlcRoom | None = None  # the PLC's room as preparing found it, not used yet
         while True:
             if self._stopped():
                 self._note = ""
@@ -201,6 +202,7 @@ class JobOrderWorkflow:
                     raise _Attention(f"prepare failed: {_reason(e)}") from e
                 self._priority = self._dispatch.order.priority
                 self._equipment = self._dispatch.order.equipment_id
+                fresh = self._dispatch.room
                 continue
             dispatch = self._dispatch
             if dispatch.waiting_for:
@@ -210,9 +212,12 @@ class JobOrderWorkflow:
                 self._dispatch = None
             else:
                 try:
-                    room: PlcRoom = await self._activity(MesActivities.plc_room, dispatch, plc=True)
+                    room: PlcRoom = fresh or await self._activity(
+                        MesActivities.plc_room, dispatch, plc=True
+                    )
                 except ActivityError as e:
                     raise _Attention(f"asking the PLC for room failed: {_reason(e)}") from e
+                fresh = None
                 if self._stopped():
                     self._note = ""
                     return False

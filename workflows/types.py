@@ -28,6 +28,18 @@ class JobInput:
 
 
 @dataclass
+class PlcRoom:
+    """How many job orders a PLC takes (None: no limit published) and holds now."""
+
+    max_job_orders: int | None
+    job_orders: int
+
+    @property
+    def full(self) -> bool:
+        return self.max_job_orders is not None and self.job_orders >= self.max_job_orders
+
+
+@dataclass
 class Dispatch:
     """A job order ready to send, and where to send it (how to secure the session included:
     ``settings`` name where the secrets are, never a secret, since this is in the history)."""
@@ -40,6 +52,9 @@ class Dispatch:
     waiting_for: str = ""
     security: str = "None"
     settings: dict[str, Any] = field(default_factory=dict)
+    #: The PLC's room when the job was prepared (None: not asked, or the PLC did not say),
+    #: so the first dispatch attempt needs no round trip of its own to ask.
+    room: PlcRoom | None = None
 
     @property
     def endpoint(self) -> Endpoint:
@@ -106,18 +121,6 @@ class WorkOrderStatus:
 
 #: The job state ``plc_command`` answers when the PLC does not hold the job.
 GONE = 0
-
-
-@dataclass
-class PlcRoom:
-    """How many job orders a PLC takes (None: no limit published) and holds now."""
-
-    max_job_orders: int | None
-    job_orders: int
-
-    @property
-    def full(self) -> bool:
-        return self.max_job_orders is not None and self.job_orders >= self.max_job_orders
 
 
 @dataclass

@@ -257,7 +257,10 @@ class FakePlant:
         )
         waits = self.material_waits.get(job_order_id)
         waiting_for = waits.pop(0) if waits else ""
-        return Dispatch("opcua", "opc.tcp://fake-plc:4840/", "unit-1", order, waiting_for)
+        dispatch = Dispatch("opcua", "opc.tcp://fake-plc:4840/", "unit-1", order, waiting_for)
+        if not waiting_for:  # as the real one: the PLC's room with the job it may send
+            dispatch.room = PlcRoom(self.max_jobs, len(self.plc))
+        return dispatch
 
     @activity.defn(name="plc_room")
     async def plc_room(self, dispatch: Dispatch) -> PlcRoom:
@@ -549,7 +552,6 @@ HELD_WAITING_ACTIONS = ["resume", "cancel", "priority", "equipment"]
 #: What a job that ran to its end did, activity by activity.
 RAN = [
     "prepare_job",
-    "plc_room",
     "dispatch_job",
     "await_job",
     "await_job",

@@ -360,8 +360,9 @@ async def test_dispatch_waits_while_the_plc_is_full(rig: Rig) -> None:
     await plant.run(j1)
     assert (await finished(order)).state == "Completed"
     assert plant.names(j1)[0] == "prepare_job"
-    assert plant.count("plc_room", j1) >= 2
-    assert plant.names(j1)[plant.count("plc_room", j1) + 1 :] == RAN[2:]
+    # Full when prepared, then asked again until there was room.
+    assert plant.count("plc_room", j1) >= 1
+    assert plant.names(j1)[plant.count("plc_room", j1) + 1 :] == RAN[1:]
 
 
 @pytest.mark.parametrize("steps", [1])

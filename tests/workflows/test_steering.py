@@ -552,7 +552,6 @@ async def test_change_priority_after_dispatch_updates_the_plc(rig: Rig) -> None:
     assert plant.commands[0].dispatch.order.priority == 100
     assert [n for n in plant.names(j1) if n != "await_job"] == [
         "prepare_job",
-        "plc_room",
         "dispatch_job",
         "change_job",
         "prepare_job",  # the job order as it is now, for the PLC's Update
