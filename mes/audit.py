@@ -273,6 +273,11 @@ class ChainReport:
     #: The newest event a matching checkpoint vouches for; later events are protected by
     #: the hash chain alone.
     anchored_seq: int | None = None
+    #: Whether every event was recomputed from the first (False: from a trusted checkpoint).
+    full: bool = True
+    #: The recomputation started after this event (0: from the first event); events up to
+    #: it were vouched for by the checkpoint there, not recomputed.
+    started_after_seq: int = 0
 
 
 def verify(
@@ -290,10 +295,12 @@ def verify(
     anchor); an anchor beyond the chain's end means events were removed.
 
     With ``since``, the walk starts at that anchor instead of the first event (event
-    ``since.seq`` must still have its hash): only what came after it is checked. That is the
-    checkpoint writer's check before it signs; an auditor's verify starts from the first event.
+    ``since.seq`` must still have its hash, and that hash must cover its content): only what
+    came after it is checked, against the ``anchors`` after it. That is the checkpoint
+    writer's check before it signs and the incremental verify
+    (``mes.audit_checkpoints.verify``); the full verify starts from the first event.
     """
-    todo = sorted(anchors, key=lambda a: a.seq)
+    todo = sorted((a for a in anchors if since is None or a.seq > since.seq), key=lambda a: a.seq)
     done = 0
     anchored: int | None = None
     count = 0
@@ -307,16 +314,22 @@ def verify(
             checked_at=utcnow(),
             checkpoints=done,
             anchored_seq=anchored,
+            full=since is None,
+            started_after_seq=since.seq if since is not None else 0,
         )
 
     prev, expected_seq = GENESIS, 1
     if since is not None:
-        start = session.scalar(select(AuditEvent.hash).where(AuditEvent.seq == since.seq))
+        start = session.scalars(select(AuditEvent).where(AuditEvent.seq == since.seq)).first()
         if start is None:
             return broken(since.seq, f"event {since.seq} of the checkpoint of {since.at} is gone")
-        if start != since.hash:
+        if start.hash != since.hash:
             return broken(since.seq, f"event {since.seq} differs from the checkpoint of {since.at}")
+        # The start event itself is recomputed too: its hash must still cover its content.
+        if event_hash(start, start.prev_hash) != start.hash:
+            return broken(since.seq, "the event's content does not match its hash")
         prev, expected_seq, anchored = since.hash, since.seq + 1, since.seq
+        session.expunge(start)
     while True:
         rows = session.scalars(
             select(AuditEvent)
@@ -359,5 +372,11 @@ def verify(
     if head is not None and (head.seq != expected_seq - 1 or head.last_hash != prev):
         return broken(expected_seq, "events after the last one were removed")
     return ChainReport(
-        intact=True, events=count, checked_at=utcnow(), checkpoints=done, anchored_seq=anchored
+        intact=True,
+        events=count,
+        checked_at=utcnow(),
+        checkpoints=done,
+        anchored_seq=anchored,
+        full=since is None,
+        started_after_seq=since.seq if since is not None else 0,
     )

@@ -237,8 +237,17 @@ def write_checkpoint(session: Session, key: Ed25519PrivateKey, path: Path) -> Ch
     return cp
 
 
-def verify(session: Session, path: Path, key: Ed25519PublicKey) -> audit.ChainReport:
-    """Recompute the chain and compare it with every checkpoint in ``path`` signed by ``key``.
+def verify(
+    session: Session, path: Path, key: Ed25519PublicKey, *, full: bool = False
+) -> audit.ChainReport:
+    """Check the chain against every checkpoint in ``path`` signed by ``key``.
+
+    By default (incremental) every signed checkpoint's event must still have the signed hash
+    (one query), and the chain is recomputed from the newest checkpoint before the first one
+    that no longer matches (from the newest checkpoint when all match; from the first event
+    when none does): what came after it, the later checkpoints and the chain head (a cut
+    tail) are checked as in the full walk. With ``full``, every event is recomputed from the
+    first. What an incremental verify cannot catch is in the README ("Audit trail").
 
     A line whose signature does not hold (forged, edited, or another key's) makes the
     report not intact, whatever the chain says; it is named in the reason.
@@ -255,11 +264,36 @@ def verify(session: Session, path: Path, key: Ed25519PublicKey) -> audit.ChainRe
             )
         else:
             good.append(line.checkpoint.anchor())
-    report = audit.verify(session, good)
+    start = None if full else trusted_start(session, good)
+    report = audit.verify(session, good, since=start)
+    if start is not None:
+        # The checkpoints up to the start were compared with their events' stored hashes.
+        report.checkpoints += sum(1 for a in good if a.seq <= start.seq)
     if bad:
         report.intact = False
         report.reason = "; ".join([report.reason, *bad] if report.reason else bad)
     return report
+
+
+def trusted_start(session: Session, anchors: list[audit.Anchor]) -> audit.Anchor | None:
+    """The newest checkpoint before the first one whose event is gone or has another hash
+    (the newest of all when every one matches); None: start from the first event."""
+    ordered = sorted(anchors, key=lambda a: a.seq)
+    if not ordered:
+        return None
+    stored: dict[int, str] = {}
+    seqs = sorted({a.seq for a in ordered})
+    for i in range(0, len(seqs), 1000):
+        rows = session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).where(AuditEvent.seq.in_(seqs[i : i + 1000]))
+        )
+        stored.update((seq, hash_) for seq, hash_ in rows)
+    start = None
+    for anchor in ordered:
+        if stored.get(anchor.seq) != anchor.hash:
+            break
+        start = anchor
+    return start
 
 
 # --- the periodic writer -----------------------------------------------------------------------

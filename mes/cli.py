@@ -124,13 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (
         ("key", "create the checkpoint signing key if missing; print its public key"),
         ("checkpoint", "sign the chain's newest event now (after checking what came since)"),
-        ("verify", "recompute the chain and compare it with the signed checkpoints"),
+        ("verify", "check the chain against the signed checkpoints (--full: every event)"),
     ):
         a = aud_sub.add_parser(name, help=text)
         a.add_argument("--key-file", type=Path, help="Ed25519 key (default MES_AUDIT_KEY_FILE)")
         if name != "key":
             a.add_argument(
                 "--checkpoints", type=Path, help="checkpoint file (default MES_AUDIT_CHECKPOINTS)"
+            )
+        if name == "verify":
+            a.add_argument(
+                "--full",
+                action="store_true",
+                help="recompute every event from the first (default: from the newest "
+                "checkpoint that still matches its event)",
             )
     api = sub.add_parser("openapi", help="write the OpenAPI document to openapi/")
     api.add_argument("--check", action="store_true", help="fail if openapi/ differs from the app")
@@ -252,7 +259,7 @@ def _audit(settings: Settings, args: argparse.Namespace) -> int:
                 return 1
             print(json.dumps(cp.to_json()) if cp else "nothing new to sign")
             return 0
-        report = checkpoints.verify(s, path, key)
+        report = checkpoints.verify(s, path, key, full=args.full)
     print(json.dumps(dataclasses.asdict(report), default=str, indent=2))
     return 0 if report.intact else 1
 

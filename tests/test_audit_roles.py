@@ -62,10 +62,10 @@ class Db:
                 s, checkpoints.load_signing_key(self.key_file), self.checkpoint_file
             )
 
-    def verify(self) -> audit.ChainReport:
+    def verify(self, *, full: bool = False) -> audit.ChainReport:
         key = checkpoints.load_verify_key(self.key_file)
         with self.app() as s:
-            return checkpoints.verify(s, self.checkpoint_file, key)
+            return checkpoints.verify(s, self.checkpoint_file, key, full=full)
 
     def verify_chain_alone(self) -> audit.ChainReport:
         with self.app() as s:
@@ -163,21 +163,31 @@ def _rewrite(owner: Engine, statements: list[str], rehash_from: int | None) -> N
 
 
 def test_an_edit_with_recomputed_hashes_is_caught_by_the_checkpoints(db: Db) -> None:
-    report = db.verify()
+    report = db.verify(full=True)
     assert report.intact, report.reason
     assert (report.checkpoints, report.anchored_seq, report.events) == (6, 60, 60)
+    assert (report.full, report.started_after_seq) == (True, 0)
+    # Incremental: every checkpoint's event still has its hash, nothing after the last one.
+    report = db.verify()
+    assert report.intact, report.reason
+    assert (report.checkpoints, report.anchored_seq, report.events) == (6, 60, 0)
+    assert (report.full, report.started_after_seq) == (False, 60)
 
     _rewrite(db.owner, ["UPDATE audit_event SET reason = 'edited' WHERE seq = 42"], rehash_from=42)
     # The hash chain alone cannot tell: the owner recomputed it.
     assert db.verify_chain_alone().intact
-    report = db.verify()
-    assert not report.intact
-    # Checkpoints at 40 and 50: the change lies in 41..50, and 40 still vouches for 1..40.
-    assert report.first_broken_seq == 41
-    assert report.anchored_seq == 40
-    assert report.reason is not None
-    assert "events 41 to 50" in report.reason
-    assert "recomputed" in report.reason
+    for full in (True, False):
+        report = db.verify(full=full)
+        assert not report.intact
+        # Checkpoints at 40 and 50: the change lies in 41..50, and 40 still vouches for 1..40.
+        assert report.first_broken_seq == 41
+        assert report.anchored_seq == 40
+        assert report.reason is not None
+        assert "events 41 to 50" in report.reason
+        assert "recomputed" in report.reason
+    # The incremental verify found the checkpoints of 50 and 60 no longer matching their
+    # events and recomputed from the one before, 40 (events 41 to 50 only).
+    assert (report.started_after_seq, report.events) == (40, 10)
 
     # The writer signs nothing more once the chain no longer leads to its last checkpoint.
     _write(db.app, 5)
@@ -187,10 +197,47 @@ def test_an_edit_with_recomputed_hashes_is_caught_by_the_checkpoints(db: Db) -> 
 
 def test_an_edit_without_recomputing_is_caught_at_its_event(db: Db) -> None:
     _rewrite(db.owner, ["UPDATE audit_event SET reason = 'edited' WHERE seq = 42"], None)
-    report = db.verify()
+    report = db.verify(full=True)
     assert not report.intact
     assert report.first_broken_seq == 42
     assert "content" in (report.reason or "")
+
+
+def test_incremental_verify_catches_an_edit_after_the_last_checkpoint(db: Db) -> None:
+    _write(db.app, 5)
+    _rewrite(db.owner, ["UPDATE audit_event SET reason = 'edited' WHERE seq = 63"], None)
+    report = db.verify()
+    assert not report.intact
+    assert (report.full, report.started_after_seq) == (False, 60)
+    assert report.first_broken_seq == 63
+    assert "content" in (report.reason or "")
+    assert report.anchored_seq == 60
+
+
+def test_an_edit_before_the_last_checkpoint(db: Db) -> None:
+    """What the incremental verify can and cannot see before its start: the checkpoint's
+    event is recomputed itself and every checkpoint's hash is compared with its event, but
+    an older event edited without recomputing any hash is found by the full verify only."""
+    _rewrite(db.owner, ["UPDATE audit_event SET reason = 'edited' WHERE seq = 42"], None)
+    assert db.verify(full=True).first_broken_seq == 42
+    report = db.verify()
+    assert report.intact  # the documented limit: events 1..60 were not recomputed
+    assert (report.started_after_seq, report.events) == (60, 0)
+
+    # The start event itself is recomputed: an edit to it shows.
+    _rewrite(db.owner, ["UPDATE audit_event SET reason = 'edited' WHERE seq = 60"], None)
+    report = db.verify()
+    assert not report.intact
+    assert report.first_broken_seq == 60
+    assert "content" in (report.reason or "")
+
+    # An older checkpoint's event given a new hash (the later ones left alone): its own hash
+    # check fails, and the walk starts from the checkpoint before it (20).
+    _rewrite(db.owner, ["UPDATE audit_event SET hash = repeat('a', 64) WHERE seq = 30"], None)
+    report = db.verify()
+    assert not report.intact
+    assert report.started_after_seq == 20
+    assert report.first_broken_seq == 30
 
 
 def test_a_cut_tail_with_the_head_moved_back_is_caught(db: Db) -> None:
@@ -252,14 +299,18 @@ def test_cli_verify_with_an_auditors_copy_and_public_key(
     args = ["audit", "verify", "--checkpoints", str(copy), "--key-file", str(public)]
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["anchored_seq"] == 60
+    assert main([*args, "--full"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["full"], out["started_after_seq"], out["events"]) == (True, 0, 60)
 
     # The auditor's public key cannot sign.
     assert main(["audit", "checkpoint", "--key-file", str(public)]) == 2
     assert "private key" in capsys.readouterr().err
     _rewrite(db.owner, ["DELETE FROM audit_event WHERE seq > 57"], rehash_from=None)
-    assert main(args) == 1
-    out = json.loads(capsys.readouterr().out)
-    assert out["first_broken_seq"] == 58
+    for full in ([], ["--full"]):
+        assert main([*args, *full]) == 1
+        out = json.loads(capsys.readouterr().out)
+        assert out["first_broken_seq"] == 58
 
 
 def test_db_upgrade_creates_the_app_role(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,6 +375,15 @@ async def test_the_api_runs_as_the_app_role_and_serves_checkpoints(
         assert report["intact"], report
         assert report["checkpoints"] >= 1
         assert report["anchored_seq"] >= first["seq"]
+        assert report["full"] is False
+        assert report["started_after_seq"] >= first["seq"]
+        whole = (await http.get("/api/v1/audit-events/verify", params={"full": "true"})).json()
+        assert whole["intact"], whole
+        assert (whole["full"], whole["started_after_seq"]) == (True, 0)
+        assert whole["events"] >= first["seq"]
+        bad_full = await http.get("/api/v1/audit-events/verify", params={"full": "maybe"})
+        assert bad_full.status_code == 400
+        assert "full" in bad_full.text
 
         later = await http.get(
             "/api/v1/audit-events/checkpoints", params={"after_seq": first["seq"], "limit": 1}

@@ -62,6 +62,12 @@ class ChainReportOut(BaseModel):
         description="the newest event a matching checkpoint vouches for; later events are "
         "protected by the hash chain alone"
     )
+    full: bool = Field(description="every event recomputed from the first")
+    started_after_seq: int = Field(
+        description="the recomputation started after this event, a signed checkpoint whose "
+        "event still has the signed hash (0: from the first event); the events up to it are "
+        "vouched for by that checkpoint, not recomputed"
+    )
 
 
 class CheckpointOut(BaseModel):
@@ -160,18 +166,27 @@ class AuditController(Controller):
         summary="Recompute the hash chain; report the first broken link",
         description="With a checkpoint key configured, the chain is also compared with every "
         "signed checkpoint: an edit whose later hashes were recomputed, events removed from "
-        "the end, and checkpoint lines whose signature does not hold are reported. "
-        + roles_note(READ_AUDIT),
+        "the end, and checkpoint lines whose signature does not hold are reported. By "
+        "default the chain is recomputed from the newest signed checkpoint whose event still "
+        "has the signed hash (`started_after_seq`), after checking every checkpoint's event "
+        "hash; `full=true` recomputes every event from the first, which also finds an older "
+        "event edited without recomputing the later hashes. Without a key it is always "
+        "full. " + roles_note(READ_AUDIT),
     )
     async def verify(
-        self, db: NamedDependency[Database], settings: NamedDependency[Settings]
+        self,
+        db: NamedDependency[Database],
+        settings: NamedDependency[Settings],
+        full: Annotated[
+            bool, QueryParameter(description="recompute every event from the first")
+        ] = False,
     ) -> ChainReportOut:
         key = await asyncio.to_thread(_verify_key, settings)
         if key is None:
             report = await db.run(audit.verify)
         else:
             path = settings.audit_checkpoint_file
-            report = await db.run(lambda s: checkpoints.verify(s, path, key))
+            report = await db.run(lambda s: checkpoints.verify(s, path, key, full=full))
         return ChainReportOut.model_validate(report, from_attributes=True)
 
     @get(
