@@ -438,6 +438,10 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
         job.started_at = now
     order = job.segment_requirement.operations_request
     if order.state == RequestState.RELEASED:
+        # Two of its jobs, or two attempts of one, may start it at once: the order's row
+        # lock lets one move it and shows the other that it moved (one Running report).
+        session.refresh(order, with_for_update=True)
+    if order.state == RequestState.RELEASED:
         change_state(session, order, RequestState.RUNNING)
     if order.started_at is None:
         order.started_at = now

@@ -26,7 +26,9 @@ from mes.quantities import exact
 pytestmark = pytest.mark.postgres
 
 
-def _order(sessions: sessionmaker[Session], quantity: float = 10) -> tuple[int, str]:
+def _order(
+    sessions: sessionmaker[Session], quantity: float = 10, source: str | None = None
+) -> tuple[int, str]:
     number = f"U-{uuid.uuid4().hex[:8]}"
     body = ProductionOrderIn(
         order_number=number,
@@ -37,7 +39,7 @@ def _order(sessions: sessionmaker[Session], quantity: float = 10) -> tuple[int, 
         priority=1,
     )
     with sessions() as s:
-        order, created = create_order(s, body)
+        order, created = create_order(s, body, source=source)
         assert created
         return order.id, number
 
@@ -171,3 +173,43 @@ def test_an_order_runs_and_stops_changing_only_once_a_machine_starts(
         assert reason is not None
         assert "has started" in reason
         assert s.get_one(OperationsRequest, order_id).quantity == exact(12)
+
+
+def test_two_starts_of_one_order_at_once_report_running_once(
+    plant_pg: sessionmaker[Session],
+) -> None:
+    """Two jobs of an order (or two attempts of one) starting at once: each read the order
+    Released; the second to write finds it Running under the order's row lock and adds no
+    second Running message to the ERP outbox (before, its INSERT broke the message's
+    unique number and the activity failed into a retry)."""
+    from mes.models import ErpClient, ErpMessage, OperationsRequest
+
+    erp = f"erp-{uuid.uuid4().hex[:8]}"
+    with plant_pg() as s:
+        s.add(
+            ErpClient(
+                name=erp, callback_url="http://127.0.0.1:9/mes", format="json", signing_secret="k"
+            )
+        )
+        s.commit()
+    order_id, _number = _order(plant_pg, quantity=10, source=erp)
+    with plant_pg() as s:
+        first = execution.plan_order(s, order_id)[0]
+        execution.prepare_job(s, first)
+        execution.mark_dispatched(s, first)
+    with plant_pg() as late:
+        # The late writer has read the job and its order while the order was Released
+        # (held here, as the writer holds them: the session keeps only referenced objects) ...
+        read = execution._job(late, first)
+        assert read.segment_requirement.operations_request.state == "Released"
+        with plant_pg() as early:
+            execution.mark_running(early, first)  # ... when the other start commits.
+        execution.mark_running(late, first)
+    with plant_pg() as s:
+        assert s.get_one(OperationsRequest, order_id).state == "Running"
+        states = s.scalars(
+            select(ErpMessage.state)
+            .where(ErpMessage.operations_request_id == order_id)
+            .order_by(ErpMessage.seq)
+        ).all()
+        assert list(states).count("Running") == 1, states
