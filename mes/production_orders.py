@@ -5,9 +5,9 @@ order (a retried post), with another body a conflict. Each order belongs to the 
 that sent it (``source``, its token's name): reading and changing take that client as
 ``source`` and treat another's order as unknown; a number another client took is a conflict
 that says nothing of the other's order. Accepting an order stores the request
-and one segment requirement per routing step in one transaction; the API then starts the
-order's workflow, whose id is derived from the same number, and records that it did
-(``workflow_started_at``; an order without it is started by ``mes.relay``).
+and one segment requirement per routing step in one transaction and answers; the order's
+workflow, whose id is derived from the same number, is started by ``mes.relay``, which
+records that it did (``workflow_started_at``).
 """
 
 from __future__ import annotations
@@ -15,18 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import ColumnElement, select, true, update
+from sqlalchemy import ColumnElement, select, text, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, contains_eager, joinedload, selectinload
 
 from mes import audit, execution, units
 from mes.erp_segments import ErpOrderData, ErpSegmentData, apply_plans, plan_segments
-from mes.errors import Conflict, DomainError, NotFound, invalid
+from mes.errors import Conflict, NotFound, invalid
 from mes.models import (
     FINAL_STATES,
     JobOrder,
@@ -34,6 +35,7 @@ from mes.models import (
     MaterialUse,
     OperationsDefinition,
     OperationsRequest,
+    OperationsSegment,
     RequestState,
     SegmentRequirement,
     utcnow,
@@ -43,7 +45,6 @@ from workflows.types import order_workflow_id
 
 if TYPE_CHECKING:  # the workflow client imports the workflows, which import this module
     from mes.db import Database
-    from mes.workflow_client import WorkflowClient
 
 log = logging.getLogger(__name__)
 
@@ -154,38 +155,47 @@ class ProductionOrderOut(BaseModel):
 
 
 async def accept_order(
-    db: Database, workflows: WorkflowClient, body: ProductionOrderIn, actor: str, source: str
+    db: Database, body: ProductionOrderIn, actor: str, source: str
 ) -> tuple[ProductionOrderOut, bool]:
-    """Accept an ERP's production order: store it, then start its workflow.
+    """Accept an ERP's production order: store it, in one short transaction, and answer.
 
     The one way in for the JSON and the B2MML routes. Returns the order and whether it is
-    new; the same order posted again is found (and its workflow started if it was not
-    recorded as started).
-    A workflow engine that cannot be reached leaves the order stored and answers 503; the
-    relay (``mes.relay``, in every worker) starts it once the engine answers again, and the
-    ERP may post it again too.
+    new; the same order posted again is found as it stands now. Nothing here waits for the
+    workflow engine: the stored order, its ``workflow_started_at`` still empty, is the
+    request to start its workflow, which the relay (``mes.relay``, beside every worker)
+    carries out; the transaction wakes it (``NOTIFY`` on PostgreSQL, and ``wake_relays``
+    for a relay in this process).
     """
 
-    def store(s: Session) -> tuple[ProductionOrderOut, bool, bool]:
+    def store(s: Session) -> tuple[ProductionOrderOut, bool]:
         order, created = create_order(s, body, actor, source)
-        return order_out(s, get_order(s, order.id)), created, order.workflow_started_at is not None
+        if created:  # just written: no job orders, no lots yet, nothing to read back
+            return new_order_out(order), True
+        return order_out(s, get_order(s, order.id)), False
 
-    out, created, started = await db.run(store)
-    if started:  # posted again: its workflow runs or ran, whether Temporal answers now or not
-        return out, created
-    try:
-        await workflows.start_order(out.id, out.order_number)
-    except Exception as e:
-        log.exception("could not start workflow %s", out.workflow_id)
-        raise DomainError(
-            title="Workflow engine unavailable",
-            detail=f"order {out.order_number} is stored but could not be started yet; "
-            "the MES starts it as soon as the workflow engine answers (posting the same "
-            "order again is harmless)",
-            status=503,
-        ) from e
-    await db.run(lambda s: mark_workflow_started(s, out.id))
+    out, created = await db.run(store)
+    if created:
+        wake_relays()
     return out, created
+
+
+#: The PostgreSQL channel an accepted order is announced on (at commit); relays listen.
+START_CHANNEL = "mes_order_start"
+_relay_wakers: set[Callable[[], None]] = set()
+
+
+def wake_relays() -> None:
+    """Wake the relays of this process (the API and the worker in one process, as ``mes
+    dev`` and ``mes demo`` run them): an order waits for its start."""
+    for wake in list(_relay_wakers):
+        wake()
+
+
+def on_order_stored(wake: Callable[[], None]) -> Callable[[], None]:
+    """Call ``wake`` (thread-safe, quick) whenever this process stores a new order; returns
+    the function that stops it."""
+    _relay_wakers.add(wake)
+    return lambda: _relay_wakers.discard(wake)
 
 
 def mark_workflow_started(session: Session, order_id: int) -> None:
@@ -218,19 +228,35 @@ def create_order(
         return _same_or_conflict(existing, fingerprint, source), False
     erp = body.erp if isinstance(body, ErpProductionOrderIn) else None
 
-    product = session.scalar(
-        select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
+    # The product, its routing, each step's materials and process segment (which the ERP's
+    # first report names): one statement.
+    routing = (
+        session.execute(
+            select(OperationsDefinition)
+            .join(OperationsDefinition.product)
+            .where(MaterialDefinition.external_id == body.product)
+            .options(
+                contains_eager(OperationsDefinition.product),
+                joinedload(OperationsDefinition.segments).options(
+                    joinedload(OperationsSegment.materials),
+                    joinedload(OperationsSegment.process_segment),
+                ),
+            )
+            .order_by(OperationsDefinition.id)
+            .limit(1)
+        )
+        .unique()
+        .scalar_one_or_none()
     )
-    if product is None:
-        raise invalid("product", f"unknown product {body.product!r}")
-    routing = session.scalar(
-        select(OperationsDefinition)
-        .where(OperationsDefinition.material_definition_id == product.id)
-        .options(selectinload(OperationsDefinition.segments))
-        .order_by(OperationsDefinition.id)
-    )
+    if routing is None:
+        known = session.scalar(
+            select(MaterialDefinition.id).where(MaterialDefinition.external_id == body.product)
+        )
+        if known is None:
+            raise invalid("product", f"unknown product {body.product!r}")
     if routing is None or not routing.segments:
         raise invalid("product", f"product {body.product!r} has no routing")
+    product = routing.product
     quantity = in_product_unit(body, product)
 
     now = utcnow()
@@ -275,6 +301,9 @@ def create_order(
         object_id=body.order_number,
         after=body.model_dump(mode="json") | {"state": order.state, "late": order.late},
     )
+    if session.get_bind().dialect.name == "postgresql":
+        # Delivered at commit, and only if it commits: the relays start the order at once.
+        session.execute(text(f"NOTIFY {START_CHANNEL}"))
     try:
         session.commit()
     except IntegrityError:
@@ -379,6 +408,29 @@ def get_order(session: Session, order_id: int, source: str | None = None) -> Ope
     if order is None:
         raise NotFound("production order", str(order_id))
     return order
+
+
+def new_order_out(order: OperationsRequest) -> ProductionOrderOut:
+    """The API view of an order just stored: no job orders and no lots yet."""
+    return ProductionOrderOut(
+        id=order.id,
+        order_number=order.external_id,
+        product=order.product.external_id,
+        quantity=order.quantity,
+        unit=order.unit,
+        priority=order.priority,
+        due=order.due,
+        customer_order=order.customer_order,
+        state=order.state,
+        late=order.late,
+        created_at=order.created_at,
+        started_at=None,
+        completed_at=None,
+        workflow_id=order.workflow_id,
+        links={"self": f"/api/v1/production-orders/{order.id}"},
+        job_orders=[],
+        produced_lots=[],
+    )
 
 
 def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
