@@ -10,12 +10,15 @@ worker and no Temporal run: accepting an order does not wait for them (the relay
 workflow later). At 1, 8 and 50 concurrent clients, each posting new orders one after
 another, it times every POST for ``--seconds`` per level (after a short warm-up), the
 product and the floor alternately, and prints p50/p95 latency, orders/s and the ratio of
-the rates.
+the rates; then offers 50 orders/s to each (an open loop: sent on schedule, not after the
+previous answer) and prints p50/p95 from each order's planned send time; and the load
+average, since the machine may be shared.
 
     uv run python bench/intake.py                 # PostgreSQL at 127.0.0.1:5432, user postgres
     uv run python bench/intake.py --seconds 10 --pg-url postgresql://postgres@host:5432/postgres
 
-Targets: rate at 50 clients at least 0.8x the floor; p95 under 20 ms at 1 client.
+Targets: rate at 50 clients at least 0.8x the floor; p95 under 20 ms at 1 client and at
+50 orders/s offered.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mes.launch import free_port
 
 LEVELS = (1, 8, 50)
+RATE = 50.0  # orders/s offered in the open-loop run
 PRODUCTS = ("BREAD-WHITE", "ROLL-6PK")
 HERE = Path(__file__).resolve()
 
@@ -251,6 +255,45 @@ async def load(base: str, path: str, token: str, clients: int, seconds: float) -
     return Result(latencies, elapsed, errors)
 
 
+async def offered(base: str, path: str, token: str, per_s: float, seconds: float) -> Result:
+    """An open loop: a new order every ``1 / per_s`` seconds whatever the answers (as many
+    ERPs would send them), each timed from its planned send time, so a server that falls
+    behind shows it in the latencies rather than slowing the senders."""
+    headers = {"Authorization": f"Bearer {token}"}
+    latencies: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
+
+        async def one(n: int, planned: float, record: bool) -> None:
+            nonlocal errors
+            r = await http.post(path, json=order_body(n))
+            if r.status_code != 202:
+                errors += 1
+                print(f"  {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
+            elif record:
+                latencies.append(time.perf_counter() - planned)
+
+        async def run(duration: float, record: bool) -> float:
+            tasks = []
+            start = time.perf_counter()
+            n = 0
+            while (planned := start + n / per_s) < start + duration:
+                await asyncio.sleep(max(0.0, planned - time.perf_counter()))
+                tasks.append(asyncio.create_task(one(n, planned, record)))
+                n += 1
+            await asyncio.gather(*tasks)
+            return duration
+
+        await run(1.0, False)
+        elapsed = await run(seconds, True)
+    return Result(latencies, elapsed, errors)
+
+
+def load_average() -> str:
+    """The machine's load averages (1, 5, 15 min), as ``uptime`` shows them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 async def main(pg_url: str, seconds: float) -> int:
     with own_database(pg_url) as url:
         token = prepare(url)
@@ -261,7 +304,10 @@ async def main(pg_url: str, seconds: float) -> int:
                 base = await load(floor, "/orders", token, clients, seconds)
                 rows.append((clients, mine, base))
                 print(f"  {clients} clients done", file=sys.stderr, flush=True)
+            open_mine = await offered(product, "/api/v1/production-orders", token, RATE, seconds)
+            open_base = await offered(floor, "/orders", token, RATE, seconds)
     print()
+    print(f"load average at the end (1, 5, 15 min): {load_average()}; {os.cpu_count()} cores")
     print(
         "| clients | API p50 ms | API p95 ms | API orders/s | floor p50 ms | floor p95 ms "
         "| floor orders/s | rate ratio |"
@@ -273,6 +319,12 @@ async def main(pg_url: str, seconds: float) -> int:
             f"| {base.p(0.5):.1f} | {base.p(0.95):.1f} | {base.rate:.0f} "
             f"| {mine.rate / base.rate:.2f}x |"
         )
+    print()
+    print(
+        f"offered load {RATE:g} orders/s (open loop): API p50 {open_mine.p(0.5):.1f} ms, "
+        f"p95 {open_mine.p(0.95):.1f} ms; floor p50 {open_base.p(0.5):.1f} ms, "
+        f"p95 {open_base.p(0.95):.1f} ms"
+    )
     one = rows[0][1]
     fifty = next(r for r in rows if r[0] == 50)
     ratio = fifty[1].rate / fifty[2].rate
@@ -285,8 +337,13 @@ async def main(pg_url: str, seconds: float) -> int:
         f"target: p95 at 1 client < 20 ms: {one.p(0.95):.1f} ms "
         f"{'met' if one.p(0.95) < 20 else 'NOT met'}"
     )
+    print(
+        f"target: p95 at {RATE:g} orders/s offered < 20 ms: {open_mine.p(0.95):.1f} ms "
+        f"{'met' if open_mine.p(0.95) < 20 else 'NOT met'}"
+    )
     print(f"rerun: uv run python bench/intake.py --seconds {seconds:g}")
     errors = sum(r[1].errors + r[2].errors for r in rows)
+    errors += open_mine.errors + open_base.errors
     if errors:
         print(f"{errors} POSTs were not answered 202", file=sys.stderr)
     return 1 if errors else 0

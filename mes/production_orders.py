@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated
@@ -198,6 +200,47 @@ def on_order_stored(wake: Callable[[], None]) -> Callable[[], None]:
     return lambda: _relay_wakers.discard(wake)
 
 
+#: SQLite has no row locks (``FOR UPDATE`` is left out): there this lock, held by the relay
+#: for a whole pass and by ``order_lock`` until the transaction ends, stands for them. The
+#: API and the relay then share one process (``mes demo``, ``mes dev``).
+START_LOCK = threading.Lock()
+
+
+@contextmanager
+def order_lock(session: Session) -> Iterator[None]:
+    """Around a transaction that reads an order with ``locked_order`` and acts on it in the
+    database because its workflow has not started: on SQLite, ``START_LOCK`` for the whole
+    block (commit inside it); on PostgreSQL nothing (the row lock is the lock)."""
+    if session.get_bind().dialect.name == "sqlite":
+        with START_LOCK:
+            yield
+    else:
+        yield
+
+
+def locked_order(
+    session: Session,
+    order_id: int | None = None,
+    number: str | None = None,
+    source: str | None = None,
+) -> OperationsRequest | None:
+    """The order by id or number (with ``source``: that ERP client's), its row locked until
+    the transaction ends (``FOR UPDATE``, waiting for the relay while it starts the order's
+    workflow), read afresh: after the lock, ``workflow_started_at`` says whether the order
+    is its workflow's to steer or still the database's alone."""
+    where = (
+        OperationsRequest.id == order_id
+        if order_id is not None
+        else OperationsRequest.external_id == number
+    )
+    return session.scalar(
+        select(OperationsRequest)
+        .where(_sent_by(source), where)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+
+
 def mark_workflow_started(session: Session, order_id: int) -> None:
     """Record that the order's workflow runs or ran (once: the first time is kept)."""
     session.execute(
@@ -301,9 +344,7 @@ def create_order(
         object_id=body.order_number,
         after=body.model_dump(mode="json") | {"state": order.state, "late": order.late},
     )
-    if session.get_bind().dialect.name == "postgresql":
-        # Delivered at commit, and only if it commits: the relays start the order at once.
-        session.execute(text(f"NOTIFY {START_CHANNEL}"))
+    _notify_relays(session)  # the relays start the order at once
     try:
         session.commit()
     except IntegrityError:
@@ -515,49 +556,72 @@ def list_orders(
 def set_order_state(
     session: Session, order_id: int, state: str, actor: str, reason: str | None
 ) -> None:
-    """Record a supervisor's change of a whole order's state (held, resumed)."""
-    order = session.get(OperationsRequest, order_id)
+    """Record a supervisor's change of a whole order's state (held, resumed), after its
+    work orders took the action."""
+    order = locked_order(session, order_id)
     if order is None:
         raise NotFound("production order", str(order_id))
     if order.state not in FINAL_STATES:
         execution.change_state(session, order, state, actor, reason)
-        session.commit()
-
-
-def cancel_unstarted(session: Session, order_id: int, actor: str, reason: str | None) -> None:
-    """Cancel an order whose workflow never started (stored while Temporal was away)."""
-    order = session.get(OperationsRequest, order_id)
-    if order is None:
-        raise NotFound("production order", str(order_id))
-    if order.state != RequestState.RELEASED:
-        raise Conflict(f"order {order.external_id} is {order.state}; it takes no cancel")
-    execution.change_state(session, order, RequestState.CANCELLED, actor, reason)
-    order.completed_at = utcnow()
     session.commit()
+
+
+def cancel_unstarted(session: Session, order_id: int, actor: str, reason: str | None) -> bool:
+    """Cancel the order in the database if its workflow has not started; False (nothing
+    done) when it has: then the cancel is its workflow's.
+
+    Under the order's lock (``order_lock``, ``locked_order``), so the relay cannot start
+    the workflow meanwhile; it later starts one that plans nothing and delivers the order's
+    ERP messages, the Cancelled one included (woken at commit)."""
+    with order_lock(session):
+        order = locked_order(session, order_id)
+        if order is None:
+            raise NotFound("production order", str(order_id))
+        if order.workflow_started_at is not None:
+            session.rollback()
+            return False
+        if order.state in FINAL_STATES:
+            raise Conflict(f"order {order.external_id} is {order.state}; it takes no cancel")
+        execution.change_state(session, order, RequestState.CANCELLED, actor, reason)
+        order.completed_at = utcnow()
+        _notify_relays(session)
+        session.commit()
+    wake_relays()
+    return True
+
+
+def _notify_relays(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        # Delivered at commit, and only if it commits.
+        session.execute(text(f"NOTIFY {START_CHANNEL}"))
 
 
 def set_order_priority(
     session: Session, order_id: int, priority: int, actor: str, reason: str | None
-) -> None:
-    """Record a new priority for a whole order (its open work orders change with it)."""
-    order = session.get(OperationsRequest, order_id)
-    if order is None:
-        raise NotFound("production order", str(order_id))
-    if order.priority == priority:
-        return
-    before = order.priority
-    order.priority = priority
-    audit.record(
-        session,
-        actor=actor,
-        action="operations_request.changed",
-        object_type="operations_request",
-        object_id=order.external_id,
-        before={"priority": before},
-        after={"priority": priority},
-        reason=reason,
-    )
-    session.commit()
+) -> bool:
+    """Record a new priority for a whole order; returns whether its workflow has started
+    (then its open work orders are the workflow's to change; before, the workflow plans them
+    with the new one). Under the order's lock (``locked_order``)."""
+    with order_lock(session):
+        order = locked_order(session, order_id)
+        if order is None:
+            raise NotFound("production order", str(order_id))
+        started = order.workflow_started_at is not None
+        if order.priority != priority:
+            before = order.priority
+            order.priority = priority
+            audit.record(
+                session,
+                actor=actor,
+                action="operations_request.changed",
+                object_type="operations_request",
+                object_id=order.external_id,
+                before={"priority": before},
+                after={"priority": priority},
+                reason=reason,
+            )
+        session.commit()
+    return started
 
 
 def check_order(session: Session, body: ProductionOrderIn, source: str | None = None) -> None:
@@ -598,7 +662,24 @@ def change_order(
     machine started a work order of it the change is refused with the reason, and nothing
     changes.
     """
-    order = _by_number(session, order_number, source)
+    with order_lock(session):
+        answer = _change_order(session, order_number, actor, quantity, due, priority, source)
+        session.commit()  # the lock goes with the transaction, changed or not
+    return answer
+
+
+def _change_order(
+    session: Session,
+    order_number: str,
+    actor: str,
+    quantity: Decimal | None,
+    due: datetime | None,
+    priority: int | None,
+    source: str | None,
+) -> tuple[bool, str | None]:
+    # Locked: a relay starting the workflow is waited for, and the workflow's planning
+    # (``execution.plan_order`` locks it too) comes before or after, not in between.
+    order = locked_order(session, number=order_number, source=source)
     if order is None:
         return False, f"unknown order {order_number}"
     jobs = [r.job_order for r in order.segment_requirements if r.job_order is not None]

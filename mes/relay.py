@@ -3,14 +3,15 @@
 ``accept_order`` stores an order and answers; the order's row, its
 ``workflow_started_at`` still empty, is the request to start its workflow (an outbox of
 one column). The relay, running beside every worker (``mes worker``, and so ``mes dev`` and
-``mes demo``), finds such orders (state not final) and starts them in batches, oldest
-first, a few at a time, and records each start. It runs when it is woken: by the
-``NOTIFY`` the accepting transaction sends on PostgreSQL (the relay ``LISTEN``\\ s on its own
-connection), by ``production_orders.wake_relays`` when the API runs in the same process,
-and every ``MES_RELAY_SECONDS`` in any case, which also covers a missed notification and a
-Temporal that was away (a failed pass is retried at that pace). Starting is idempotent on
-the workflow id, so relays in several workers may start the same order at once: one start
-wins, the others find it; each records the time once.
+``mes demo``), claims such orders and starts them in batches, oldest first, a few at a
+time, and records each start in the transaction that holds their row locks; whatever acts
+on an order not yet started in the database takes the same lock (``start_unstarted``).
+It runs when it is woken: by the ``NOTIFY`` the accepting transaction sends on PostgreSQL
+(the relay ``LISTEN``\\ s on its own connection), by ``production_orders.wake_relays``
+when the API runs in the same process, and every ``MES_RELAY_SECONDS`` in any case, which
+also covers a missed notification and a Temporal that was away (a failed pass is retried
+at that pace). Starting is idempotent on the workflow id, and relays in several workers
+skip the orders another has claimed.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import psycopg
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from mes.models import FINAL_STATES, OperationsRequest, utcnow
-from mes.production_orders import START_CHANNEL, on_order_stored
+from mes.models import OperationsRequest, utcnow
+from mes.production_orders import START_CHANNEL, START_LOCK, on_order_stored
 from mes.workflow_client import WorkflowClient
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,28 @@ BATCH = 100
 #: Starts in flight at once within a batch: enough to hide Temporal's round trip, few
 #: enough not to flood it (it takes what it can, the rest wait for the next pass).
 CONCURRENT_STARTS = 16
+#: How long one pass may spend starting its batch (it holds the orders' row locks, which a
+#: cancel of one of them waits for): a Temporal that hangs fails the pass, retried later.
+START_TIMEOUT_S = 10.0
 
 
-def unstarted_orders(
+def claim_unstarted(
     session: Session, grace: timedelta = GRACE, limit: int = BATCH
 ) -> list[tuple[int, str]]:
-    """(id, order number) of orders whose workflow is not known to be started, oldest first:
-    not in a final state, stored at least ``grace`` ago."""
+    """(id, order number) of orders whose workflow is not known to be started, oldest
+    first, stored at least ``grace`` ago; on PostgreSQL their rows stay locked until the
+    session's transaction ends, and rows another transaction holds (a relay, a cancel) are
+    skipped.
+
+    A final order among them was cancelled before it started: its workflow plans nothing
+    and only delivers the order's ERP messages (``execution.plan_order``)."""
     query = select(OperationsRequest.id, OperationsRequest.external_id).where(
-        OperationsRequest.workflow_started_at.is_(None),
-        OperationsRequest.state.not_in(FINAL_STATES),
+        OperationsRequest.workflow_started_at.is_(None)
     )
     if grace:
         query = query.where(OperationsRequest.created_at <= utcnow() - grace)
-    rows = session.execute(query.order_by(OperationsRequest.id).limit(limit)).all()
+    query = query.order_by(OperationsRequest.id).limit(limit).with_for_update(skip_locked=True)
+    rows = session.execute(query).all()
     return [(order_id, number) for order_id, number in rows]
 
 
@@ -63,7 +72,6 @@ def mark_started(session: Session, order_ids: list[int]) -> None:
         .values(workflow_started_at=utcnow())
         .execution_options(synchronize_session=False)
     )
-    session.commit()
 
 
 async def start_unstarted(
@@ -76,36 +84,59 @@ async def start_unstarted(
     """Start the workflow of every stored order that has none yet (up to ``limit``, oldest
     first) and record the starts; returns the order numbers started (or found started).
 
+    Claim, start and record are one transaction holding the orders' row locks
+    (``claim_unstarted``), so whatever acts on an unstarted order in the database (a cancel,
+    a change: ``production_orders.lock_order``) waits for it and then finds the order
+    started, or goes first and the relay finds the order as it left it. SQLite has no row
+    locks: there ``START_LOCK`` stands for them (the API and the relay share one process in
+    ``mes demo`` and ``mes dev``), held for the whole pass, and the claim's read transaction
+    is ended at once (a write after others wrote would fail on the stale snapshot).
+
     The oldest is started first and alone: when it fails (the engine is most likely away for
     all of them) its error is raised and nothing else is tried. The others then start
     ``CONCURRENT_STARTS`` at a time; those that started are recorded, and the first failure
     among the rest is raised after that.
     """
+    session = sessions()
+    sqlite = session.get_bind().dialect.name == "sqlite"
+    if sqlite:
+        await asyncio.to_thread(START_LOCK.acquire)
+    try:
 
-    def find() -> list[tuple[int, str]]:
-        with sessions() as s:
-            return unstarted_orders(s, grace, limit)
+        def claim() -> list[tuple[int, str]]:
+            orders = claim_unstarted(session, grace, limit)
+            if sqlite:
+                session.rollback()
+            return orders
 
-    def mark(order_ids: list[int]) -> None:
-        with sessions() as s:
-            mark_started(s, order_ids)
+        def mark(order_ids: list[int]) -> None:
+            mark_started(session, order_ids)
+            session.commit()
 
-    orders = await asyncio.to_thread(find)
-    if not orders:
-        return []
-    first_id, first = orders[0]
-    await workflows.start_order(first_id, first)
-    gate = asyncio.Semaphore(CONCURRENT_STARTS)
+        orders = await asyncio.to_thread(claim)
+        if not orders:
+            await asyncio.to_thread(session.rollback)
+            return []
+        gate = asyncio.Semaphore(CONCURRENT_STARTS)
 
-    async def start(order_id: int, number: str) -> None:
-        async with gate:
-            await workflows.start_order(order_id, number)
+        async def start(order_id: int, number: str) -> None:
+            async with gate:
+                await workflows.start_order(order_id, number)
 
-    results = await asyncio.gather(
-        *(start(order_id, number) for order_id, number in orders[1:]), return_exceptions=True
-    )
-    done = [orders[0]] + [o for o, r in zip(orders[1:], results, strict=True) if r is None]
-    await asyncio.to_thread(mark, [order_id for order_id, _ in done])
+        async with asyncio.timeout(START_TIMEOUT_S):
+            first_id, first = orders[0]
+            await workflows.start_order(first_id, first)
+            results = await asyncio.gather(
+                *(start(order_id, number) for order_id, number in orders[1:]),
+                return_exceptions=True,
+            )
+        done = [orders[0]] + [o for o, r in zip(orders[1:], results, strict=True) if r is None]
+        await asyncio.to_thread(mark, [order_id for order_id, _ in done])
+    finally:
+        # Uncommitted (a failed pass): rolled back, the locks released.
+        await asyncio.to_thread(session.close)
+        if sqlite:
+            START_LOCK.release()
     log.info("relay: started the workflows of %d orders", len(done))
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:

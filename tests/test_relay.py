@@ -30,7 +30,12 @@ from mes.db import make_engine, make_sessionmaker
 from mes.launch import free_port, load_plant
 from mes.migrate import upgrade
 from mes.models import OperationsRequest, RequestState
-from mes.production_orders import ProductionOrderIn, create_order, mark_workflow_started
+from mes.production_orders import (
+    ProductionOrderIn,
+    cancel_unstarted,
+    create_order,
+    mark_workflow_started,
+)
 from mes.relay import relay_running, run_relay, start_unstarted
 from mes.settings import Settings
 from mes.workflow_client import WorkflowClient
@@ -111,7 +116,11 @@ async def test_start_unstarted_starts_only_orders_without_a_workflow(
     await workflows.start_order(running_id, running)
     run_id = (await client.get_workflow_handle(order_workflow_id(running)).describe()).run_id
 
-    assert await start_unstarted(plant_sqlite, workflows, grace=NOW) == [waiting, running]
+    assert await start_unstarted(plant_sqlite, workflows, grace=NOW) == [
+        waiting,
+        cancelled,
+        running,
+    ]
     assert await _status(client, waiting) == WorkflowExecutionStatus.RUNNING
     assert _started_at(plant_sqlite, waiting) is not None
     # The one that ran already is the same run, now recorded.
@@ -120,9 +129,13 @@ async def test_start_unstarted_starts_only_orders_without_a_workflow(
     assert _started_at(plant_sqlite, running) is not None
     # Recorded as started: left alone (its workflow was never made here, and still is not).
     assert await _status(client, started) is None
-    # Cancelled before it ever started: never started, never recorded.
-    assert await _status(client, cancelled) is None
-    assert _started_at(plant_sqlite, cancelled) is None
+    # Cancelled before it ever started: its workflow is started only to deliver the ERP
+    # messages; it plans nothing.
+    assert await _status(client, cancelled) == WorkflowExecutionStatus.RUNNING
+    assert _started_at(plant_sqlite, cancelled) is not None
+    with plant_sqlite() as s:
+        assert execution.plan_order(s, cancelled_id) == []
+        assert s.get_one(OperationsRequest, cancelled_id).state == RequestState.CANCELLED
 
     # Nothing left to do; the times recorded stay as they were.
     first = _started_at(plant_sqlite, waiting)
@@ -290,5 +303,83 @@ async def test_the_relay_is_woken_by_postgresql_notify(
                     _, number = await asyncio.to_thread(_store, sessions)
                     assert await _until_started(sessions, number, 10) < 5
             assert await _status(temporal_env.client, number) == WorkflowExecutionStatus.RUNNING
+        finally:
+            engine.dispose()
+
+
+async def _cancel_waits_for_the_relay(
+    sessions: sessionmaker[Session],
+    workflows: WorkflowClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cancel of an order the relay is starting waits for the relay's lock, then finds the
+    order started (and leaves it to its workflow); a cancel that comes first cancels it in
+    the database, and its workflow then plans nothing."""
+    hold_s = 0.5
+    start = WorkflowClient.start_order
+    started = asyncio.Event()
+
+    async def slow_start(self: WorkflowClient, order_id: int, order_number: str) -> None:
+        await start(self, order_id, order_number)
+        started.set()
+        await asyncio.sleep(hold_s)  # started, not yet recorded: the old race's window
+
+    monkeypatch.setattr(WorkflowClient, "start_order", slow_start)
+    order_id, number = _store(sessions)
+    relay = asyncio.create_task(start_unstarted(sessions, workflows, grace=NOW))
+    await asyncio.wait_for(started.wait(), 10)
+
+    def cancel(order_id: int) -> tuple[bool, float]:
+        t0 = time.perf_counter()
+        with sessions() as s:
+            done = cancel_unstarted(s, order_id, "supervisor", "at once")
+        return done, time.perf_counter() - t0
+
+    cancelled, waited_s = await asyncio.to_thread(cancel, order_id)
+    assert await relay == [number]
+    assert not cancelled  # the workflow's now
+    assert waited_s > hold_s / 2, waited_s
+    assert _started_at(sessions, number) is not None
+    with sessions() as s:
+        assert s.get_one(OperationsRequest, order_id).state == RequestState.RELEASED
+
+    # The cancel first: Cancelled in the database; the relay's workflow plans nothing.
+    order_id, number = _store(sessions)
+    cancelled, _ = await asyncio.to_thread(cancel, order_id)
+    assert cancelled
+    assert await start_unstarted(sessions, workflows, grace=NOW) == [number]
+    with sessions() as s:
+        assert execution.plan_order(s, order_id) == []
+        order = s.get_one(OperationsRequest, order_id)
+        assert order.state == RequestState.CANCELLED
+        assert all(r.job_order is None for r in order.segment_requirements)
+
+
+async def test_a_cancel_waits_for_the_relay_starting_the_order_sqlite(
+    plant_sqlite: sessionmaker[Session],
+    temporal_env: WorkflowEnvironment,
+    queue: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = Settings(database_url="sqlite://", task_queue=queue)
+    await _cancel_waits_for_the_relay(
+        plant_sqlite, WorkflowClient(settings, temporal_env.client), monkeypatch
+    )
+
+
+@pytest.mark.postgres
+async def test_a_cancel_waits_for_the_relay_starting_the_order_postgresql(
+    temporal_env: WorkflowEnvironment, queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(database_url="sqlite://", task_queue=queue)
+    for url in fresh_pg_database("mes_relay"):
+        upgrade(url)
+        engine = make_engine(url)
+        sessions = make_sessionmaker(engine)
+        try:
+            load_plant(sessions, None, "opc.tcp://127.0.0.1:4840/")
+            await _cancel_waits_for_the_relay(
+                sessions, WorkflowClient(settings, temporal_env.client), monkeypatch
+            )
         finally:
             engine.dispose()
