@@ -46,6 +46,7 @@ from mes.launch import free_port
 
 LEVELS = (1, 8, 50)
 RATE = 50.0  # orders/s offered in the open-loop run
+ORDERS = "/api/v1/production-orders"
 PRODUCTS = ("BREAD-WHITE", "ROLL-6PK")
 HERE = Path(__file__).resolve()
 
@@ -174,9 +175,30 @@ def prepare(url: str) -> str:
             return create_token(s, "erp-bench", "erp")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Server:
+    base: str
+    pid: int
+
+
+async def measured(server: Server, run: Any) -> Result:
+    """``run`` (a coroutine giving a ``Result``) with the server's CPU time over it: on a
+    shared machine the steadier figure of the two (wall time waits for other processes)."""
+    before = cpu_seconds(server.pid)
+    result: Result = await run
+    result.cpu_s = cpu_seconds(server.pid) - before
+    return result
+
+
 @contextlib.asynccontextmanager
-async def server(role: str, url: str) -> AsyncIterator[str]:
-    """``serve_<role>`` in a child process; yields its base URL once it answers."""
+async def server(role: str, url: str) -> AsyncIterator[Server]:
+    """``serve_<role>`` in a child process; yields it once it answers."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(HERE), "--serve", role, "--url", url, "--port", str(port)
@@ -191,7 +213,7 @@ async def server(role: str, url: str) -> AsyncIterator[str]:
                     await http.get(f"{base}/health", timeout=1)
                     break
                 await asyncio.sleep(0.1)
-        yield base
+        yield Server(base, proc.pid)
     finally:
         proc.terminate()
         await proc.wait()
@@ -205,6 +227,12 @@ class Result:
     latencies: list[float]
     seconds: float
     errors: int
+    posts: int = 0  # every POST of the run, the warm-up's too
+    cpu_s: float = 0.0  # the server process's CPU time (user + system) over the run
+
+    @property
+    def cpu_ms_per_order(self) -> float:
+        return 1000 * self.cpu_s / max(self.posts, 1)
 
     @property
     def rate(self) -> float:
@@ -231,15 +259,16 @@ async def load(base: str, path: str, token: str, clients: int, seconds: float) -
     headers = {"Authorization": f"Bearer {token}"}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     latencies: list[float] = []
-    errors = 0
+    errors = posts = 0
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as http:
 
         async def one_client(k: int, until: float, record: bool) -> None:
-            nonlocal errors
+            nonlocal errors, posts
             n = k
             while time.perf_counter() < until:
                 t = time.perf_counter()
                 r = await http.post(path, json=order_body(n))
+                posts += 1
                 if r.status_code != 202:
                     errors += 1
                     print(f"  {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
@@ -252,7 +281,7 @@ async def load(base: str, path: str, token: str, clients: int, seconds: float) -
         start = time.perf_counter()
         await asyncio.gather(*(one_client(k, start + seconds, True) for k in range(clients)))
         elapsed = time.perf_counter() - start
-    return Result(latencies, elapsed, errors)
+    return Result(latencies, elapsed, errors, posts)
 
 
 async def offered(base: str, path: str, token: str, per_s: float, seconds: float) -> Result:
@@ -261,12 +290,13 @@ async def offered(base: str, path: str, token: str, per_s: float, seconds: float
     behind shows it in the latencies rather than slowing the senders."""
     headers = {"Authorization": f"Bearer {token}"}
     latencies: list[float] = []
-    errors = 0
+    errors = posts = 0
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60) as http:
 
         async def one(n: int, planned: float, record: bool) -> None:
-            nonlocal errors
+            nonlocal errors, posts
             r = await http.post(path, json=order_body(n))
+            posts += 1
             if r.status_code != 202:
                 errors += 1
                 print(f"  {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
@@ -286,7 +316,7 @@ async def offered(base: str, path: str, token: str, per_s: float, seconds: float
 
         await run(1.0, False)
         elapsed = await run(seconds, True)
-    return Result(latencies, elapsed, errors)
+    return Result(latencies, elapsed, errors, posts)
 
 
 def load_average() -> str:
@@ -300,30 +330,32 @@ async def main(pg_url: str, seconds: float) -> int:
         rows: list[tuple[int, Result, Result]] = []
         async with server("product", url) as product, server("floor", url) as floor:
             for clients in LEVELS:
-                mine = await load(product, "/api/v1/production-orders", token, clients, seconds)
-                base = await load(floor, "/orders", token, clients, seconds)
+                mine = await measured(product, load(product.base, ORDERS, token, clients, seconds))
+                base = await measured(floor, load(floor.base, "/orders", token, clients, seconds))
                 rows.append((clients, mine, base))
                 print(f"  {clients} clients done", file=sys.stderr, flush=True)
-            open_mine = await offered(product, "/api/v1/production-orders", token, RATE, seconds)
-            open_base = await offered(floor, "/orders", token, RATE, seconds)
+            open_mine = await measured(product, offered(product.base, ORDERS, token, RATE, seconds))
+            open_base = await measured(floor, offered(floor.base, "/orders", token, RATE, seconds))
     print()
     print(f"load average at the end (1, 5, 15 min): {load_average()}; {os.cpu_count()} cores")
     print(
-        "| clients | API p50 ms | API p95 ms | API orders/s | floor p50 ms | floor p95 ms "
-        "| floor orders/s | rate ratio |"
+        "| clients | API p50 ms | API p95 ms | API orders/s | API CPU ms/order "
+        "| floor p50 ms | floor p95 ms | floor orders/s | floor CPU ms/order | rate ratio |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for clients, mine, base in rows:
         print(
             f"| {clients} | {mine.p(0.5):.1f} | {mine.p(0.95):.1f} | {mine.rate:.0f} "
+            f"| {mine.cpu_ms_per_order:.1f} "
             f"| {base.p(0.5):.1f} | {base.p(0.95):.1f} | {base.rate:.0f} "
-            f"| {mine.rate / base.rate:.2f}x |"
+            f"| {base.cpu_ms_per_order:.1f} | {mine.rate / base.rate:.2f}x |"
         )
     print()
     print(
         f"offered load {RATE:g} orders/s (open loop): API p50 {open_mine.p(0.5):.1f} ms, "
-        f"p95 {open_mine.p(0.95):.1f} ms; floor p50 {open_base.p(0.5):.1f} ms, "
-        f"p95 {open_base.p(0.95):.1f} ms"
+        f"p95 {open_mine.p(0.95):.1f} ms, CPU {open_mine.cpu_ms_per_order:.1f} ms/order; "
+        f"floor p50 {open_base.p(0.5):.1f} ms, p95 {open_base.p(0.95):.1f} ms, "
+        f"CPU {open_base.cpu_ms_per_order:.1f} ms/order"
     )
     one = rows[0][1]
     fifty = next(r for r in rows if r[0] == 50)
