@@ -23,10 +23,10 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 import psycopg
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, exists, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from mes.models import OperationsRequest, utcnow
+from mes.models import FINAL_STATES, ErpMessage, OperationsRequest, utcnow
 from mes.production_orders import START_CHANNEL, START_LOCK, on_order_stored
 from mes.workflow_client import WorkflowClient
 
@@ -52,10 +52,17 @@ def claim_unstarted(
     session's transaction ends, and rows another transaction holds (a relay, a cancel) are
     skipped.
 
-    A final order among them was cancelled before it started: its workflow plans nothing
-    and only delivers the order's ERP messages (``execution.plan_order``)."""
+    A final order is taken only while it has ERP messages to deliver (one cancelled before
+    its workflow started): its workflow plans nothing and only delivers them
+    (``execution.plan_order``); one with nothing to deliver is left alone."""
+    undelivered = exists().where(
+        ErpMessage.operations_request_id == OperationsRequest.id,
+        ErpMessage.delivered_at.is_(None),
+        ErpMessage.rejected_at.is_(None),
+    )
     query = select(OperationsRequest.id, OperationsRequest.external_id).where(
-        OperationsRequest.workflow_started_at.is_(None)
+        OperationsRequest.workflow_started_at.is_(None),
+        OperationsRequest.state.not_in(FINAL_STATES) | undelivered,
     )
     if grace:
         query = query.where(OperationsRequest.created_at <= utcnow() - grace)
@@ -100,7 +107,10 @@ async def start_unstarted(
     session = sessions()
     sqlite = session.get_bind().dialect.name == "sqlite"
     if sqlite:
-        await asyncio.to_thread(START_LOCK.acquire)
+        # Polled, not waited for in a thread: a pass cancelled while waiting must not take
+        # the lock afterwards and keep it.
+        while not START_LOCK.acquire(blocking=False):  # noqa: ASYNC110 (a thread lock)
+            await asyncio.sleep(0.01)
     try:
 
         def claim() -> list[tuple[int, str]]:

@@ -26,8 +26,9 @@ from temporalio.testing import WorkflowEnvironment
 from mes import execution
 from mes.api.app import create_app
 from mes.auth import create_token
+from mes.callbacks import LOOPBACK, CallbackPolicy
 from mes.db import make_engine, make_sessionmaker
-from mes.launch import free_port, load_plant
+from mes.launch import free_port, load_plant, point_erp_client
 from mes.migrate import upgrade
 from mes.models import OperationsRequest, RequestState
 from mes.production_orders import (
@@ -68,9 +69,9 @@ def _body(number: str | None = None) -> ProductionOrderIn:
     )
 
 
-def _store(sessions: sessionmaker[Session]) -> tuple[int, str]:
+def _store(sessions: sessionmaker[Session], source: str | None = None) -> tuple[int, str]:
     with sessions() as s:
-        order, created = create_order(s, _body())
+        order, created = create_order(s, _body(), source=source)
     assert created
     return order.id, order.external_id
 
@@ -116,11 +117,7 @@ async def test_start_unstarted_starts_only_orders_without_a_workflow(
     await workflows.start_order(running_id, running)
     run_id = (await client.get_workflow_handle(order_workflow_id(running)).describe()).run_id
 
-    assert await start_unstarted(plant_sqlite, workflows, grace=NOW) == [
-        waiting,
-        cancelled,
-        running,
-    ]
+    assert await start_unstarted(plant_sqlite, workflows, grace=NOW) == [waiting, running]
     assert await _status(client, waiting) == WorkflowExecutionStatus.RUNNING
     assert _started_at(plant_sqlite, waiting) is not None
     # The one that ran already is the same run, now recorded.
@@ -129,10 +126,10 @@ async def test_start_unstarted_starts_only_orders_without_a_workflow(
     assert _started_at(plant_sqlite, running) is not None
     # Recorded as started: left alone (its workflow was never made here, and still is not).
     assert await _status(client, started) is None
-    # Cancelled before it ever started: its workflow is started only to deliver the ERP
-    # messages; it plans nothing.
-    assert await _status(client, cancelled) == WorkflowExecutionStatus.RUNNING
-    assert _started_at(plant_sqlite, cancelled) is not None
+    # Cancelled before it ever started, with no ERP message to deliver (no ERP client):
+    # never started, never recorded; a workflow started for it would plan nothing.
+    assert await _status(client, cancelled) is None
+    assert _started_at(plant_sqlite, cancelled) is None
     with plant_sqlite() as s:
         assert execution.plan_order(s, cancelled_id) == []
         assert s.get_one(OperationsRequest, cancelled_id).state == RequestState.CANCELLED
@@ -343,8 +340,12 @@ async def _cancel_waits_for_the_relay(
     with sessions() as s:
         assert s.get_one(OperationsRequest, order_id).state == RequestState.RELEASED
 
-    # The cancel first: Cancelled in the database; the relay's workflow plans nothing.
-    order_id, number = _store(sessions)
+    # The cancel first: Cancelled in the database. Its ERP message (Cancelled) is not
+    # delivered yet, so the relay starts its workflow, which plans nothing and delivers it.
+    point_erp_client(
+        sessions, "erp-relay", "http://127.0.0.1:9/cb", "json", CallbackPolicy.allowing(LOOPBACK)
+    )
+    order_id, number = _store(sessions, source="erp-relay")
     cancelled, _ = await asyncio.to_thread(cancel, order_id)
     assert cancelled
     assert await start_unstarted(sessions, workflows, grace=NOW) == [number]
