@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event, inspect, select, update
+from sqlalchemy import bindparam, event, insert, inspect, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from mes import quantities
@@ -207,23 +207,45 @@ def _chain_pending(session: Session) -> None:
     pending: list[AuditEvent] = session.info.pop(_PENDING, [])
     if not pending:
         return
-    seq, prev = session.execute(
+    connection = session.connection()
+    seq, prev = connection.execute(
         update(AuditChainHead)
         .where(AuditChainHead.id == 1)
         .values(seq=AuditChainHead.seq)
         .returning(AuditChainHead.seq, AuditChainHead.last_hash)
     ).one()
+    rows = []
     for ev in pending:
         seq += 1
         ev.seq = seq
         ev.prev_hash = prev
         ev.hash = prev = event_hash(ev, prev)
-        session.add(ev)
+        rows.append({c: getattr(ev, c) for c in _EVENT_COLUMNS})
     # The events exist before the head moves to the newest of them: its trigger checks that.
-    session.flush()
-    session.execute(
-        update(AuditChainHead).where(AuditChainHead.id == 1).values(seq=seq, last_hash=prev)
-    )
+    # Written as rows, not through the unit of work: nothing reads them back in this session.
+    connection.execute(_INSERT_EVENTS, rows)
+    connection.execute(_MOVE_HEAD, {"new_seq": seq, "new_hash": prev})
+
+
+_EVENT_COLUMNS = (
+    "seq",
+    "occurred_at",
+    "actor",
+    "action",
+    "object_type",
+    "object_id",
+    "before",
+    "after",
+    "reason",
+    "prev_hash",
+    "hash",
+)
+_INSERT_EVENTS = insert(AuditEvent)
+_MOVE_HEAD = (
+    update(AuditChainHead)
+    .where(AuditChainHead.id == 1)
+    .values(seq=bindparam("new_seq"), last_hash=bindparam("new_hash"))
+)
 
 
 def _drop_pending(session: Session, _previous: object) -> None:

@@ -75,11 +75,16 @@ def plan_order(session: Session, order_id: int) -> list[str]:
     """Create one job order per routing step (state Waiting), each on a capable work unit.
 
     The work unit is the one of the work master's equipment with the fewest open job orders
-    (ties: the first listed). Returns the JobOrderIDs in routing order.
+    (ties: the first listed). Returns the JobOrderIDs in routing order; none for an order
+    already final (cancelled before its workflow started: the workflow only reports it).
+    The order's row is locked (``FOR UPDATE``), so a change by the ERP comes before or
+    after the planning, never in between.
     """
     order = session.get_one(
         OperationsRequest,
         order_id,
+        with_for_update=True,
+        populate_existing=True,
         options=[
             selectinload(OperationsRequest.segment_requirements).options(
                 selectinload(SegmentRequirement.job_order),
@@ -90,6 +95,9 @@ def plan_order(session: Session, order_id: int) -> list[str]:
         ],
     )
     ids: list[str] = []
+    if order.state in FINAL_STATES:
+        session.commit()
+        return ids
     for req in order.segment_requirements:
         if req.job_order is not None:
             ids.append(req.job_order.external_id)

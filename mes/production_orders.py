@@ -5,9 +5,9 @@ order (a retried post), with another body a conflict. Each order belongs to the 
 that sent it (``source``, its token's name): reading and changing take that client as
 ``source`` and treat another's order as unknown; a number another client took is a conflict
 that says nothing of the other's order. Accepting an order stores the request
-and one segment requirement per routing step in one transaction; the API then starts the
-order's workflow, whose id is derived from the same number, and records that it did
-(``workflow_started_at``; an order without it is started by ``mes.relay``).
+and one segment requirement per routing step in one transaction and answers; the order's
+workflow, whose id is derived from the same number, is started by ``mes.relay``, which
+records that it did (``workflow_started_at``).
 """
 
 from __future__ import annotations
@@ -15,25 +15,34 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import ColumnElement, select, true, update
+from sqlalchemy import ColumnElement, Row, func, insert, select, text, true, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, contains_eager, joinedload, selectinload
 
-from mes import audit, execution, units
+from mes import audit, execution, reporting, units
 from mes.erp_segments import ErpOrderData, ErpSegmentData, apply_plans, plan_segments
 from mes.errors import Conflict, DomainError, NotFound, invalid
 from mes.models import (
     FINAL_STATES,
+    ErpClient,
+    ErpMessage,
     JobOrder,
     MaterialDefinition,
     MaterialUse,
     OperationsDefinition,
+    OperationsMaterialSpec,
     OperationsRequest,
+    OperationsSegment,
+    ProcessSegment,
     RequestState,
     SegmentRequirement,
     utcnow,
@@ -44,7 +53,6 @@ from workflows.types import order_workflow_id
 
 if TYPE_CHECKING:  # the workflow client imports the workflows, which import this module
     from mes.db import Database
-    from mes.workflow_client import WorkflowClient
 
 log = logging.getLogger(__name__)
 
@@ -155,38 +163,91 @@ class ProductionOrderOut(BaseModel):
 
 
 async def accept_order(
-    db: Database, workflows: WorkflowClient, body: ProductionOrderIn, actor: str, source: str
+    db: Database, body: ProductionOrderIn, actor: str, source: str
 ) -> tuple[ProductionOrderOut, bool]:
-    """Accept an ERP's production order: store it, then start its workflow.
+    """Accept an ERP's production order: store it, in one short transaction, and answer.
 
     The one way in for the JSON and the B2MML routes. Returns the order and whether it is
-    new; the same order posted again is found (and its workflow started if it was not
-    recorded as started).
-    A workflow engine that cannot be reached leaves the order stored and answers 503; the
-    relay (``mes.relay``, in every worker) starts it once the engine answers again, and the
-    ERP may post it again too.
+    new; the same order posted again is found as it stands now. Nothing here waits for the
+    workflow engine: the stored order, its ``workflow_started_at`` still empty, is the
+    request to start its workflow, which the relay (``mes.relay``, beside every worker)
+    carries out; the transaction wakes it (``NOTIFY`` on PostgreSQL, and ``wake_relays``
+    for a relay in this process).
     """
 
-    def store(s: Session) -> tuple[ProductionOrderOut, bool, bool]:
+    def store(s: Session) -> tuple[ProductionOrderOut, bool]:
+        if not isinstance(body, ErpProductionOrderIn):
+            return insert_order(s, body, actor, source)
         order, created = create_order(s, body, actor, source)
-        return order_out(s, get_order(s, order.id)), created, order.workflow_started_at is not None
+        if created:  # just written: no job orders, no lots yet, nothing to read back
+            return new_order_out(order), True
+        return order_out(s, get_order(s, order.id)), False
 
-    out, created, started = await db.run(store)
-    if started:  # posted again: its workflow runs or ran, whether Temporal answers now or not
-        return out, created
-    try:
-        await workflows.start_order(out.id, out.order_number)
-    except Exception as e:
-        log.exception("could not start workflow %s", out.workflow_id)
-        raise DomainError(
-            title="Workflow engine unavailable",
-            detail=f"order {out.order_number} is stored but could not be started yet; "
-            "the MES starts it as soon as the workflow engine answers (posting the same "
-            "order again is harmless)",
-            status=503,
-        ) from e
-    await db.run(lambda s: mark_workflow_started(s, out.id))
+    out, created = await db.run(store)
+    if created:
+        wake_relays()
     return out, created
+
+
+#: The PostgreSQL channel an accepted order is announced on (at commit, by a trigger on
+#: ``operations_request``: migration 0016); relays listen.
+START_CHANNEL = "mes_order_start"
+_relay_wakers: set[Callable[[], None]] = set()
+
+
+def wake_relays() -> None:
+    """Wake the relays of this process (the API and the worker in one process, as ``mes
+    dev`` and ``mes demo`` run them): an order waits for its start."""
+    for wake in list(_relay_wakers):
+        wake()
+
+
+def on_order_stored(wake: Callable[[], None]) -> Callable[[], None]:
+    """Call ``wake`` (thread-safe, quick) whenever this process stores a new order; returns
+    the function that stops it."""
+    _relay_wakers.add(wake)
+    return lambda: _relay_wakers.discard(wake)
+
+
+#: SQLite has no row locks (``FOR UPDATE`` is left out): there this lock, held by the relay
+#: for a whole pass and by ``order_lock`` until the transaction ends, stands for them. The
+#: API and the relay then share one process (``mes demo``, ``mes dev``).
+START_LOCK = threading.Lock()
+
+
+@contextmanager
+def order_lock(session: Session) -> Iterator[None]:
+    """Around a transaction that reads an order with ``locked_order`` and acts on it in the
+    database because its workflow has not started: on SQLite, ``START_LOCK`` for the whole
+    block (commit inside it); on PostgreSQL nothing (the row lock is the lock)."""
+    if session.get_bind().dialect.name == "sqlite":
+        with START_LOCK:
+            yield
+    else:
+        yield
+
+
+def locked_order(
+    session: Session,
+    order_id: int | None = None,
+    number: str | None = None,
+    source: str | None = None,
+) -> OperationsRequest | None:
+    """The order by id or number (with ``source``: that ERP client's), its row locked until
+    the transaction ends (``FOR UPDATE``, waiting for the relay while it starts the order's
+    workflow), read afresh: after the lock, ``workflow_started_at`` says whether the order
+    is its workflow's to steer or still the database's alone."""
+    where = (
+        OperationsRequest.id == order_id
+        if order_id is not None
+        else OperationsRequest.external_id == number
+    )
+    return session.scalar(
+        select(OperationsRequest)
+        .where(_sent_by(source), where)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
 
 
 def mark_workflow_started(session: Session, order_id: int) -> None:
@@ -214,24 +275,74 @@ def create_order(
     its routing or the unit do not fit.
     """
     fingerprint = body.fingerprint()
-    existing = _by_number(session, body.order_number)
-    if existing is not None:
+    try:
+        order = _new_order(session, body, fingerprint, source)
+    except DomainError:
+        # The same order posted before is found as it was accepted, whatever its product or
+        # routing became since; and a number taken by another order is a conflict first.
+        existing = _by_number(session, body.order_number)
+        if existing is None:
+            raise
         return _same_or_conflict(existing, fingerprint, source), False
+    session.add(order)
+    audit.record(
+        session,
+        actor=actor,
+        action="order.created",
+        object_type="operations_request",
+        object_id=body.order_number,
+        after=body.model_dump(mode="json") | {"state": order.state, "late": order.late},
+    )
+    try:
+        # A number already taken fails here (its unique key): no read before the write.
+        session.commit()
+    except IntegrityError:
+        # Posted before (a retry), or by another request between our read and our write.
+        session.rollback()
+        existing = _by_number(session, body.order_number)
+        if existing is None:
+            raise
+        return _same_or_conflict(existing, fingerprint, source), False
+    return order, True
+
+
+def _new_order(
+    session: Session, body: ProductionOrderIn, fingerprint: str, source: str | None
+) -> OperationsRequest:
+    """The new order with its segment requirements, not yet added; a 422 ``DomainError``
+    naming the field when the product, its routing, the unit or the ERP's segments do not
+    fit."""
     erp = body.erp if isinstance(body, ErpProductionOrderIn) else None
 
-    product = session.scalar(
-        select(MaterialDefinition).where(MaterialDefinition.external_id == body.product)
+    # The product, its routing, each step's materials and process segment (which the ERP's
+    # first report names): one statement.
+    routing = (
+        session.execute(
+            select(OperationsDefinition)
+            .join(OperationsDefinition.product)
+            .where(MaterialDefinition.external_id == body.product)
+            .options(
+                contains_eager(OperationsDefinition.product),
+                joinedload(OperationsDefinition.segments).options(
+                    joinedload(OperationsSegment.materials),
+                    joinedload(OperationsSegment.process_segment),
+                ),
+            )
+            .order_by(OperationsDefinition.id)
+            .limit(1)
+        )
+        .unique()
+        .scalar_one_or_none()
     )
-    if product is None:
-        raise invalid("product", f"unknown product {body.product!r}")
-    routing = session.scalar(
-        select(OperationsDefinition)
-        .where(OperationsDefinition.material_definition_id == product.id)
-        .options(selectinload(OperationsDefinition.segments))
-        .order_by(OperationsDefinition.id)
-    )
+    if routing is None:
+        known = session.scalar(
+            select(MaterialDefinition.id).where(MaterialDefinition.external_id == body.product)
+        )
+        if known is None:
+            raise invalid("product", f"unknown product {body.product!r}")
     if routing is None or not routing.segments:
         raise invalid("product", f"product {body.product!r} has no routing")
+    product = routing.product
     quantity = in_product_unit(body, product)
 
     now = utcnow()
@@ -267,25 +378,203 @@ def create_order(
         )
     if erp is not None:
         apply_segment_data(session, order, erp.segments)
-    session.add(order)
+    return order
+
+
+@dataclass(frozen=True)
+class _Step:
+    segment_id: int
+    sequence: int
+    segment: str  # the operations segment's id
+    process_segment: str | None
+    per_unit: Decimal | None  # of the material the step produces (None: it names none)
+    unit: str | None  # of that material
+
+
+def _routing_steps(
+    session: Session, product: str, source: str | None
+) -> tuple[Row[Any] | None, list[_Step], str | None]:
+    """The product's routing (its first) with the product, its steps in order with what each
+    produces, and the format of ERP client ``source`` (None: no such client): one statement,
+    rows not objects."""
+    routing, made = aliased(OperationsDefinition), aliased(MaterialDefinition)
+    first_routing = (
+        select(func.min(routing.id))
+        .join(made, made.id == routing.material_definition_id)
+        .where(made.external_id == product)
+        .scalar_subquery()
+    )
+
+    def produced(column: Any) -> Any:
+        # What the step makes (its first produced material): a correlated subquery, as
+        # SQLite has no LATERAL.
+        return (
+            select(column)
+            .where(
+                OperationsMaterialSpec.operations_segment_id == OperationsSegment.id,
+                OperationsMaterialSpec.use == MaterialUse.PRODUCED,
+            )
+            .order_by(OperationsMaterialSpec.id)
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    rows = session.execute(
+        select(
+            MaterialDefinition.id.label("product_id"),
+            MaterialDefinition.unit.label("product_unit"),
+            OperationsDefinition.id.label("routing_id"),
+            OperationsDefinition.external_id.label("routing"),
+            OperationsSegment.id.label("segment_id"),
+            OperationsSegment.sequence,
+            OperationsSegment.external_id.label("segment"),
+            ProcessSegment.external_id.label("process_segment"),
+            produced(OperationsMaterialSpec.quantity).label("quantity"),
+            produced(OperationsMaterialSpec.unit).label("unit"),
+            select(ErpClient.format).where(ErpClient.name == source).scalar_subquery(),
+        )
+        .select_from(MaterialDefinition)
+        .outerjoin(
+            OperationsDefinition,
+            (OperationsDefinition.material_definition_id == MaterialDefinition.id)
+            & (OperationsDefinition.id == first_routing),
+        )
+        .outerjoin(
+            OperationsSegment,
+            OperationsSegment.operations_definition_id == OperationsDefinition.id,
+        )
+        .outerjoin(ProcessSegment, ProcessSegment.id == OperationsSegment.process_segment_id)
+        .where(MaterialDefinition.external_id == product)
+        .order_by(OperationsSegment.sequence)
+    ).all()
+    if not rows:
+        return None, [], None
+    steps = [
+        _Step(r.segment_id, r.sequence, r.segment, r.process_segment, r.quantity, r.unit)
+        for r in rows
+        if r.segment_id is not None
+    ]
+    return rows[0], steps, rows[0][-1]
+
+
+def insert_order(
+    session: Session, body: ProductionOrderIn, actor: str, source: str | None
+) -> tuple[ProductionOrderOut, bool]:
+    """``create_order`` for an order without ERP segment data (the JSON route), in rows
+    rather than objects: the same rows, audit event and ERP message, for a fraction of the
+    CPU (the unit of work and the loading of the routing as objects cost more than the
+    statements). Returns the order's view and whether it is new."""
+    fingerprint = body.fingerprint()
+    try:
+        head, steps, fmt = _routing_steps(session, body.product, source)
+        if head is None:
+            raise invalid("product", f"unknown product {body.product!r}")
+        if head.routing_id is None or not steps:
+            raise invalid("product", f"product {body.product!r} has no routing")
+        f = units.factor(body.unit, head.product_unit)
+        if f is None:
+            raise invalid("unit", f"product {body.product!r} is made in {head.product_unit!r}")
+    except DomainError:
+        existing = _by_number(session, body.order_number)
+        if existing is None:
+            raise
+        return _existing_out(session, _same_or_conflict(existing, fingerprint, source)), False
+    quantity = exact(body.quantity if f == 1 else body.quantity * f)
+    now = utcnow()
+    order = {
+        "external_id": body.order_number,
+        "operations_definition_id": head.routing_id,
+        "material_definition_id": head.product_id,
+        "source": source,
+        "quantity": quantity,
+        "unit": head.product_unit,
+        "erp_schedule_id": None,
+        "priority": body.priority,
+        "due": body.due,
+        "customer_order": body.customer_order,
+        "state": RequestState.RELEASED,
+        # A due date already past is accepted (the ERP knows best) but flagged from the start.
+        "late": body.due < now,
+        "request_hash": fingerprint,
+        "workflow_id": order_workflow_id(body.order_number),
+        "created_at": now,
+    }
+    connection = session.connection()
+    try:
+        # A number already taken fails here (its unique key): no read before the write.
+        order_id: int = connection.execute(_INSERT_ORDER, order).scalar_one()
+    except IntegrityError:
+        session.rollback()
+        existing = _by_number(session, body.order_number)
+        if existing is None:
+            raise
+        return _existing_out(session, _same_or_conflict(existing, fingerprint, source)), False
+    connection.execute(
+        _INSERT_STEPS,
+        [
+            {
+                "operations_request_id": order_id,
+                "operations_segment_id": step.segment_id,
+                "sequence": step.sequence,
+                "quantity": exact(
+                    (step.per_unit if step.per_unit is not None else Decimal(1)) * quantity
+                ),
+                "unit": step.unit if step.per_unit is not None else head.product_unit,
+                "state": RequestState.WAITING,
+            }
+            for step in steps
+        ],
+    )
+    if source is not None and fmt is not None:
+        message = reporting.released_message(
+            order_id,
+            body.order_number,
+            head.routing,
+            [(step.sequence, step.process_segment or step.segment, step.segment) for step in steps],
+            source,
+            fmt,
+        )
+        connection.execute(_INSERT_MESSAGE, message)
     audit.record(
         session,
         actor=actor,
         action="order.created",
         object_type="operations_request",
         object_id=body.order_number,
-        after=body.model_dump(mode="json") | {"state": order.state, "late": order.late},
+        after=body.model_dump(mode="json") | {"state": order["state"], "late": order["late"]},
     )
-    try:
-        session.commit()
-    except IntegrityError:
-        # Another request stored the same number between our read and our write.
-        session.rollback()
-        existing = _by_number(session, body.order_number)
-        if existing is None:
-            raise
-        return _same_or_conflict(existing, fingerprint, source), False
-    return order, True
+    session.commit()
+    return (
+        ProductionOrderOut(
+            id=order_id,
+            order_number=body.order_number,
+            product=body.product,
+            quantity=quantity,
+            unit=head.product_unit,
+            priority=body.priority,
+            due=body.due,
+            customer_order=body.customer_order,
+            state=RequestState.RELEASED,
+            late=order["late"],
+            created_at=now,
+            started_at=None,
+            completed_at=None,
+            workflow_id=order["workflow_id"],
+            links={"self": f"/api/v1/production-orders/{order_id}"},
+            job_orders=[],
+            produced_lots=[],
+        ),
+        True,
+    )
+
+
+_INSERT_ORDER = insert(OperationsRequest).returning(OperationsRequest.id)
+_INSERT_STEPS = insert(SegmentRequirement)
+_INSERT_MESSAGE = insert(ErpMessage)
+
+
+def _existing_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
+    return order_out(session, get_order(session, order.id))
 
 
 def apply_segment_data(
@@ -382,6 +671,29 @@ def get_order(session: Session, order_id: int, source: str | None = None) -> Ope
     return order
 
 
+def new_order_out(order: OperationsRequest) -> ProductionOrderOut:
+    """The API view of an order just stored: no job orders and no lots yet."""
+    return ProductionOrderOut(
+        id=order.id,
+        order_number=order.external_id,
+        product=order.product.external_id,
+        quantity=order.quantity,
+        unit=order.unit,
+        priority=order.priority,
+        due=order.due,
+        customer_order=order.customer_order,
+        state=order.state,
+        late=order.late,
+        created_at=order.created_at,
+        started_at=None,
+        completed_at=None,
+        workflow_id=order.workflow_id,
+        links={"self": f"/api/v1/production-orders/{order.id}"},
+        job_orders=[],
+        produced_lots=[],
+    )
+
+
 def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
     """The API view of an order: state, due, job orders and produced lots."""
     jobs: list[JobOrderOut] = []
@@ -470,49 +782,72 @@ def list_orders(
 def set_order_state(
     session: Session, order_id: int, state: str, actor: str, reason: str | None
 ) -> None:
-    """Record a supervisor's change of a whole order's state (held, resumed)."""
-    order = session.get(OperationsRequest, order_id)
+    """Record a supervisor's change of a whole order's state (held, resumed), after its
+    work orders took the action."""
+    order = locked_order(session, order_id)
     if order is None:
         raise NotFound("production order", str(order_id))
     if order.state not in FINAL_STATES:
         execution.change_state(session, order, state, actor, reason)
-        session.commit()
-
-
-def cancel_unstarted(session: Session, order_id: int, actor: str, reason: str | None) -> None:
-    """Cancel an order whose workflow never started (stored while Temporal was away)."""
-    order = session.get(OperationsRequest, order_id)
-    if order is None:
-        raise NotFound("production order", str(order_id))
-    if order.state != RequestState.RELEASED:
-        raise Conflict(f"order {order.external_id} is {order.state}; it takes no cancel")
-    execution.change_state(session, order, RequestState.CANCELLED, actor, reason)
-    order.completed_at = utcnow()
     session.commit()
+
+
+def cancel_unstarted(session: Session, order_id: int, actor: str, reason: str | None) -> bool:
+    """Cancel the order in the database if its workflow has not started; False (nothing
+    done) when it has: then the cancel is its workflow's.
+
+    Under the order's lock (``order_lock``, ``locked_order``), so the relay cannot start
+    the workflow meanwhile; it later starts one that plans nothing and delivers the order's
+    ERP messages, the Cancelled one included (woken at commit)."""
+    with order_lock(session):
+        order = locked_order(session, order_id)
+        if order is None:
+            raise NotFound("production order", str(order_id))
+        if order.workflow_started_at is not None:
+            session.rollback()
+            return False
+        if order.state in FINAL_STATES:
+            raise Conflict(f"order {order.external_id} is {order.state}; it takes no cancel")
+        execution.change_state(session, order, RequestState.CANCELLED, actor, reason)
+        order.completed_at = utcnow()
+        _notify_relays(session)
+        session.commit()
+    wake_relays()
+    return True
+
+
+def _notify_relays(session: Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        # Delivered at commit, and only if it commits.
+        session.execute(text(f"NOTIFY {START_CHANNEL}"))
 
 
 def set_order_priority(
     session: Session, order_id: int, priority: int, actor: str, reason: str | None
-) -> None:
-    """Record a new priority for a whole order (its open work orders change with it)."""
-    order = session.get(OperationsRequest, order_id)
-    if order is None:
-        raise NotFound("production order", str(order_id))
-    if order.priority == priority:
-        return
-    before = order.priority
-    order.priority = priority
-    audit.record(
-        session,
-        actor=actor,
-        action="operations_request.changed",
-        object_type="operations_request",
-        object_id=order.external_id,
-        before={"priority": before},
-        after={"priority": priority},
-        reason=reason,
-    )
-    session.commit()
+) -> bool:
+    """Record a new priority for a whole order; returns whether its workflow has started
+    (then its open work orders are the workflow's to change; before, the workflow plans them
+    with the new one). Under the order's lock (``locked_order``)."""
+    with order_lock(session):
+        order = locked_order(session, order_id)
+        if order is None:
+            raise NotFound("production order", str(order_id))
+        started = order.workflow_started_at is not None
+        if order.priority != priority:
+            before = order.priority
+            order.priority = priority
+            audit.record(
+                session,
+                actor=actor,
+                action="operations_request.changed",
+                object_type="operations_request",
+                object_id=order.external_id,
+                before={"priority": before},
+                after={"priority": priority},
+                reason=reason,
+            )
+        session.commit()
+    return started
 
 
 def check_order(session: Session, body: ProductionOrderIn, source: str | None = None) -> None:
@@ -553,7 +888,24 @@ def change_order(
     machine started a work order of it the change is refused with the reason, and nothing
     changes.
     """
-    order = _by_number(session, order_number, source)
+    with order_lock(session):
+        answer = _change_order(session, order_number, actor, quantity, due, priority, source)
+        session.commit()  # the lock goes with the transaction, changed or not
+    return answer
+
+
+def _change_order(
+    session: Session,
+    order_number: str,
+    actor: str,
+    quantity: Decimal | None,
+    due: datetime | None,
+    priority: int | None,
+    source: str | None,
+) -> tuple[bool, str | None]:
+    # Locked: a relay starting the workflow is waited for, and the workflow's planning
+    # (``execution.plan_order`` locks it too) comes before or after, not in between.
+    order = locked_order(session, number=order_number, source=source)
     if order is None:
         return False, f"unknown order {order_number}"
     jobs = [r.job_order for r in order.segment_requirements if r.job_order is not None]

@@ -37,6 +37,7 @@ from mes.models import (
     MaterialActual,
     OperationsRequest,
     OperationsSegment,
+    RequestState,
     SegmentRequirement,
     utcnow,
 )
@@ -228,6 +229,47 @@ def render(perf: OperationsPerformanceData, fmt: str, message_id: str) -> tuple[
         return B2MML_XML, sync_operations_performance(perf, message_id, SENDER).decode()
     body = {"message_id": message_id, "sender": SENDER, "operations_performance": perf.to_json()}
     return JSON, json.dumps(body, sort_keys=True)
+
+
+def released_message(
+    order_id: int,
+    order_number: str,
+    routing: str,
+    steps: list[tuple[int, str, str]],
+    client: str,
+    fmt: str,
+) -> dict[str, Any]:
+    """The outbox row of a new order's first message (Released, every step Waiting), as
+    ``_outbox`` writes it for an order the unit of work stores: for a writer that inserts
+    the order's rows itself (``production_orders.insert_order``), in its transaction.
+    ``steps``: (sequence, process segment id, operations segment id) in routing order."""
+    perf = OperationsPerformanceData(
+        order_number=order_number,
+        state=RequestState.RELEASED,
+        operations_definition_id=routing,
+        actual_start=None,
+        actual_end=None,
+        segments=[
+            SegmentResponseData(
+                id=f"{order_number}-{sequence:02d}",
+                process_segment_id=process_segment,
+                state=RequestState.WAITING,
+                operations_segment_id=segment,
+            )
+            for sequence, process_segment, segment in steps
+        ],
+    )
+    # Rendered at delivery (``undelivered``), as every message is.
+    return {
+        "operations_request_id": order_id,
+        "seq": 1,
+        "message_id": f"MES-{order_number}-{1:04d}",
+        "erp_client": client,
+        "state": perf.state,
+        "content_type": B2MML_XML if fmt == "b2mml" else JSON,
+        "performance": perf.to_json(),
+        "body": None,
+    }
 
 
 def _outbox(session: Session, _context: object, _instances: object) -> None:

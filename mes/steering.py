@@ -119,7 +119,9 @@ class Steering:
     ) -> ProductionOrderOut:
         """Cancel the order: answered at once, carried out by its workflow (the step on a
         machine is withdrawn or aborted, the later ones never run). An order whose
-        workflow never started is cancelled in the database alone."""
+        workflow has not started is cancelled in the database alone, under its row lock
+        (``production_orders.cancel_unstarted``); one whose workflow the relay started
+        meanwhile is found started once the lock is had, and cancelled through it."""
         order = await self.db.run(partial(_order, order_id=order_id))
         if is_final(order.state):
             raise DomainError(
@@ -127,18 +129,20 @@ class Steering:
                 detail=f"order {order.order_number} is {order.state}; it takes no cancel",
                 status=409,
             )
-        command = OrderCommand(actor, reason)
-        if not await self.workflows.cancel_order(order.order_number, command):
-            await self.db.run(
-                partial(
-                    production_orders.cancel_unstarted,
-                    order_id=order_id,
-                    actor=actor,
-                    reason=reason,
-                )
+        # Not started: cancelled in the database, under the lock the relay starts it under.
+        if await self.db.run(
+            partial(
+                production_orders.cancel_unstarted, order_id=order_id, actor=actor, reason=reason
             )
-            await self.workflows.report(order.order_number)
+        ):
             return await self.db.run(partial(_order, order_id=order_id))
+        if not await self.workflows.cancel_order(order.order_number, OrderCommand(actor, reason)):
+            # Recorded as started, so it was: Temporal lost it (or a namespace was reset).
+            raise DomainError(
+                title="Workflow missing",
+                detail=f"order {order.order_number} was started but its workflow is not found",
+                status=409,
+            )
         out = await self.db.run(partial(_order, order_id=order_id))
         out.pending = ["cancel"] if not is_final(out.state) else []
         return out
@@ -156,8 +160,9 @@ class Steering:
     async def reprioritise_order(
         self, order_id: int, priority: int, actor: str, reason: str | None
     ) -> ProductionOrderOut:
-        """A new priority for the order and each of its open work orders."""
-        await self.db.run(
+        """A new priority for the order and each of its open work orders (an order not
+        started yet takes it in the database, and its workflow plans with it)."""
+        started = await self.db.run(
             partial(
                 production_orders.set_order_priority,
                 order_id=order_id,
@@ -166,6 +171,8 @@ class Steering:
                 reason=reason,
             )
         )
+        if not started:
+            return await self.db.run(partial(_order, order_id=order_id))
         return await self._act_on_order(
             order_id, "priority", WorkOrderCommand(actor, reason, priority=priority)
         )

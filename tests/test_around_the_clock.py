@@ -55,8 +55,16 @@ from mes.launch import (
     role_token_name,
     running_worker,
 )
-from mes.models import ErpMessage, OperationsRequest, Role
+from mes.models import (
+    FINAL_STATES,
+    ErpMessage,
+    JobOrder,
+    OperationsRequest,
+    Role,
+    SegmentRequirement,
+)
 from mes.settings import Settings
+from mes.workflow_client import WorkflowClient
 from tests.adapters.independent_jobcontrol import IndependentJobControlServer
 from tests.conftest import fresh_pg_database
 
@@ -684,3 +692,69 @@ def test_no_cancel_is_refused_yet_carried_out() -> None:
     if not LOOP_RAN:
         pytest.skip("measured by test_cancel_at_any_moment_ends_every_order")
     assert not REFUSED_BUT_DONE, REFUSED_BUT_DONE
+
+
+CANCEL_AT_ONCE = int(os.environ.get("MES_CANCEL_AT_ONCE", "16"))
+
+
+@pytest.mark.parametrize("relay_delay_s", [0.0, 0.3])
+async def test_cancel_at_once_after_the_post_ends_every_order(
+    plant: Plant, relay_delay_s: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel sent the moment the order is accepted, while the relay may be starting its
+    workflow (``relay_delay_s``: the relay holds the order that much longer between starting
+    the workflow and recording it, as a slow Temporal would): the order ends Cancelled with
+    no work order left Waiting or Running (or Completed, the machine first), by SQL, and the
+    ERP has every state change. The race the relay's row lock closes."""
+    if relay_delay_s:
+        start = WorkflowClient.start_order
+
+        async def slow_start(self: WorkflowClient, order_id: int, order_number: str) -> None:
+            await start(self, order_id, order_number)
+            await asyncio.sleep(relay_delay_s)
+
+        monkeypatch.setattr(WorkflowClient, "start_order", slow_start)
+    gate = asyncio.Semaphore(len(LOOP_UNITS))
+    answers: dict[str, int] = {}
+
+    async with client(plant, "erp") as erp, client(plant, "supervisor") as sup:
+
+        async def one() -> str:
+            async with gate:
+                order = await post_order(erp, "P-LOOP")
+                r = await sup.post(
+                    f"/api/v1/production-orders/{order['id']}/cancel", json={"reason": "at once"}
+                )
+                assert r.status_code == 200, r.text
+                answers[r.json()["state"]] = answers.get(r.json()["state"], 0) + 1
+                await order_final(erp, order["id"], 60)
+                await erp_has_every_change(plant, order["order_number"])
+                return str(order["order_number"])
+
+        numbers = await asyncio.gather(*(one() for _ in range(CANCEL_AT_ONCE)))
+
+    def ends() -> list[tuple[str, str, list[str]]]:
+        with plant.sessions() as s:
+            rows = s.execute(
+                select(OperationsRequest.external_id, OperationsRequest.state, JobOrder.state)
+                .select_from(OperationsRequest)
+                .outerjoin(SegmentRequirement)
+                .outerjoin(JobOrder)
+                .where(OperationsRequest.external_id.in_(numbers))
+            ).all()
+        by_order: dict[str, tuple[str, list[str]]] = {}
+        for number, state, job_state in rows:
+            by_order.setdefault(number, (state, []))[1].extend([job_state] if job_state else [])
+        return [(n, state, jobs) for n, (state, jobs) in sorted(by_order.items())]
+
+    print(f"\ncancel at once (relay delay {relay_delay_s} s): answered {answers}")
+    outcomes = await asyncio.to_thread(ends)
+    assert len(outcomes) == CANCEL_AT_ONCE
+    wrong = [
+        (number, state, jobs)
+        for number, state, jobs in outcomes
+        if state not in ("Cancelled", "Completed")
+        or any(j not in FINAL_STATES for j in jobs)
+        or (state == "Completed" and jobs and set(jobs) != {"Completed"})
+    ]
+    assert not wrong, wrong

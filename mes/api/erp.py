@@ -174,7 +174,7 @@ class B2mmlController(Controller):
 
         who = caller
         if isinstance(message, b2mml.ProcessOperationsSchedule):
-            response = await _process(db, workflows, message, who)
+            response = await _process(db, message, who)
         elif isinstance(message, b2mml.ChangeOperationsSchedule):
             response = await _change(db, workflows, message, who)
         elif isinstance(message, b2mml.CancelOperationsSchedule):
@@ -209,14 +209,13 @@ class B2mmlController(Controller):
 
 async def _process(
     db: Database,
-    workflows: WorkflowClient,
     message: b2mml.ProcessOperationsSchedule,
     who: Principal,
 ) -> Response[bytes]:
     """All or nothing: every request is decoded with its product's unit and checked (order,
     routing, segment requirements, chosen lots and equipment) before any is stored. A refusal
     is an ``AcknowledgeOperationsSchedule`` rejecting every request, with the reasons."""
-    accepted = await _accept(db, workflows, message, who, message)
+    accepted = await _accept(db, message, who, message)
     if isinstance(accepted, Response):
         return accepted
     if message.acknowledge_code is None and message.confirmation_code == "Always":
@@ -226,7 +225,6 @@ async def _process(
 
 async def _accept(
     db: Database,
-    workflows: WorkflowClient,
     message: b2mml.ProcessOperationsSchedule,
     who: Principal,
     answered: b2mml.ProcessOperationsSchedule,
@@ -290,7 +288,7 @@ async def _accept(
     accepted = []
     for body in bodies:
         try:
-            out, _ = await production_orders.accept_order(db, workflows, body, who.actor, who.name)
+            out, _ = await production_orders.accept_order(db, body, who.actor, who.name)
         except DomainError as e:
             return _confirm(message, noun, [e.detail], e.status)
         accepted.append((out.order_number, out.state))
@@ -380,11 +378,11 @@ async def _sync_schedule(
     known = await db.run(held)
     new = set(numbers) - set(known)
     if not known:
-        return await _process(db, workflows, message.as_process(new), who)
+        return await _process(db, message.as_process(new), who)
     if not new:
         return await _change(db, workflows, message.as_change(set(known)), who)
     everything = message.as_process(set(numbers))
-    accepted = await _accept(db, workflows, message.as_process(new), who, everything)
+    accepted = await _accept(db, message.as_process(new), who, everything)
     if isinstance(accepted, Response):
         return accepted
     results = await _changes(db, workflows, message.as_change(set(known)), who)

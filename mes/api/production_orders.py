@@ -20,7 +20,6 @@ from mes.db import Database
 from mes.models import OperationsRequest, RequestState
 from mes.quantities import QuantityNumber
 from mes.steering import Steering
-from mes.workflow_client import WorkflowClient
 
 API = "/api/v1"
 
@@ -92,12 +91,9 @@ class ProductionOrderController(Controller):
         self,
         data: JSONBody[production_orders.ProductionOrderIn],
         db: NamedDependency[Database],
-        workflows: NamedDependency[WorkflowClient],
         caller: NamedDependency[Principal],
     ) -> Response[production_orders.ProductionOrderOut]:
-        out, created = await production_orders.accept_order(
-            db, workflows, data, caller.actor, caller.name
-        )
+        out, created = await production_orders.accept_order(db, data, caller.actor, caller.name)
         return Response(
             out, status_code=202 if created else 200, headers={"Location": out.links["self"]}
         )
