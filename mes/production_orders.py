@@ -673,25 +673,7 @@ def get_order(session: Session, order_id: int, source: str | None = None) -> Ope
 
 def new_order_out(order: OperationsRequest) -> ProductionOrderOut:
     """The API view of an order just stored: no job orders and no lots yet."""
-    return ProductionOrderOut(
-        id=order.id,
-        order_number=order.external_id,
-        product=order.product.external_id,
-        quantity=order.quantity,
-        unit=order.unit,
-        priority=order.priority,
-        due=order.due,
-        customer_order=order.customer_order,
-        state=order.state,
-        late=order.late,
-        created_at=order.created_at,
-        started_at=None,
-        completed_at=None,
-        workflow_id=order.workflow_id,
-        links={"self": f"/api/v1/production-orders/{order.id}"},
-        job_orders=[],
-        produced_lots=[],
-    )
+    return _order_view(order, [], [])
 
 
 def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
@@ -714,6 +696,12 @@ def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
                 ended_at=job.ended_at,
             )
         )
+    return _order_view(order, jobs, produced_lots(session, order))
+
+
+def _order_view(
+    order: OperationsRequest, jobs: list[JobOrderOut], lots: list[LotOut]
+) -> ProductionOrderOut:
     return ProductionOrderOut(
         id=order.id,
         order_number=order.external_id,
@@ -731,7 +719,7 @@ def order_out(session: Session, order: OperationsRequest) -> ProductionOrderOut:
         workflow_id=order.workflow_id,
         links={"self": f"/api/v1/production-orders/{order.id}"},
         job_orders=jobs,
-        produced_lots=produced_lots(session, order),
+        produced_lots=lots,
     )
 
 
