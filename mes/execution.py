@@ -17,7 +17,7 @@ from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.orm import Session, joinedload, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
-from mes import audit
+from mes import audit, quality, transitions
 from mes.genealogy import parameters_hash
 from mes.machines import (
     Endpoint,
@@ -39,7 +39,6 @@ from mes.models import (
     MaterialLotAssembly,
     MaterialUse,
     Nonconformance,
-    NonconformanceState,
     OperationsRequest,
     OperationsSegment,
     RequestState,
@@ -393,44 +392,12 @@ def _job(session: Session, job_order_id: str, lock: bool = False) -> JobOrder:
     return job
 
 
-def change_state(
-    session: Session,
-    obj: JobOrder | OperationsRequest,
-    state: str,
-    actor: str = audit.SYSTEM,
-    reason: str | None = None,
-) -> None:
-    """Move a job order or an order to ``state`` with its audit event; no-op if already there.
-
-    A job order's step (segment requirement) follows it, and a job order ending gets its end
-    time unless one is already known. The caller commits.
-    """
-    if obj.state == state:
-        return
-    before = obj.state
-    obj.state = state
-    if isinstance(obj, JobOrder):
-        obj.segment_requirement.state = state
-        if state in FINAL_STATES and obj.ended_at is None:
-            obj.ended_at = utcnow()
-    audit.record(
-        session,
-        actor=actor,
-        action=f"{obj.__tablename__}.state",
-        object_type=obj.__tablename__,
-        object_id=obj.external_id,
-        before={"state": before},
-        after={"state": state},
-        reason=reason,
-    )
-
-
 def mark_dispatched(session: Session, job_order_id: str) -> None:
     """The PLC accepted the job (AllowedToStart): job Ready. The order is not Running yet:
     nothing runs until the machine starts the job (and the ERP may still change it)."""
     job = _job(session, job_order_id)
     if job.state == RequestState.WAITING:
-        change_state(session, job, RequestState.READY)
+        transitions.change_state(session, job, RequestState.READY)
     if job.dispatched_at is None:
         job.dispatched_at = utcnow()
     session.commit()
@@ -441,7 +408,7 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
     job = _job(session, job_order_id)
     now = at or utcnow()
     if job.state in (RequestState.WAITING, RequestState.READY):
-        change_state(session, job, RequestState.RUNNING)
+        transitions.change_state(session, job, RequestState.RUNNING)
     if job.started_at is None:
         job.started_at = now
     order = job.segment_requirement.operations_request
@@ -450,7 +417,7 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
         # lock lets one move it and shows the other that it moved (one Running report).
         session.refresh(order, with_for_update=True)
     if order.state == RequestState.RELEASED:
-        change_state(session, order, RequestState.RUNNING)
+        transitions.change_state(session, order, RequestState.RUNNING)
     if order.started_at is None:
         order.started_at = now
     session.commit()
@@ -459,8 +426,8 @@ def mark_running(session: Session, job_order_id: str, at: datetime | None = None
 def record_job_response(session: Session, response: JobResponseData) -> tuple[str, list[str]]:
     """Store what the machine reported: material actuals and genealogy, measured values and
     test results; end the job order. Returns the job's ISA-95 state (Completed, Aborted, or
-    Held when a test failed, until a supervisor disposes of the lot: ``quality_hold``) and
-    its produced lots.
+    Held when a test failed, until a supervisor disposes of the lot:
+    ``mes.quality.quality_hold``) and its produced lots.
 
     Idempotent: a job order has one job response (unique); a second call returns the first
     one's state and lots. A second call racing the first waits on the job order's row lock
@@ -473,7 +440,7 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     job = _job(session, response.job_order_id, lock=True)
     if job.job_response is not None:
         lots = _produced_lot_ids(job.job_response)
-        if quality_hold_reason(session, job.external_id):
+        if quality.quality_hold_reason(session, job.external_id):
             return RequestState.HELD, lots
         return job.job_response.state, lots
     state = RequestState.COMPLETED if response.state == JobState.ENDED else RequestState.ABORTED
@@ -580,27 +547,13 @@ def record_job_response(session: Session, response: JobResponseData) -> tuple[st
     if failed:
         # The quality gate: the lot is Restricted and a nonconformance opened; a job that
         # completed waits Held for a supervisor's disposition (an aborted one stays Aborted).
-        nc = quality_hold(session, failed[0][0], job, [r for _, r in failed], audit.SYSTEM)
+        nc = quality.quality_hold(session, failed[0][0], job, [r for _, r in failed], audit.SYSTEM)
         reason = f"{nc.external_id}: {nc.reason}"
         if state == RequestState.COMPLETED:
             state = RequestState.HELD
-    change_state(session, job, state, reason=reason)
+    transitions.change_state(session, job, state, reason=reason)
     session.commit()
     return state, [lot.external_id for lot in produced]
-
-
-def quality_hold_reason(session: Session, job_order_id: str) -> str:
-    """Why the job order is Held on a nonconformance of its lot ("" when it is not)."""
-    nc = session.scalar(
-        select(Nonconformance)
-        .join(JobOrder, Nonconformance.job_order_id == JobOrder.id)
-        .where(
-            JobOrder.external_id == job_order_id,
-            JobOrder.state == RequestState.HELD,
-            Nonconformance.state == NonconformanceState.OPEN,
-        )
-    )
-    return "" if nc is None else f"quality hold: {nc.external_id}: {nc.reason}"
 
 
 def _test(
@@ -637,124 +590,21 @@ def _test(
             ),
             None,
         )
-        result = TestResult(
-            test_specification=spec,
+        result = quality.store_result(
+            session,
+            spec,
+            measured.value,
+            measured.unit,
+            lot=lot,
             job_response_id=job.job_response.id,
-            material_lot_id=lot.id if lot else None,
-            value=measured.value,
-            unit=measured.unit,
-            passed=spec.passes(measured.value),
             tested_at=response.end_time or utcnow(),
             source="machine",
             recorded_by=f"plc:{job.equipment.external_id}",
         )
-        session.add(result)
         if not result.passed and lot is not None:
             failed.append((lot, result))
     session.flush()
     return failed
-
-
-def quality_hold(
-    session: Session,
-    lot: MaterialLot,
-    job: JobOrder | None,
-    failed: list[TestResult],
-    actor: str,
-) -> Nonconformance:
-    """Out of specification: the lot becomes Restricted and a nonconformance is opened (or
-    the lot's open one gets the new failures), with their audit events, in the caller's
-    transaction. Holding the work order is the caller's part."""
-    specs = {
-        s.id: s
-        for s in session.scalars(
-            select(TestSpecification).where(
-                TestSpecification.id.in_({r.test_specification_id for r in failed})
-            )
-        )
-    }
-    what = "; ".join(
-        f"{specs[r.test_specification_id].property_name} {r.value:g} {r.unit} outside "
-        f"[{_limit(specs[r.test_specification_id].low)}, "
-        f"{_limit(specs[r.test_specification_id].high)}]"
-        for r in failed
-    ).replace("  ", " ")
-    nc = session.scalar(
-        select(Nonconformance).where(
-            Nonconformance.material_lot_id == lot.id,
-            Nonconformance.state == NonconformanceState.OPEN,
-        )
-    )
-    if nc is None:
-        number = 1 + (
-            session.scalar(select(func.count()).where(Nonconformance.material_lot_id == lot.id))
-            or 0
-        )
-        nc = Nonconformance(
-            external_id=f"NC-{lot.external_id}-{number}",
-            state=NonconformanceState.OPEN,
-            material_lot_id=lot.id,
-            job_order_id=job.id if job else None,
-            reason=what,
-            opened_by=actor,
-        )
-        session.add(nc)
-        session.flush()
-        audit.record(
-            session,
-            actor=actor,
-            action="nonconformance.opened",
-            object_type="nonconformance",
-            object_id=nc.external_id,
-            after={
-                "state": nc.state,
-                "lot": lot.external_id,
-                "work_order": job.external_id if job else None,
-            },
-            reason=what,
-        )
-    else:
-        audit.record(
-            session,
-            actor=actor,
-            action="nonconformance.failed_again",
-            object_type="nonconformance",
-            object_id=nc.external_id,
-            reason=what,
-        )
-    for r in failed:
-        r.nonconformance_id = nc.id
-    if lot.disposition != LotDisposition.RESTRICTED:
-        before = lot.disposition
-        set_disposition(session, lot, LotDisposition.RESTRICTED)
-        audit.record(
-            session,
-            actor=actor,
-            action="lot.disposition",
-            object_type="material_lot",
-            object_id=lot.external_id,
-            before={"disposition": before},
-            after={"disposition": LotDisposition.RESTRICTED},
-            reason=f"{nc.external_id}: {what}",
-        )
-    return nc
-
-
-def set_disposition(session: Session, lot: MaterialLot, disposition: str) -> None:
-    """Set a lot's disposition by one UPDATE; the caller records its audit event
-    (``lot.disposition``, with the reason), which the ORM hook's ``lot.updated`` would repeat
-    without one."""
-    session.execute(
-        update(MaterialLot)
-        .where(MaterialLot.id == lot.id)
-        .values(disposition=disposition)
-        .execution_options(synchronize_session=False)
-    )
-    set_committed_value(lot, "disposition", disposition)
-
-
-def _limit(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
 
 
 def _consume(session: Session, lot: MaterialLot, quantity: Decimal, job_order_id: str) -> None:
@@ -805,6 +655,6 @@ def complete_order(session: Session, order_id: int, state: str) -> tuple[str, bo
         now = utcnow()
         order.completed_at = now
         order.late = order.late or now > order.due
-        change_state(session, order, state)
+        transitions.change_state(session, order, state)
         session.commit()
     return order.state, order.late

@@ -28,7 +28,7 @@ from sqlalchemy import ColumnElement, Row, func, insert, select, text, true, upd
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased, contains_eager, joinedload, selectinload
 
-from mes import audit, execution, reporting, units
+from mes import audit, execution, reporting, transitions, units
 from mes.erp_segments import ErpOrderData, ErpSegmentData, apply_plans, plan_segments
 from mes.errors import Conflict, DomainError, NotFound, invalid
 from mes.models import (
@@ -776,7 +776,7 @@ def set_order_state(
     if order is None:
         raise NotFound("production order", str(order_id))
     if order.state not in FINAL_STATES:
-        execution.change_state(session, order, state, actor, reason)
+        transitions.change_state(session, order, state, actor, reason)
     session.commit()
 
 
@@ -796,7 +796,7 @@ def cancel_unstarted(session: Session, order_id: int, actor: str, reason: str | 
             return False
         if order.state in FINAL_STATES:
             raise Conflict(f"order {order.external_id} is {order.state}; it takes no cancel")
-        execution.change_state(session, order, RequestState.CANCELLED, actor, reason)
+        transitions.change_state(session, order, RequestState.CANCELLED, actor, reason)
         order.completed_at = utcnow()
         _notify_relays(session)
         session.commit()

@@ -3,7 +3,7 @@ the yield of production.
 
 The machine's results are evaluated when its job response is recorded
 (``mes.execution.record_job_response``); a failure there, or in a result entered here, goes
-through one gate, ``mes.execution.quality_hold``: the lot becomes Restricted and a
+through one gate, ``quality_hold``: the lot becomes Restricted and a
 nonconformance is opened, in the same transaction as the results and their audit events.
 A supervisor then disposes of it (``dispose``): release (the lot is Released again), rework
 (a new job order on the same routing step reworks the lot) or scrap (the lot is Rejected).
@@ -18,10 +18,11 @@ from datetime import datetime
 from decimal import Decimal
 
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm.attributes import set_committed_value
 
-from mes import audit, execution
+from mes import audit, transitions
 from mes.errors import Conflict, DomainError, FieldError, NotFound, invalid
 from mes.models import (
     Disposition,
@@ -176,19 +177,18 @@ def record_result(
     now = utcnow()
     if entry.tested_at is not None and entry.tested_at > now:
         raise invalid("tested_at", "is in the future")
-    result = TestResult(
-        test_specification=spec,
+    result = store_result(
+        session,
+        spec,
+        entry.value,
+        spec.unit,
+        lot=lot,
         job_response_id=None,
-        material_lot_id=lot.id,
-        value=entry.value,
-        unit=spec.unit,
-        passed=spec.passes(entry.value),
         tested_at=entry.tested_at or now,
         source="manual",
         recorded_by=actor,
         recorded_at=now,
     )
-    session.add(result)
     session.flush()
     audit.record(
         session,
@@ -205,10 +205,45 @@ def record_result(
     )
     hold: list[str] = []
     if not result.passed:
-        execution.quality_hold(session, lot, job, [result], actor)
+        quality_hold(session, lot, job, [result], actor)
         hold = _consumers_on_plc(session, lot)
     session.commit()
     return _result_out(session, result), hold
+
+
+def store_result(
+    session: Session,
+    spec: TestSpecification,
+    value: float,
+    unit: str,
+    *,
+    lot: MaterialLot | None,
+    job_response_id: int | None,
+    tested_at: datetime,
+    source: str,
+    recorded_by: str,
+    recorded_at: datetime | None = None,
+) -> TestResult:
+    """Evaluate a measured value against a test specification and store the result (added
+    to the session, not flushed). Both paths come here: the machine's job response
+    (``mes.execution.record_job_response``, source "machine") and a result by hand
+    (``record_result``, source "manual"). The caller audits and, when it failed, passes it
+    to the quality gate (``quality_hold``)."""
+    result = TestResult(
+        test_specification=spec,
+        job_response_id=job_response_id,
+        material_lot_id=lot.id if lot else None,
+        value=value,
+        unit=unit,
+        passed=spec.passes(value),
+        tested_at=tested_at,
+        source=source,
+        recorded_by=recorded_by,
+    )
+    if recorded_at is not None:
+        result.recorded_at = recorded_at
+    session.add(result)
+    return result
 
 
 def _consumers_on_plc(session: Session, lot: MaterialLot) -> list[str]:
@@ -237,6 +272,125 @@ def _producing_job(session: Session, lot: MaterialLot) -> JobOrder | None:
         )
         .limit(1)
     )
+
+
+# --- the quality gate ----------------------------------------------------------------------------
+
+
+def quality_hold(
+    session: Session,
+    lot: MaterialLot,
+    job: JobOrder | None,
+    failed: list[TestResult],
+    actor: str,
+) -> Nonconformance:
+    """Out of specification: the lot becomes Restricted and a nonconformance is opened (or
+    the lot's open one gets the new failures), with their audit events, in the caller's
+    transaction. Holding the work order is the caller's part."""
+    specs = {
+        s.id: s
+        for s in session.scalars(
+            select(TestSpecification).where(
+                TestSpecification.id.in_({r.test_specification_id for r in failed})
+            )
+        )
+    }
+    what = "; ".join(
+        f"{specs[r.test_specification_id].property_name} {r.value:g} {r.unit} outside "
+        f"[{_limit(specs[r.test_specification_id].low)}, "
+        f"{_limit(specs[r.test_specification_id].high)}]"
+        for r in failed
+    ).replace("  ", " ")
+    nc = session.scalar(
+        select(Nonconformance).where(
+            Nonconformance.material_lot_id == lot.id,
+            Nonconformance.state == NonconformanceState.OPEN,
+        )
+    )
+    if nc is None:
+        number = 1 + (
+            session.scalar(select(func.count()).where(Nonconformance.material_lot_id == lot.id))
+            or 0
+        )
+        nc = Nonconformance(
+            external_id=f"NC-{lot.external_id}-{number}",
+            state=NonconformanceState.OPEN,
+            material_lot_id=lot.id,
+            job_order_id=job.id if job else None,
+            reason=what,
+            opened_by=actor,
+        )
+        session.add(nc)
+        session.flush()
+        audit.record(
+            session,
+            actor=actor,
+            action="nonconformance.opened",
+            object_type="nonconformance",
+            object_id=nc.external_id,
+            after={
+                "state": nc.state,
+                "lot": lot.external_id,
+                "work_order": job.external_id if job else None,
+            },
+            reason=what,
+        )
+    else:
+        audit.record(
+            session,
+            actor=actor,
+            action="nonconformance.failed_again",
+            object_type="nonconformance",
+            object_id=nc.external_id,
+            reason=what,
+        )
+    for r in failed:
+        r.nonconformance_id = nc.id
+    if lot.disposition != LotDisposition.RESTRICTED:
+        before = lot.disposition
+        set_disposition(session, lot, LotDisposition.RESTRICTED)
+        audit.record(
+            session,
+            actor=actor,
+            action="lot.disposition",
+            object_type="material_lot",
+            object_id=lot.external_id,
+            before={"disposition": before},
+            after={"disposition": LotDisposition.RESTRICTED},
+            reason=f"{nc.external_id}: {what}",
+        )
+    return nc
+
+
+def set_disposition(session: Session, lot: MaterialLot, disposition: str) -> None:
+    """Set a lot's disposition by one UPDATE; the caller records its audit event
+    (``lot.disposition``, with the reason), which the ORM hook's ``lot.updated`` would repeat
+    without one."""
+    session.execute(
+        update(MaterialLot)
+        .where(MaterialLot.id == lot.id)
+        .values(disposition=disposition)
+        .execution_options(synchronize_session=False)
+    )
+    set_committed_value(lot, "disposition", disposition)
+
+
+def _limit(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def quality_hold_reason(session: Session, job_order_id: str) -> str:
+    """Why the job order is Held on a nonconformance of its lot ("" when it is not)."""
+    nc = session.scalar(
+        select(Nonconformance)
+        .join(JobOrder, Nonconformance.job_order_id == JobOrder.id)
+        .where(
+            JobOrder.external_id == job_order_id,
+            JobOrder.state == RequestState.HELD,
+            Nonconformance.state == NonconformanceState.OPEN,
+        )
+    )
+    return "" if nc is None else f"quality hold: {nc.external_id}: {nc.reason}"
 
 
 def _result_out(session: Session, r: TestResult) -> TestResultOut:
@@ -433,7 +587,7 @@ def dispose(session: Session, nc_id: str, disposition: str, reason: str, actor: 
     after = _LOT_AFTER[decision]
     if lot.disposition != after:
         before = lot.disposition
-        execution.set_disposition(session, lot, after)
+        set_disposition(session, lot, after)
         audit.record(
             session,
             actor=actor,
@@ -448,7 +602,7 @@ def dispose(session: Session, nc_id: str, disposition: str, reason: str, actor: 
     if job is not None:
         # A work order held on this lot goes on as decided; one that already ended stays.
         if job.state == RequestState.HELD:
-            execution.change_state(
+            transitions.change_state(
                 session, job, _JOB_AFTER[decision], actor, f"{nc.external_id} {decision}: {reason}"
             )
         job_state = job.state

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import ColumnElement, Row, Select, case, func, select
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from mes import audit, execution
+from mes import audit, transitions
 from mes.errors import NotFound, invalid
 from mes.models import (
     AuditEvent,
@@ -304,7 +304,7 @@ def set_state(
     session: Session, job_order_id: str, state: str, actor: str, reason: str | None
 ) -> None:
     """Record a supervisor-driven state change of a work order (hold, resume, cancel)."""
-    execution.change_state(session, get_job(session, job_order_id), state, actor, reason)
+    transitions.change_state(session, get_job(session, job_order_id), state, actor, reason)
     session.commit()
 
 

@@ -23,7 +23,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
-from mes import execution
+from mes import execution, transitions
 from mes.api.app import create_app
 from mes.auth import create_token
 from mes.callbacks import LOOPBACK, CallbackPolicy
@@ -108,7 +108,7 @@ async def test_start_unstarted_starts_only_orders_without_a_workflow(
         mark_workflow_started(s, started_id)
     cancelled_id, cancelled = _store(plant_sqlite)
     with plant_sqlite() as s:
-        execution.change_state(
+        transitions.change_state(
             s, s.get_one(OperationsRequest, cancelled_id), RequestState.CANCELLED
         )
         s.commit()

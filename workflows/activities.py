@@ -259,7 +259,7 @@ class MesActivities:
 
         def record(s: Session) -> tuple[str, list[str], str]:
             state, lots = execution.record_job_response(s, response)
-            return state, lots, execution.quality_hold_reason(s, job_id)
+            return state, lots, quality.quality_hold_reason(s, job_id)
 
         state, lots, reason = await asyncio.to_thread(self._db, record)
         return JobOutcome(job_id, state, lots, reason)
