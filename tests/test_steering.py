@@ -23,11 +23,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
-from mes.launch import Stack, embedded_stack
-from mes.migrate import upgrade
+from mes.launch import Stack
 from mes.samples import plant_text
-from mes.settings import Settings
-from tests.conftest import fresh_pg_database
+from tests.conftest import client, fresh_stack, order_final
 
 pytestmark = pytest.mark.postgres
 MIXER = "WU-MIXER-1"
@@ -43,27 +41,10 @@ async def line(
             wm["work_units"] = [u for u in wm["work_units"] if u["equipment"] == MIXER]
     plant_file = tmp_path_factory.mktemp("plant") / "plant.yaml"
     plant_file.write_text(yaml.safe_dump(plant))
-    for url in fresh_pg_database("mes_steer"):
-        upgrade(url)
-        settings = Settings(database_url=url, task_queue="mes-steer", plc_poll_seconds=0.1)
-        async with embedded_stack(
-            settings,
-            plant_file=Path(plant_file),
-            cycle_time_s=2.5,
-            temporal_ui=False,
-            temporal_client=temporal_env.client,
-        ) as stack:
-            yield stack
-
-
-def client(stack: Stack, role: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {stack.tokens[role]}"},
-        # A fresh connection per request: the server closes idle kept-alive ones after 5 s.
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
+    async with fresh_stack(
+        temporal_env, "steer", plant_file=Path(plant_file), cycle_time_s=2.5
+    ) as stack:
+        yield stack
 
 
 async def post_order(erp: httpx.AsyncClient, priority: int = 100) -> dict[str, Any]:
@@ -100,15 +81,6 @@ async def until(
                 return out
             assert r.status_code in (200, 404), r.text
             await asyncio.sleep(0.1)
-
-
-async def order_final(erp: httpx.AsyncClient, order_id: int, timeout: float = 60) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            o: dict[str, Any] = (await erp.get(f"/api/v1/production-orders/{order_id}")).json()
-            if o["state"] in ("Completed", "Aborted", "Cancelled"):
-                return o
-            await asyncio.sleep(0.2)
 
 
 async def plc_becomes(stack: Stack, unit: str, job: str, state: int | None) -> None:
