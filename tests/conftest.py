@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import httpx
 import psycopg
 import pytest
+from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -30,7 +31,7 @@ from mes.api.app import create_app
 from mes.auth import create_token
 from mes.callbacks import CallbackPolicy
 from mes.db import make_engine, make_sessionmaker
-from mes.launch import Stack, embedded_stack, load_plant, temporal_binary
+from mes.launch import Stack, embedded_stack, free_port, load_plant, temporal_binary
 from mes.migrate import AppRole, upgrade
 from mes.production_orders import ProductionOrderIn, create_order
 from mes.reporting import ErpClientIn, set_erp_client
@@ -137,6 +138,16 @@ def token(sessions: sessionmaker[Session], role: str, prefix: str = "test") -> d
     with sessions() as s:
         value = create_token(s, f"{prefix}-{role}-{uuid.uuid4().hex[:8]}", role)
     return {"Authorization": f"Bearer {value}"}
+
+
+def app_without_temporal(sessions: sessionmaker[Session]) -> Litestar:
+    """The API on ``sessions`` with no Temporal (its address a free port nobody listens on),
+    for what only reads and writes the database."""
+    return create_app(
+        Settings(database_url="sqlite://", temporal_address=f"127.0.0.1:{free_port()}"),
+        sessions,
+        temporal=None,
+    )
 
 
 @pytest.fixture
@@ -248,6 +259,30 @@ def token_client(api_url: str, token: str) -> httpx.AsyncClient:
 def client(stack: HasApi, role: str) -> httpx.AsyncClient:
     """An HTTP client of the stack's API with the token of ``role``."""
     return token_client(stack.api_url, stack.tokens[role])
+
+
+async def post_order(
+    http: httpx.AsyncClient,
+    product: str,
+    quantity: int = 1,
+    *,
+    prefix: str = "PO",
+    priority: int = 100,
+) -> dict[str, Any]:
+    """POST a production order of ``product`` (number ``<prefix>-<random>``, due in three
+    hours) as the client ``http``; returns the accepted order."""
+    body = {
+        "order_number": f"{prefix}-{uuid.uuid4().hex[:8]}",
+        "product": product,
+        "quantity": quantity,
+        "unit": "ea",
+        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
+        "priority": priority,
+    }
+    r = await http.post("/api/v1/production-orders", json=body)
+    assert r.status_code == 202, r.text
+    order: dict[str, Any] = r.json()
+    return order
 
 
 async def order_final(

@@ -35,7 +35,7 @@ from mes.models import (
     TestSpecification,
 )
 from mes.production_orders import ProductionOrderIn, create_order
-from tests.conftest import client, fresh_stack, order_final
+from tests.conftest import client, fresh_stack, order_final, post_order
 
 pytestmark = pytest.mark.postgres
 
@@ -53,19 +53,9 @@ async def line(temporal_env: WorkflowEnvironment) -> AsyncIterator[Stack]:
 
 
 async def post_rolls(stack: Stack) -> tuple[int, str]:
-    number = f"Q-{uuid.uuid4().hex[:6]}"
-    body = {
-        "order_number": number,
-        "product": "ROLL-6PK",
-        "quantity": 6,
-        "unit": "ea",
-        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
-        "priority": 100,
-    }
     async with client(stack, "erp") as erp:
-        r = await erp.post("/api/v1/production-orders", json=body)
-    assert r.status_code == 202, r.text
-    return int(r.json()["id"]), number
+        order = await post_order(erp, "ROLL-6PK", 6, prefix="Q")
+    return int(order["id"]), str(order["order_number"])
 
 
 async def open_nc(stack: Stack, lot: str, timeout: float = 60) -> dict[str, Any]:

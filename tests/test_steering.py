@@ -25,7 +25,7 @@ from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
 from mes.launch import Stack
 from mes.samples import plant_text
-from tests.conftest import client, fresh_stack, order_final
+from tests.conftest import client, fresh_stack, order_final, post_order
 
 pytestmark = pytest.mark.postgres
 MIXER = "WU-MIXER-1"
@@ -47,19 +47,8 @@ async def line(
         yield stack
 
 
-async def post_order(erp: httpx.AsyncClient, priority: int = 100) -> dict[str, Any]:
-    body = {
-        "order_number": f"S-{uuid.uuid4().hex[:6]}",
-        "product": "ROLL-6PK",
-        "quantity": 6,
-        "unit": "ea",
-        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
-        "priority": priority,
-    }
-    r = await erp.post("/api/v1/production-orders", json=body)
-    assert r.status_code == 202, r.text
-    order: dict[str, Any] = r.json()
-    return order
+async def post_rolls(erp: httpx.AsyncClient) -> dict[str, Any]:
+    return await post_order(erp, "ROLL-6PK", 6, prefix="S")
 
 
 async def work_order(sup: httpx.AsyncClient, job: str) -> dict[str, Any]:
@@ -126,7 +115,7 @@ async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
         client(line, "supervisor") as sup,
         client(line, "auditor") as aud,
     ):
-        a = await post_order(erp)
+        a = await post_rolls(erp)
         a_mix = f"{a['order_number']}-01"
         await until(sup, a_mix, "Running")
 
@@ -137,7 +126,7 @@ async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
         await plc_becomes(line, MIXER, a_mix, 4)  # Interrupted
 
         # While the mixer is held, three more roll orders queue behind it.
-        c, d, e = [await post_order(erp) for _ in range(3)]
+        c, d, e = [await post_rolls(erp) for _ in range(3)]
         c_mix, d_mix, e_mix = (f"{o['order_number']}-01" for o in (c, d, e))
         for job in (c_mix, d_mix, e_mix):
             await until(sup, job, "Ready")
@@ -206,7 +195,7 @@ async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
 
 async def test_order_level_actions(line: Stack) -> None:
     async with client(line, "erp") as erp, client(line, "supervisor") as sup:
-        blocker = await post_order(erp)
+        blocker = await post_rolls(erp)
         blocker_mix = f"{blocker['order_number']}-01"
         await until(sup, blocker_mix, "Running")
         held = await sup.post(
@@ -215,7 +204,7 @@ async def test_order_level_actions(line: Stack) -> None:
         assert held.status_code == 200, held.text
         assert held.json()["state"] == "Held"
 
-        queued = await post_order(erp)
+        queued = await post_rolls(erp)
         await until(sup, f"{queued['order_number']}-01", "Ready")
         cancel = await sup.post(
             f"/api/v1/production-orders/{queued['id']}/cancel", json={"reason": "duplicate"}
@@ -239,7 +228,7 @@ async def test_erp_cancels_a_held_order_by_b2mml(line: Stack) -> None:
     from tests.test_erp_integration import fresh, post_xml, valid
 
     async with client(line, "erp") as erp, client(line, "supervisor") as sup:
-        order = await post_order(erp)
+        order = await post_rolls(erp)
         n = order["order_number"]
         await until(sup, f"{n}-01", "Running")
         held = await sup.post(f"/api/v1/production-orders/{order['id']}/hold")
