@@ -7,21 +7,34 @@ they fail: CI must never pass by skipping the database.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Protocol
 
+import httpx
 import psycopg
 import pytest
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 from temporalio.testing import WorkflowEnvironment
 
+from adapters.opcua.simulator import MeasuredFault
+from mes.api.app import create_app
+from mes.auth import create_token
+from mes.callbacks import CallbackPolicy
 from mes.db import make_engine, make_sessionmaker
-from mes.launch import Stack, embedded_stack, load_plant, temporal_binary
+from mes.launch import Stack, embedded_stack, free_port, load_plant, temporal_binary
 from mes.migrate import AppRole, upgrade
+from mes.production_orders import ProductionOrderIn, create_order
+from mes.reporting import ErpClientIn, set_erp_client
 from mes.settings import Settings
 
 PG_ADMIN_URL = os.environ.get("MES_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -110,6 +123,34 @@ def plant_pg() -> Iterator[sessionmaker[Session]]:
 
 
 @pytest.fixture
+async def api(
+    pg_sessions: sessionmaker[Session], app_pg_url: str
+) -> AsyncIterator[AsyncTestClient[Any]]:
+    """The API in process on the session's PostgreSQL database, without a token (see
+    :func:`token`)."""
+    app = create_app(Settings(database_url=app_pg_url), pg_sessions)
+    async with AsyncTestClient(app=app) as client:
+        yield client
+
+
+def token(sessions: sessionmaker[Session], role: str, prefix: str = "test") -> dict[str, str]:
+    """The ``Authorization`` header of a new API token of ``role``."""
+    with sessions() as s:
+        value = create_token(s, f"{prefix}-{role}-{uuid.uuid4().hex[:8]}", role)
+    return {"Authorization": f"Bearer {value}"}
+
+
+def app_without_temporal(sessions: sessionmaker[Session]) -> Litestar:
+    """The API on ``sessions`` with no Temporal (its address a free port nobody listens on),
+    for what only reads and writes the database."""
+    return create_app(
+        Settings(database_url="sqlite://", temporal_address=f"127.0.0.1:{free_port()}"),
+        sessions,
+        temporal=None,
+    )
+
+
+@pytest.fixture
 def sqlite_sessions(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     """A fresh, migrated SQLite database for one test (runs without PostgreSQL)."""
     url = f"sqlite:///{tmp_path / 'mes.db'}"
@@ -164,3 +205,128 @@ async def stack(
         settings, cycle_time_s=0.3, temporal_ui=False, temporal_client=temporal_env.client
     ) as s:
         yield s
+
+
+@contextlib.asynccontextmanager
+async def fresh_stack(
+    temporal_env: WorkflowEnvironment,
+    name: str,
+    *,
+    cycle_time_s: float,
+    plant_file: Path | None = None,
+    measured_faults: Mapping[str, MeasuredFault] | None = None,
+) -> AsyncIterator[Stack]:
+    """The whole MES (``embedded_stack``, the sample plant unless ``plant_file``) on a fresh
+    PostgreSQL database ``mes_<name>`` with its own task queue ``mes-<name>``, on the
+    session's Temporal: for a test module that needs a stack of its own (fresh state, or
+    machines of another speed)."""
+    for url in fresh_pg_database(f"mes_{name}"):
+        upgrade(url)
+        settings = Settings(database_url=url, task_queue=f"mes-{name}", plc_poll_seconds=0.1)
+        async with embedded_stack(
+            settings,
+            plant_file=plant_file,
+            cycle_time_s=cycle_time_s,
+            temporal_ui=False,
+            temporal_client=temporal_env.client,
+            measured_faults=measured_faults,
+        ) as s:
+            yield s
+
+
+class HasApi(Protocol):
+    """A running MES as the HTTP helpers see it: a ``Stack`` or a test's own plant."""
+
+    @property
+    def api_url(self) -> str: ...
+
+    @property
+    def tokens(self) -> Mapping[str, str]: ...
+
+
+def token_client(api_url: str, token: str) -> httpx.AsyncClient:
+    """An HTTP client of the API at ``api_url`` with ``token``."""
+    return httpx.AsyncClient(
+        base_url=api_url,
+        timeout=60,
+        headers={"Authorization": f"Bearer {token}"},
+        # A fresh connection per request: the server closes idle kept-alive ones after 5 s,
+        # and a request sent on one it is closing fails with no answer.
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
+
+
+def client(stack: HasApi, role: str) -> httpx.AsyncClient:
+    """An HTTP client of the stack's API with the token of ``role``."""
+    return token_client(stack.api_url, stack.tokens[role])
+
+
+async def post_order(
+    http: httpx.AsyncClient,
+    product: str,
+    quantity: int = 1,
+    *,
+    prefix: str = "PO",
+    priority: int = 100,
+) -> dict[str, Any]:
+    """POST a production order of ``product`` (number ``<prefix>-<random>``, due in three
+    hours) as the client ``http``; returns the accepted order."""
+    body = {
+        "order_number": f"{prefix}-{uuid.uuid4().hex[:8]}",
+        "product": product,
+        "quantity": quantity,
+        "unit": "ea",
+        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
+        "priority": priority,
+    }
+    r = await http.post("/api/v1/production-orders", json=body)
+    assert r.status_code == 202, r.text
+    order: dict[str, Any] = r.json()
+    return order
+
+
+async def order_final(
+    http: httpx.AsyncClient, order_id: int, timeout: float = 60
+) -> dict[str, Any]:
+    """The production order once it has ended (Completed, Aborted or Cancelled); fails
+    naming its last state if it does not within ``timeout`` seconds."""
+    o: dict[str, Any] = {}
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                o = (await http.get(f"/api/v1/production-orders/{order_id}")).json()
+                if o["state"] in ("Completed", "Aborted", "Cancelled"):
+                    return o
+                await asyncio.sleep(0.2)
+    except TimeoutError:
+        raise AssertionError(f"order not final: {o}") from None
+
+
+def order_for_erp_client(
+    sessions: sessionmaker[Session],
+    name: str,
+    url: str,
+    registered_by: CallbackPolicy,
+    prefix: str,
+) -> int:
+    """Register ERP client ``name`` with JSON callbacks to ``url`` (under the policy
+    ``registered_by``), then create an order from it, whose "released" report is queued;
+    returns the order's id."""
+    with sessions() as s:
+        set_erp_client(
+            s,
+            name,
+            ErpClientIn.model_validate({"callback_url": url, "format": "json"}),
+            registered_by,
+        )
+    body = ProductionOrderIn(
+        order_number=f"{prefix}-{uuid.uuid4().hex[:8]}",
+        product="BREAD-WHITE",
+        quantity=1,
+        unit="ea",
+        due=datetime.now(UTC) + timedelta(hours=1),
+        priority=1,
+    )
+    with sessions() as s:
+        order, _ = create_order(s, body, source=name)
+        return order.id

@@ -29,10 +29,9 @@ import json
 import os
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -66,7 +65,7 @@ from mes.models import (
 from mes.settings import Settings
 from mes.workflow_client import WorkflowClient
 from tests.adapters.independent_jobcontrol import IndependentJobControlServer
-from tests.conftest import fresh_pg_database
+from tests.conftest import client, fresh_pg_database, post_order
 
 pytestmark = pytest.mark.postgres
 
@@ -311,32 +310,6 @@ async def plant(temporal_env: WorkflowEnvironment) -> AsyncIterator[Plant]:
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def client(plant: Plant, role: str) -> httpx.AsyncClient:
-    # A fresh connection per request: the server closes idle kept-alive ones after 5 s,
-    # and a request sent on one it is closing fails with no answer.
-    return httpx.AsyncClient(
-        base_url=plant.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {plant.tokens[role]}"},
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
-async def post_order(erp: httpx.AsyncClient, product: str, priority: int = 100) -> dict[str, Any]:
-    body = {
-        "order_number": f"A-{uuid.uuid4().hex[:8]}",
-        "product": product,
-        "quantity": 1,
-        "unit": "ea",
-        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
-        "priority": priority,
-    }
-    r = await erp.post("/api/v1/production-orders", json=body)
-    assert r.status_code == 202, r.text
-    order: dict[str, Any] = r.json()
-    return order
 
 
 async def get(http: httpx.AsyncClient, url: str) -> httpx.Response:

@@ -14,11 +14,10 @@ from sqlalchemy import func, select
 
 from mes.launch import Stack
 from mes.models import AuditEvent, MaterialLot
+from tests.conftest import client, order_final
 from tests.test_erp_integration import (
     EXAMPLES,
     NS,
-    client,
-    final,
     order_ids,
     post_xml,
     third_party,
@@ -229,7 +228,7 @@ async def test_sync_operations_schedule_processes_new_and_changes_known(stack: S
         assert any(f"{tag}-1" in (e or "") for e in expressions)
         assert f"{tag}-3" in order_ids(stack, [f"{tag}-3"])
         for order_id in order_ids(stack, [f"{tag}-1", f"{tag}-2", f"{tag}-3"]).values():
-            await final(erp, order_id)
+            await order_final(erp, order_id, 90)
 
 
 def lot_count(stack: Stack) -> int:
@@ -282,7 +281,7 @@ async def test_lots_synced_by_the_erp_are_consumed_by_its_order(stack: Stack) ->
         r = await post_xml(erp, order)
         assert r.status_code == 200, r.text
         ids = order_ids(stack, [f"AL-{tag}"])
-        done = await final(erp, ids[f"AL-{tag}"])
+        done = await order_final(erp, ids[f"AL-{tag}"], 90)
         assert done["state"] == "Completed"
         produced = done["produced_lots"][0]["lot"]
         back = (await auditor.get(f"/api/v1/genealogy/lots/{produced}/backward")).json()

@@ -5,9 +5,7 @@ the activity's 5-minute start-to-close timeout."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
@@ -15,8 +13,7 @@ from temporalio.testing import ActivityEnvironment
 
 import workflows.activities
 from mes.callbacks import LOOPBACK, CallbackPolicy
-from mes.production_orders import ProductionOrderIn, create_order
-from mes.reporting import ErpClientIn, set_erp_client
+from tests.conftest import order_for_erp_client
 from workflows.activities import MesActivities
 
 ERP_DELAY_S = 0.6
@@ -57,29 +54,13 @@ async def test_deliver_reports_heartbeats_while_the_erp_answers(
 ) -> None:
     url, received = slow_erp
     monkeypatch.setattr(workflows.activities, "_HEARTBEAT_TICK_S", TICK_S)
-    with plant_sqlite() as s:
-        set_erp_client(
-            s,
-            "erp-slow",
-            ErpClientIn.model_validate({"callback_url": url, "format": "json"}),
-            ALLOW_LOOPBACK,
-        )
-    body = ProductionOrderIn(
-        order_number=f"HB-{uuid.uuid4().hex[:8]}",
-        product="BREAD-WHITE",
-        quantity=1,
-        unit="ea",
-        due=datetime.now(UTC) + timedelta(hours=1),
-        priority=1,
-    )
-    with plant_sqlite() as s:
-        order, _ = create_order(s, body, source="erp-slow")  # its "released" report is queued
+    order_id = order_for_erp_client(plant_sqlite, "erp-slow", url, ALLOW_LOOPBACK, "HB")
 
     beats: list[tuple[object, ...]] = []
     env = ActivityEnvironment()
     env.on_heartbeat = lambda *details: beats.append(details)
     sent = await env.run(
-        MesActivities(plant_sqlite, callback_policy=ALLOW_LOOPBACK).deliver_reports, order.id
+        MesActivities(plant_sqlite, callback_policy=ALLOW_LOOPBACK).deliver_reports, order_id
     )
 
     assert sent == 1

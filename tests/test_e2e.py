@@ -25,6 +25,7 @@ from mes.models import (
     SegmentData,
     TestResult,
 )
+from tests.conftest import client
 
 pytestmark = pytest.mark.postgres
 PROBLEM = "application/problem+json"
@@ -56,13 +57,7 @@ async def wait_final(http: httpx.AsyncClient, order_id: int, timeout: float = 60
 
 def api(stack: Stack, role: str = "erp") -> httpx.AsyncClient:
     """An HTTP client of the stack's API with the token of ``role``."""
-    return httpx.AsyncClient(
-        base_url=stack.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {stack.tokens[role]}"},
-        # A fresh connection per request: the server closes idle kept-alive ones after 5 s.
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
+    return client(stack, role)
 
 
 def order_count(stack: Stack) -> int:

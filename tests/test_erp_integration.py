@@ -8,7 +8,6 @@ import asyncio
 import uuid
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -18,6 +17,7 @@ from sqlalchemy import func, select
 from mes.b2mml import schema
 from mes.launch import Stack
 from mes.models import ErpMessage, OperationsRequest
+from tests.conftest import client, order_final
 
 pytestmark = pytest.mark.postgres
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "b2mml"
@@ -42,33 +42,10 @@ def valid(xml: bytes) -> etree._Element:
     return doc
 
 
-def client(stack: Stack, role: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {stack.tokens[role]}"},
-        # A fresh connection per request: the server closes idle kept-alive ones after 5 s.
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
 async def post_xml(http: httpx.AsyncClient, body: bytes) -> httpx.Response:
     return await http.post(
         "/api/v1/b2mml", content=body, headers={"content-type": "application/xml"}
     )
-
-
-async def final(http: httpx.AsyncClient, order_id: int, timeout: float = 90) -> dict[str, Any]:
-    o: dict[str, Any] = {}
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                o = (await http.get(f"/api/v1/production-orders/{order_id}")).json()
-                if o["state"] in ("Completed", "Aborted", "Cancelled"):
-                    return o
-                await asyncio.sleep(0.2)
-    except TimeoutError:
-        raise AssertionError(f"order not final: {o}") from None
 
 
 def order_ids(stack: Stack, numbers: list[str]) -> dict[str, int]:
@@ -106,7 +83,7 @@ async def test_b2mml_orders_run_and_every_report_is_valid(stack: Stack) -> None:
         assert second["priority"] == 3
 
         for number in (a, b):
-            assert (await final(erp, ids[number]))["state"] == "Completed"
+            assert (await order_final(erp, ids[number], 90))["state"] == "Completed"
 
         perf = await erp.get(f"/api/v1/production-orders/{ids[b]}/performance?format=b2mml")
         doc = valid(perf.content)
@@ -132,14 +109,14 @@ async def test_change_before_start_and_refused_once_running(stack: Stack) -> Non
         )
         assert r.status_code == 200, r.text
         ids = order_ids(stack, [n, n + "-b"])
-        await final(erp, ids[n])
+        await order_final(erp, ids[n], 90)
         change = fresh("change-operations-schedule.xml", PO_2030_0001=n, PO_2030_0002=n + "-b")
         refused = await post_xml(erp, change)
         doc = valid(refused.content)
         assert etree.QName(doc).localname == "RespondOperationsSchedule"
         assert refused.status_code == 409
         assert b"cannot change" in refused.content
-        await final(erp, ids[n + "-b"])
+        await order_final(erp, ids[n + "-b"], 90)
         del sup
 
 
@@ -203,7 +180,7 @@ async def test_erp_away_for_a_while_gets_every_message_once_in_order(stack: Stac
                 numbers.append(n)
             ids = order_ids(stack, numbers)
             for n in numbers:  # production goes on while the ERP is away
-                assert (await final(erp, ids[n]))["state"] == "Completed"
+                assert (await order_final(erp, ids[n], 90))["state"] == "Completed"
         with stack.sessions() as s:
             waiting = s.scalar(
                 select(func.count())
@@ -317,7 +294,7 @@ async def test_third_party_schedule_runs_with_the_erps_ids_and_lots(stack: Stack
         ack = valid(r.content)
         assert ack.findtext(f".//{NS}OriginalApplicationArea/{NS}BODID", "").startswith("ACME-")
         ids = order_ids(stack, [n])
-        order = await final(erp, ids[n])
+        order = await order_final(erp, ids[n], 90)
         assert order["state"] == "Completed"
         assert (order["quantity"], order["unit"]) == (12, "ea")  # not the rate 41.9 EA/H
         assert order["job_orders"][0]["equipment"] == "WU-MIXER-2"

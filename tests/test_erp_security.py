@@ -15,7 +15,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -37,11 +36,9 @@ from mes.callbacks import (
 from mes.cli import main
 from mes.launch import Stack, api_server, free_port
 from mes.models import ErpClient, ErpMessage, Role
-from mes.production_orders import ProductionOrderIn, create_order
-from mes.reporting import ErpClientIn, set_erp_client
 from mes.settings import Settings
-from tests.conftest import fresh_pg_database
-from tests.test_erp_integration import client, final, fresh, order_ids, post_xml
+from tests.conftest import client, fresh_pg_database, order_final, order_for_erp_client
+from tests.test_erp_integration import fresh, order_ids, post_xml
 from workflows.activities import MesActivities
 
 SECRET = "0123456789abcdef" * 4
@@ -131,7 +128,7 @@ async def test_every_callback_of_an_order_is_validly_signed(stack: Stack) -> Non
         )
         assert r.status_code == 200, r.text
         ids = order_ids(stack, [n])
-        await final(erp, ids[n])
+        await order_final(erp, ids[n], 90)
     async with asyncio.timeout(60):
         while not any("Completed" in m.text for m in stack.erp.messages if m.order_number == n):
             await asyncio.sleep(0.2)
@@ -243,27 +240,6 @@ def test_the_allow_list_opens_private_nets_but_never_link_local_or_metadata() ->
     )
 
 
-async def _order_with_client(
-    sessions: sessionmaker[Session], url: str, registered_by: CallbackPolicy
-) -> int:
-    with sessions() as s:
-        set_erp_client(
-            s, "erp-x", ErpClientIn.model_validate({"callback_url": url, "format": "json"}),
-            registered_by,
-        )  # fmt: skip
-    body = ProductionOrderIn(
-        order_number=f"POL-{uuid.uuid4().hex[:8]}",
-        product="BREAD-WHITE",
-        quantity=1,
-        unit="ea",
-        due=datetime.now(UTC) + timedelta(hours=1),
-        priority=1,
-    )
-    with sessions() as s:
-        order, _ = create_order(s, body, source="erp-x")  # its "released" report is queued
-        return order.id
-
-
 @pytest.mark.parametrize(
     ("host", "why"),
     [("127.0.0.1", "loopback address"), (socket.gethostname(), "resolves to")],
@@ -279,7 +255,7 @@ async def test_delivery_does_not_call_a_host_that_resolves_to_a_refused_address(
     async with ErpReceiver(store=tmp_path / "erp.jsonl") as erp:
         scheme = "http" if host == "127.0.0.1" else "https"
         url = f"{scheme}://{host}:{erp.port}/callbacks"
-        order_id = await _order_with_client(plant_sqlite, url, ALLOW_LOOPBACK)
+        order_id = order_for_erp_client(plant_sqlite, "erp-x", url, ALLOW_LOOPBACK, "POL")
         activities = MesActivities(plant_sqlite, callback_policy=PUBLIC_ONLY)
         sent = await ActivityEnvironment().run(activities.deliver_reports, order_id)
         assert sent == 0
@@ -297,7 +273,7 @@ async def test_an_allowed_delivery_is_signed_with_the_clients_secret(
     plant_sqlite: sessionmaker[Session], tmp_path: Path
 ) -> None:
     async with ErpReceiver(store=tmp_path / "erp.jsonl") as erp:
-        order_id = await _order_with_client(plant_sqlite, erp.url, ALLOW_LOOPBACK)
+        order_id = order_for_erp_client(plant_sqlite, "erp-x", erp.url, ALLOW_LOOPBACK, "POL")
         with plant_sqlite() as s:
             erp.signing_secret = s.scalars(
                 select(ErpClient.signing_secret).where(ErpClient.name == "erp-x")

@@ -24,7 +24,6 @@ import json
 import re
 import shutil
 import subprocess
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -37,18 +36,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from mes import execution, genealogy
-from mes.api.app import create_app
-from mes.auth import create_token
 from mes.db import make_engine, make_sessionmaker
 from mes.errors import NotFound
-from mes.launch import free_port
 from mes.machines import JobResponseData, JobState, MaterialActualData, MeasuredValue
 from mes.masterdata import load_plant, parse_plant
 from mes.migrate import upgrade
 from mes.models import JobOrder, MaterialLot, MaterialLotAssembly
 from mes.production_orders import ProductionOrderIn, create_order
-from mes.settings import Settings
-from tests.conftest import fresh_pg_database
+from tests.conftest import app_without_temporal, fresh_pg_database, token
 
 UNIT = {"protocol": "opcua", "url": "opc.tcp://127.0.0.1:4840/"}
 PLANT: dict[str, Any] = {
@@ -283,15 +278,8 @@ async def api(
     history: tuple[sessionmaker[Session], dict[str, int]],
 ) -> Any:
     sessions, _ = history
-    app = create_app(
-        Settings(database_url="sqlite://", temporal_address=f"127.0.0.1:{free_port()}"),
-        sessions,
-        temporal=None,
-    )
-    with sessions() as s:
-        token = create_token(s, f"auditor-{uuid.uuid4().hex[:8]}", "auditor")
-    async with AsyncTestClient(app=app) as http:
-        http.headers["Authorization"] = f"Bearer {token}"
+    async with AsyncTestClient(app=app_without_temporal(sessions)) as http:
+        http.headers.update(token(sessions, "auditor"))
         yield http
 
 

@@ -7,21 +7,16 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from litestar.testing import AsyncTestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from adapters.opcua.simulator import PlcSimulator, SimUnit, Stoppages
-from mes.api.app import create_app
-from mes.auth import create_token
 from mes.collector import collector_running
 from mes.kpi import planned_seconds
 from mes.masterdata import load_plant_file
@@ -44,25 +39,12 @@ from mes.models import (
     WorkMaster,
     WorkMasterEquipment,
 )
-from mes.settings import Settings
+from tests.conftest import token
 from tests.test_collector import add_unit, eventually, run_jobs, totals
 
 pytestmark = pytest.mark.postgres
 
 IDLE, EXECUTE, HELD = 4, 6, 11
-
-
-@pytest.fixture
-async def api(pg_sessions: sessionmaker[Session], app_pg_url: str) -> AsyncIterator[Any]:
-    app = create_app(Settings(database_url=app_pg_url), pg_sessions)
-    async with AsyncTestClient(app=app) as client:
-        yield client
-
-
-def token(sessions: sessionmaker[Session], role: str) -> dict[str, str]:
-    with sessions() as s:
-        value = create_token(s, f"kpi-{role}-{uuid.uuid4().hex[:8]}", role)
-    return {"Authorization": f"Bearer {value}"}
 
 
 def add_equipment(

@@ -23,8 +23,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.testing import WorkflowEnvironment
 
 from mes.auth import authenticate
-from mes.launch import Stack, api_server, embedded_stack
-from mes.migrate import upgrade
+from mes.launch import Stack, api_server
 from mes.models import (
     B2mmlMessage,
     ControllerEndpoint,
@@ -37,8 +36,7 @@ from mes.models import (
     SegmentRequirement,
     WorkMaster,
 )
-from mes.settings import Settings
-from tests.conftest import fresh_pg_database
+from tests.conftest import client, fresh_stack, token_client
 from tests.test_erp_integration import NS, fresh, post_xml, valid
 
 pytestmark = pytest.mark.postgres
@@ -47,30 +45,12 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture(scope="module")
 async def line(temporal_env: WorkflowEnvironment) -> AsyncIterator[Stack]:
     """The MES with slow machines (3 s a job), so an order stays open while others poke it."""
-    for url in fresh_pg_database("mes_privilege"):
-        upgrade(url)
-        settings = Settings(database_url=url, task_queue="mes-privilege", plc_poll_seconds=0.1)
-        async with embedded_stack(
-            settings, cycle_time_s=3, temporal_ui=False, temporal_client=temporal_env.client
-        ) as stack:
-            yield stack
-
-
-def as_token(stack: Stack, token: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {token}"},
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
-def as_role(stack: Stack, role: str) -> httpx.AsyncClient:
-    return as_token(stack, stack.tokens[role])
+    async with fresh_stack(temporal_env, "privilege", cycle_time_s=3) as stack:
+        yield stack
 
 
 async def new_token(stack: Stack, role: str, **extra: Any) -> str:
-    async with as_role(stack, "admin") as admin:
+    async with client(stack, "admin") as admin:
         r = await admin.post(
             "/api/v1/tokens", json={"name": f"{role}-{uuid.uuid4().hex[:8]}", "role": role} | extra
         )
@@ -153,7 +133,7 @@ def parameters(stack: Stack, wm: str) -> dict[str, float] | None:
 async def test_erp_cannot_change_an_endpoint_by_sync_equipment(line: Stack) -> None:
     before = endpoint(line, "WU-MIXER-1")
     assert before is not None
-    async with as_role(line, "erp") as erp:
+    async with client(line, "erp") as erp:
         r = await post_xml(erp, work_unit("WU-MIXER-1", "opc.tcp://attacker.example:4840/"))
     assert r.status_code == 403, r.text
     assert r.headers["content-type"].startswith("application/xml")
@@ -164,7 +144,7 @@ async def test_erp_cannot_change_an_endpoint_by_sync_equipment(line: Stack) -> N
 
 async def test_admin_syncs_equipment_and_work_masters(line: Stack) -> None:
     unit = f"WU-TEST-{uuid.uuid4().hex[:6]}"
-    async with as_role(line, "admin") as admin:
+    async with client(line, "admin") as admin:
         made = await post_xml(admin, work_unit(unit, "opc.tcp://10.1.2.3:4840/"))
         assert made.status_code == 200, made.text
         assert confirm_errors(made) == ["SyncEquipment accepted"]
@@ -183,7 +163,7 @@ async def test_admin_syncs_equipment_and_work_masters(line: Stack) -> None:
         assert order.status_code == 403, order.text
         assert "may not send ProcessOperationsSchedule" in confirm_errors(order)[0]
 
-    async with as_role(line, "erp") as erp:
+    async with client(line, "erp") as erp:
         r = await post_xml(erp, work_unit(unit, "opc.tcp://attacker.example:4840/"))
         assert r.status_code == 403, r.text
         assert endpoint(line, unit) == ("opcua", "opc.tcp://10.1.2.4:4840/", unit)
@@ -212,7 +192,7 @@ async def test_erp_cannot_sync_any_master_data_that_drives_machines(line: Stack)
               </OperationsSegment></OperationsDefinition>""",
         ),
     }
-    async with as_role(line, "erp") as erp:
+    async with client(line, "erp") as erp:
         for noun, body in attempts.items():
             r = await post_xml(erp, body)
             assert r.status_code == 403, (noun, r.text)
@@ -227,7 +207,7 @@ async def test_erp_cannot_sync_any_master_data_that_drives_machines(line: Stack)
 
 async def test_erp_syncs_materials_and_lots(line: Stack) -> None:
     material, lot = f"M-{uuid.uuid4().hex[:6]}", f"L-{uuid.uuid4().hex[:6]}"
-    async with as_role(line, "erp") as erp:
+    async with client(line, "erp") as erp:
         defined = await post_xml(
             erp,
             sync(
@@ -274,7 +254,7 @@ async def test_json_master_data_stays_admin_only(line: Stack) -> None:
             }
         ]
     }
-    async with as_role(line, "erp") as erp:
+    async with client(line, "erp") as erp:
         r = await erp.post("/api/v1/master-data", json=evil)
     assert r.status_code == 403, r.text
     assert endpoint(line, "WU-MIXER-1") == before
@@ -327,7 +307,7 @@ def roll_order(number: str) -> dict[str, Any]:
 async def test_an_erp_client_cannot_see_or_touch_another_clients_order(line: Stack) -> None:
     erp_b = await new_token(line, "erp")
     number = f"B-{uuid.uuid4().hex[:6]}"
-    async with as_token(line, erp_b) as b, as_role(line, "erp") as a:
+    async with token_client(line.api_url, erp_b) as b, client(line, "erp") as a:
         posted = await b.post("/api/v1/production-orders", json=roll_order(number))
         assert posted.status_code == 202, posted.text
         order_id = posted.json()["id"]
@@ -351,7 +331,7 @@ async def test_an_erp_client_cannot_see_or_touch_another_clients_order(line: Sta
             o["order_number"] for o in (await b.get("/api/v1/production-orders")).json()
         }
         for role in ("supervisor", "auditor"):
-            async with as_role(line, role) as other:
+            async with client(line, role) as other:
                 assert (await other.get(f"/api/v1/production-orders/{order_id}")).status_code == 200
                 seen = (await other.get("/api/v1/production-orders")).json()
                 assert number in {o["order_number"] for o in seen}
@@ -402,7 +382,7 @@ async def test_a_bodid_of_another_client_replays_nothing(line: Stack) -> None:
     erp_b = await new_token(line, "erp")
     number = f"BOD-{uuid.uuid4().hex[:6]}"
     message = fresh("cancel-operations-schedule.xml", PO_2030_0002=number)
-    async with as_role(line, "erp") as a, as_token(line, erp_b) as b:
+    async with client(line, "erp") as a, token_client(line.api_url, erp_b) as b:
         first = await post_xml(a, message)
         assert first.status_code == 409, first.text
         assert (await post_xml(a, message)).content == first.content  # A's retry: A's answer
@@ -421,14 +401,14 @@ async def test_a_bodid_of_another_client_replays_nothing(line: Stack) -> None:
 async def test_an_expired_token_is_refused(line: Stack) -> None:
     soon = datetime.now(UTC) + timedelta(seconds=2)
     token = await new_token(line, "auditor", expires_at=soon.isoformat())
-    async with as_token(line, token) as auditor:
+    async with token_client(line.api_url, token) as auditor:
         assert (await auditor.get("/api/v1/audit-events")).status_code == 200
         await asyncio.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.5)
         r = await auditor.get("/api/v1/audit-events")
     assert r.status_code == 401, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     assert "expired" in r.json()["detail"]
-    async with as_role(line, "admin") as admin:
+    async with client(line, "admin") as admin:
         listed = (await admin.get("/api/v1/tokens")).json()
         past = await admin.post(
             "/api/v1/tokens",

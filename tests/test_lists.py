@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -19,8 +19,6 @@ from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
 from mes import audit, production_orders, quality, work_orders
-from mes.api.app import create_app
-from mes.auth import create_token
 from mes.models import (
     Equipment,
     EquipmentLevel,
@@ -35,7 +33,7 @@ from mes.models import (
     WorkMaster,
 )
 from mes.paging import Paging, encode_cursor
-from mes.settings import Settings
+from tests.conftest import token
 
 pytestmark = pytest.mark.postgres
 
@@ -160,15 +158,10 @@ def floor(pg_sessions: sessionmaker[Session]) -> Floor:
 
 
 @pytest.fixture
-async def api(
-    pg_sessions: sessionmaker[Session], app_pg_url: str
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    app = create_app(Settings(database_url=app_pg_url), pg_sessions)
-    with pg_sessions() as s:
-        value = create_token(s, f"lists-auditor-{uuid.uuid4().hex[:8]}", "auditor")
-    async with AsyncTestClient(app=app) as client:
-        client.headers["Authorization"] = f"Bearer {value}"
-        yield client
+def api(api: AsyncTestClient[Any], pg_sessions: sessionmaker[Session]) -> AsyncTestClient[Any]:
+    """The in-process API (conftest's), as an auditor."""
+    api.headers.update(token(pg_sessions, "auditor", "lists"))
+    return api
 
 
 async def walk(api: AsyncTestClient[Any], path: str, **query: Any) -> list[dict[str, Any]]:

@@ -5,7 +5,6 @@ the numbers are the database's and this process's PLC calls, and it needs a toke
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from litestar.testing import AsyncTestClient
@@ -20,7 +19,7 @@ from mes.machines import JobOrderData, MachineUnreachableError
 from mes.models import OperationsRequest
 from mes.settings import Settings
 from mes.states import FINAL_STATES
-from tests.test_kpi import token
+from tests.conftest import token
 
 pytestmark = pytest.mark.postgres
 
@@ -33,17 +32,8 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
-@pytest.fixture
-async def client(
-    pg_sessions: sessionmaker[Session], app_pg_url: str
-) -> AsyncIterator[AsyncTestClient]:  # type: ignore[type-arg]
-    app = create_app(Settings(database_url=app_pg_url), pg_sessions)
-    async with AsyncTestClient(app=app) as c:
-        yield c
-
-
 async def test_metrics_parse_and_count(
-    client: AsyncTestClient,  # type: ignore[type-arg]
+    api: AsyncTestClient,  # type: ignore[type-arg]
     pg_sessions: sessionmaker[Session],
 ) -> None:
     machine = f"WU-METRICS-{uuid.uuid4().hex[:6]}"
@@ -55,8 +45,8 @@ async def test_metrics_parse_and_count(
         with pytest.raises(MachineUnreachableError):
             await plc.start("M-1")
 
-    assert (await client.get("/metrics")).status_code == 401
-    r = await client.get("/metrics", headers=token(pg_sessions, "auditor"))
+    assert (await api.get("/metrics")).status_code == 401
+    r = await api.get("/metrics", headers=token(pg_sessions, "auditor"))
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     got = samples(r.text)

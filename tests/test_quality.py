@@ -20,8 +20,7 @@ from temporalio.testing import WorkflowEnvironment
 
 from adapters.opcua.simulator import MeasuredFault
 from mes import execution, quality
-from mes.launch import Stack, embedded_stack
-from mes.migrate import upgrade
+from mes.launch import Stack
 from mes.models import (
     Equipment,
     JobOrder,
@@ -36,8 +35,7 @@ from mes.models import (
     TestSpecification,
 )
 from mes.production_orders import ProductionOrderIn, create_order
-from mes.settings import Settings
-from tests.conftest import fresh_pg_database
+from tests.conftest import client, fresh_stack, order_final, post_order
 
 pytestmark = pytest.mark.postgres
 
@@ -45,42 +43,19 @@ pytestmark = pytest.mark.postgres
 @pytest.fixture(scope="module")
 async def line(temporal_env: WorkflowEnvironment) -> AsyncIterator[Stack]:
     """The sample plant whose packer weighs every bag out of specification."""
-    for url in fresh_pg_database("mes_quality"):
-        upgrade(url)
-        settings = Settings(database_url=url, task_queue="mes-quality", plc_poll_seconds=0.1)
-        async with embedded_stack(
-            settings,
-            cycle_time_s=0.3,
-            temporal_ui=False,
-            temporal_client=temporal_env.client,
-            measured_faults={"PackWeight": MeasuredFault(defect_rate=1.0)},
-        ) as stack:
-            yield stack
-
-
-def client(stack: Stack, role: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {stack.tokens[role]}"},
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
+    async with fresh_stack(
+        temporal_env,
+        "quality",
+        cycle_time_s=0.3,
+        measured_faults={"PackWeight": MeasuredFault(defect_rate=1.0)},
+    ) as stack:
+        yield stack
 
 
 async def post_rolls(stack: Stack) -> tuple[int, str]:
-    number = f"Q-{uuid.uuid4().hex[:6]}"
-    body = {
-        "order_number": number,
-        "product": "ROLL-6PK",
-        "quantity": 6,
-        "unit": "ea",
-        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
-        "priority": 100,
-    }
     async with client(stack, "erp") as erp:
-        r = await erp.post("/api/v1/production-orders", json=body)
-    assert r.status_code == 202, r.text
-    return int(r.json()["id"]), number
+        order = await post_order(erp, "ROLL-6PK", 6, prefix="Q")
+    return int(order["id"]), str(order["order_number"])
 
 
 async def open_nc(stack: Stack, lot: str, timeout: float = 60) -> dict[str, Any]:
@@ -95,13 +70,9 @@ async def open_nc(stack: Stack, lot: str, timeout: float = 60) -> dict[str, Any]
             await asyncio.sleep(0.2)
 
 
-async def order_final(stack: Stack, order_id: int, timeout: float = 60) -> dict[str, Any]:
-    async with client(stack, "erp") as erp, asyncio.timeout(timeout):
-        while True:
-            o: dict[str, Any] = (await erp.get(f"/api/v1/production-orders/{order_id}")).json()
-            if o["state"] in ("Completed", "Aborted", "Cancelled"):
-                return o
-            await asyncio.sleep(0.2)
+async def final_order(stack: Stack, order_id: int) -> dict[str, Any]:
+    async with client(stack, "erp") as erp:
+        return await order_final(erp, order_id)
 
 
 def rows(sessions: sessionmaker[Session], sql: str, **params: object) -> list[Any]:
@@ -176,7 +147,7 @@ async def test_failed_lot_is_held_then_released_by_a_supervisor(line: Stack) -> 
     )
     sup_name = out["disposed_by"]
     assert sup_name != "system"
-    assert (await order_final(line, order_id))["state"] == "Completed"
+    assert (await final_order(line, order_id))["state"] == "Completed"
     assert ("nonconformance.disposed", sup_name, "re-weighed: 362 g") in audit_of(
         line.sessions, nc["id"]
     )
@@ -203,7 +174,7 @@ async def test_rework_then_scrap(line: Stack) -> None:
     r = await dispose(line, second["id"], "scrap", "bag seal broken")
     assert r.status_code == 200, r.text
     assert r.json()["lot_disposition"] == "Rejected"
-    final = await order_final(line, order_id)
+    final = await final_order(line, order_id)
     assert final["state"] == "Aborted"
     assert rows(
         line.sessions,
@@ -220,7 +191,7 @@ async def test_manual_result_and_its_refusals(line: Stack) -> None:
     order_id, number = await post_rolls(line)
     nc = await open_nc(line, f"LOT-{number}-03")
     await dispose(line, nc["id"], "release", "fine")
-    await order_final(line, order_id)
+    await final_order(line, order_id)
     dough = f"LOT-{number}-01"  # mixed before: DoughTemperature 24..27 degC
     async with client(line, "supervisor") as sup:
         good = await sup.post(

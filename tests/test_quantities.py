@@ -14,17 +14,14 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from mes import execution
-from mes.api.app import create_app
-from mes.auth import create_token
 from mes.b2mml import ProcessOperationsSchedule, decode
-from mes.launch import free_port
 from mes.machines import JobResponseData, JobState, MaterialActualData
 from mes.models import MaterialDefinition, MaterialLot
 from mes.production_orders import ProductionOrderIn, create_order
 from mes.quantities import exact, json_number
 from mes.quantities import text as quantity_text
-from mes.settings import Settings
 from tests.b2mml.conftest import example
+from tests.conftest import app_without_temporal, token
 from tests.test_execution import _order
 
 
@@ -114,15 +111,8 @@ async def test_a_lot_after_three_consumptions_is_exact(plant: sessionmaker[Sessi
         ).all()
         assert [Decimal(str(q)) for (q,) in actuals] == [Decimal("0.45")] * 3
 
-    app = create_app(
-        Settings(database_url="sqlite://", temporal_address=f"127.0.0.1:{free_port()}"),
-        plant,
-        temporal=None,
-    )
-    with plant() as s:
-        token = create_token(s, f"auditor-{uuid.uuid4().hex[:8]}", "auditor")
-    auth = {"Authorization": f"Bearer {token}"}
-    async with AsyncTestClient(app=app) as http:
+    auth = token(plant, "auditor")
+    async with AsyncTestClient(app=app_without_temporal(plant)) as http:
         back = await http.get(f"/api/v1/genealogy/lots/{made[-1]}/backward", headers=auth)
         forward = await http.get(f"/api/v1/genealogy/lots/{lot_id}/forward", headers=auth)
     assert back.status_code == forward.status_code == 200, back.text
@@ -187,16 +177,10 @@ async def test_the_order_api_gives_quantities_as_numbers(
     with plant_sqlite() as s:
         order, _ = create_order(s, body)
         order_id = order.id
-        token = create_token(s, f"sup-{uuid.uuid4().hex[:8]}", "supervisor")
-    app = create_app(
-        Settings(database_url="sqlite://", temporal_address=f"127.0.0.1:{free_port()}"),
-        plant_sqlite,
-        temporal=None,
-    )
-    async with AsyncTestClient(app=app) as http:
+    async with AsyncTestClient(app=app_without_temporal(plant_sqlite)) as http:
         r = await http.get(
             f"/api/v1/production-orders/{order_id}",
-            headers={"Authorization": f"Bearer {token}"},
+            headers=token(plant_sqlite, "supervisor"),
         )
     assert r.status_code == 200, r.text
     assert r.json()["quantity"] == 11.9

@@ -23,11 +23,9 @@ from temporalio.testing import WorkflowEnvironment
 
 from adapters.opcua.model import JOBCONTROL_NS_URI
 from adapters.opcua.simulator import SIM_NAMESPACE_URI
-from mes.launch import Stack, embedded_stack
-from mes.migrate import upgrade
+from mes.launch import Stack
 from mes.samples import plant_text
-from mes.settings import Settings
-from tests.conftest import fresh_pg_database
+from tests.conftest import client, fresh_stack, order_final, post_order
 
 pytestmark = pytest.mark.postgres
 MIXER = "WU-MIXER-1"
@@ -43,42 +41,14 @@ async def line(
             wm["work_units"] = [u for u in wm["work_units"] if u["equipment"] == MIXER]
     plant_file = tmp_path_factory.mktemp("plant") / "plant.yaml"
     plant_file.write_text(yaml.safe_dump(plant))
-    for url in fresh_pg_database("mes_steer"):
-        upgrade(url)
-        settings = Settings(database_url=url, task_queue="mes-steer", plc_poll_seconds=0.1)
-        async with embedded_stack(
-            settings,
-            plant_file=Path(plant_file),
-            cycle_time_s=2.5,
-            temporal_ui=False,
-            temporal_client=temporal_env.client,
-        ) as stack:
-            yield stack
+    async with fresh_stack(
+        temporal_env, "steer", plant_file=Path(plant_file), cycle_time_s=2.5
+    ) as stack:
+        yield stack
 
 
-def client(stack: Stack, role: str) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.api_url,
-        timeout=60,
-        headers={"Authorization": f"Bearer {stack.tokens[role]}"},
-        # A fresh connection per request: the server closes idle kept-alive ones after 5 s.
-        limits=httpx.Limits(max_keepalive_connections=0),
-    )
-
-
-async def post_order(erp: httpx.AsyncClient, priority: int = 100) -> dict[str, Any]:
-    body = {
-        "order_number": f"S-{uuid.uuid4().hex[:6]}",
-        "product": "ROLL-6PK",
-        "quantity": 6,
-        "unit": "ea",
-        "due": (datetime.now(UTC) + timedelta(hours=3)).isoformat(),
-        "priority": priority,
-    }
-    r = await erp.post("/api/v1/production-orders", json=body)
-    assert r.status_code == 202, r.text
-    order: dict[str, Any] = r.json()
-    return order
+async def post_rolls(erp: httpx.AsyncClient) -> dict[str, Any]:
+    return await post_order(erp, "ROLL-6PK", 6, prefix="S")
 
 
 async def work_order(sup: httpx.AsyncClient, job: str) -> dict[str, Any]:
@@ -100,15 +70,6 @@ async def until(
                 return out
             assert r.status_code in (200, 404), r.text
             await asyncio.sleep(0.1)
-
-
-async def order_final(erp: httpx.AsyncClient, order_id: int, timeout: float = 60) -> dict[str, Any]:
-    async with asyncio.timeout(timeout):
-        while True:
-            o: dict[str, Any] = (await erp.get(f"/api/v1/production-orders/{order_id}")).json()
-            if o["state"] in ("Completed", "Aborted", "Cancelled"):
-                return o
-            await asyncio.sleep(0.2)
 
 
 async def plc_becomes(stack: Stack, unit: str, job: str, state: int | None) -> None:
@@ -154,7 +115,7 @@ async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
         client(line, "supervisor") as sup,
         client(line, "auditor") as aud,
     ):
-        a = await post_order(erp)
+        a = await post_rolls(erp)
         a_mix = f"{a['order_number']}-01"
         await until(sup, a_mix, "Running")
 
@@ -165,7 +126,7 @@ async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
         await plc_becomes(line, MIXER, a_mix, 4)  # Interrupted
 
         # While the mixer is held, three more roll orders queue behind it.
-        c, d, e = [await post_order(erp) for _ in range(3)]
+        c, d, e = [await post_rolls(erp) for _ in range(3)]
         c_mix, d_mix, e_mix = (f"{o['order_number']}-01" for o in (c, d, e))
         for job in (c_mix, d_mix, e_mix):
             await until(sup, job, "Ready")
@@ -234,7 +195,7 @@ async def test_hold_cancel_reprioritise_on_a_busy_mixer(line: Stack) -> None:
 
 async def test_order_level_actions(line: Stack) -> None:
     async with client(line, "erp") as erp, client(line, "supervisor") as sup:
-        blocker = await post_order(erp)
+        blocker = await post_rolls(erp)
         blocker_mix = f"{blocker['order_number']}-01"
         await until(sup, blocker_mix, "Running")
         held = await sup.post(
@@ -243,7 +204,7 @@ async def test_order_level_actions(line: Stack) -> None:
         assert held.status_code == 200, held.text
         assert held.json()["state"] == "Held"
 
-        queued = await post_order(erp)
+        queued = await post_rolls(erp)
         await until(sup, f"{queued['order_number']}-01", "Ready")
         cancel = await sup.post(
             f"/api/v1/production-orders/{queued['id']}/cancel", json={"reason": "duplicate"}
@@ -267,7 +228,7 @@ async def test_erp_cancels_a_held_order_by_b2mml(line: Stack) -> None:
     from tests.test_erp_integration import fresh, post_xml, valid
 
     async with client(line, "erp") as erp, client(line, "supervisor") as sup:
-        order = await post_order(erp)
+        order = await post_rolls(erp)
         n = order["order_number"]
         await until(sup, f"{n}-01", "Running")
         held = await sup.post(f"/api/v1/production-orders/{order['id']}/hold")
