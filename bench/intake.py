@@ -267,11 +267,10 @@ async def load(base: str, path: str, token: str, clients: int, seconds: float) -
             n = k
             while time.perf_counter() < until:
                 t = time.perf_counter()
-                r = await http.post(path, json=order_body(n))
+                accepted = await post_order(http, path, n)
                 posts += 1
-                if r.status_code != 202:
+                if not accepted:
                     errors += 1
-                    print(f"  {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
                 elif record:
                     latencies.append(time.perf_counter() - t)
                 n += clients
@@ -282,6 +281,14 @@ async def load(base: str, path: str, token: str, clients: int, seconds: float) -
         await asyncio.gather(*(one_client(k, start + seconds, True) for k in range(clients)))
         elapsed = time.perf_counter() - start
     return Result(latencies, elapsed, errors, posts)
+
+
+async def post_order(http: httpx.AsyncClient, path: str, n: int) -> bool:
+    """POST order ``n``; True when it is accepted (202), else the answer is printed."""
+    r = await http.post(path, json=order_body(n))
+    if r.status_code != 202:
+        print(f"  {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
+    return r.status_code == 202
 
 
 async def offered(base: str, path: str, token: str, per_s: float, seconds: float) -> Result:
@@ -295,11 +302,10 @@ async def offered(base: str, path: str, token: str, per_s: float, seconds: float
 
         async def one(n: int, planned: float, record: bool) -> None:
             nonlocal errors, posts
-            r = await http.post(path, json=order_body(n))
+            accepted = await post_order(http, path, n)
             posts += 1
-            if r.status_code != 202:
+            if not accepted:
                 errors += 1
-                print(f"  {path}: {r.status_code} {r.text[:200]}", file=sys.stderr)
             elif record:
                 latencies.append(time.perf_counter() - planned)
 
